@@ -1,0 +1,22 @@
+//! Sigil's gRPC protocol, generated at build time from `proto/` (no system `protoc` needed).
+//!
+//! Layout:
+//! - [`v1`]: the `sigil.v1` package: the workload-facing `Broker` service and the operator
+//!   `Admin` service.
+//! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
+
+#![allow(
+    missing_docs,
+    unreachable_pub,
+    clippy::all,
+    missing_debug_implementations
+)]
+
+/// The `sigil.v1` package.
+pub mod v1 {
+    tonic::include_proto!("sigil.v1");
+}
+
+/// Encoded `FileDescriptorSet` of every Sigil proto, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/sigil_descriptor.bin"));
