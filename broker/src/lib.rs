@@ -1,1 +1,43 @@
-//! placeholder
+//! The Sigil broker.
+//!
+//! Layout, in the order one request flows through it:
+//! - [`config`]: settings from `sigil.toml`, the environment and flags.
+//! - [`api`]: the TLS listener and the gRPC services (workload `Broker`, operator `Admin`);
+//!   the one place errors become gRPC statuses.
+//! - [`attest`]: evidence → identity (join tokens, mTLS renewal).
+//! - [`registry`]: the identity records every gate reads.
+//! - [`authz`]: gate 1 (identity proof), gate 2 (entitlement scope), and the slot for gate 3.
+//! - [`issue`]: signing and the single durable commit of ledger + audit; [`admin`]: operator
+//!   changes to identities and join tokens.
+//! - [`keys`]: CA and JWT keys in memory; [`seal`]: the master key and sealing at rest.
+//! - [`store`]: the [`store::Store`] trait and its redb backend (group-committing writer).
+//! - [`audit`]: hash-chained audit entries; [`model`]: the records.
+//! - [`http`]: health and bundle over HTTP.
+//! - [`server`]: wiring, start-up and shutdown; [`init`]: creating a data dir.
+//! - [`cli`], [`dev`], [`bench`]: the `sigil` binary's commands.
+
+pub mod admin;
+pub mod api;
+pub mod attest;
+pub mod audit;
+pub mod authz;
+pub mod bench;
+pub mod broker;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod dev;
+pub mod error;
+pub mod fsutil;
+pub mod http;
+pub mod init;
+pub mod issue;
+pub mod keys;
+pub mod model;
+pub mod registry;
+pub mod seal;
+pub mod server;
+pub mod store;
+
+pub use broker::{Broker, RequestContext};
+pub use error::BrokerError;

@@ -1,1 +1,34 @@
-//! placeholder
+//! The Sigil workload SDK, and the admin client the `sigil` CLI uses.
+//!
+//! Layout:
+//! - [`workload`]: [`WorkloadClient`] — attest with evidence, generate the private key locally,
+//!   fetch X.509-SVIDs, JWT-SVIDs and the bundle, renew over mutual TLS.
+//! - [`types`]: the credentials handed out ([`X509Svid`], [`JwtSvid`], [`TrustBundle`]).
+//! - [`error`]: [`SdkError`], sorted into retryable, re-attest and fatal.
+//! - [`transport`]: rustls connections that trust only the bundle.
+//! - [`admin`]: the operator client.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), sigil_sdk::SdkError> {
+//! use sigil_sdk::{ClientConfig, Evidence, JwtRequest, SvidOptions, WorkloadClient};
+//! let bundle = std::fs::read("bundle.pem").unwrap();
+//! let client = WorkloadClient::new(ClientConfig::new("https://127.0.0.1:8443", bundle))?;
+//! let token = std::env::var("SIGIL_JOIN_TOKEN").unwrap();
+//! let creds = client
+//!     .attest(Evidence::JoinToken(token.into()), SvidOptions::default(), &[JwtRequest::audience("demo-api")])
+//!     .await?;
+//! println!("I am {}", creds.svid.spiffe_id);
+//! let more = client.fetch_jwt_svid(&JwtRequest::audience("demo-api")).await?; // over mTLS
+//! # let _ = more; Ok(()) }
+//! ```
+
+pub mod admin;
+pub mod error;
+pub mod transport;
+pub mod types;
+pub mod workload;
+
+pub use admin::connect_admin;
+pub use error::{ErrorKind, SdkError};
+pub use types::{Credentials, Grant, JwtSvid, TrustBundle, X509Svid};
+pub use workload::{ClientConfig, Evidence, JwtRequest, SvidOptions, WorkloadClient};

@@ -112,6 +112,13 @@ impl VerifiedCsr {
     }
 }
 
+/// A DER CSR for `key` with an empty subject and no extensions: all Sigil looks at is the key.
+pub fn request_for(key: &crate::EcKey) -> Result<Vec<u8>, crate::PkiError> {
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    Ok(params.serialize_request(key)?.der().to_vec())
+}
+
 impl std::fmt::Debug for VerifiedCsr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VerifiedCsr")

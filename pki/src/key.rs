@@ -66,12 +66,7 @@ impl EcKey {
 
     /// The private key as a PEM `PRIVATE KEY` block.
     pub fn to_pkcs8_pem(&self) -> Result<SecretBytes, PkiError> {
-        let der = self.to_pkcs8()?;
-        let block = pem::Pem::new("PRIVATE KEY", der.expose_secret().to_vec());
-        let text = pem::encode(&block);
-        // `Pem` does not wipe its buffer; do it by hand.
-        zeroize::Zeroize::zeroize(&mut block.into_contents());
-        Ok(SecretBytes::new(text.into_bytes()))
+        Ok(pkcs8_to_pem(self.to_pkcs8()?.expose_secret()))
     }
 
     /// The public key as an uncompressed SEC1 point (65 bytes).
@@ -119,6 +114,15 @@ impl rcgen::SigningKey for EcKey {
             .map(|s| s.as_ref().to_vec())
             .map_err(|_| rcgen::Error::RingUnspecified)
     }
+}
+
+/// A PKCS#8 DER private key (any algorithm) as a PEM `PRIVATE KEY` block.
+pub fn pkcs8_to_pem(der: &[u8]) -> SecretBytes {
+    let block = pem::Pem::new("PRIVATE KEY", der.to_vec());
+    let text = pem::encode(&block);
+    // `Pem` does not wipe its buffer; do it by hand.
+    zeroize::Zeroize::zeroize(&mut block.into_contents());
+    SecretBytes::new(text.into_bytes())
 }
 
 /// Splits an uncompressed P-256 point into its base64url `x` and `y` coordinates.

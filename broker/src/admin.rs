@@ -1,0 +1,385 @@
+//! Operator operations: identities and join tokens. Every change is one commit with its audit
+//! entry; the in-memory registry is updated only after the commit is durable.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sigil_pki::SecretString;
+
+use crate::attest::join_token;
+use crate::attest::x509::PeerIssuer;
+use crate::audit::{AuditDraft, Decision};
+use crate::broker::{Broker, RequestContext};
+use crate::error::BrokerError;
+use crate::model::{IdentityRecord, IdentityStatus, JoinTokenRecord};
+use crate::registry::{self, EntitlementSpec, IdentitySpec};
+use crate::store::{Change, Op};
+
+/// An authenticated operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operator {
+    /// The operator's name (last segment of `spiffe://<td>/sigil/operator/<name>`).
+    pub name: String,
+}
+
+impl Operator {
+    /// The actor string in audit entries.
+    pub fn actor(&self) -> String {
+        format!("operator:{}", self.name)
+    }
+}
+
+/// Changes to an identity; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct IdentityUpdate {
+    /// Owner.
+    pub owner: Option<String>,
+    /// Purpose.
+    pub purpose: Option<String>,
+    /// Replaces all labels.
+    pub labels: Option<BTreeMap<String, String>>,
+    /// Replaces all selectors.
+    pub selectors: Option<Vec<String>>,
+    /// Replaces the entitlements.
+    pub entitlements: Option<EntitlementSpec>,
+    /// New lifetime, from now.
+    pub expires_in: Option<Duration>,
+}
+
+/// What an operator may set an identity's status to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusChange {
+    /// Suspended → active.
+    Resume,
+    /// Active → suspended.
+    Suspend,
+    /// Anything → retired (revokes everything it holds).
+    Retire,
+}
+
+impl Broker {
+    /// The operator behind a request, or why there is none.
+    pub fn authorize_operator(&self, ctx: &RequestContext) -> Result<Operator, BrokerError> {
+        let peer = ctx.peer.as_ref().ok_or_else(|| {
+            BrokerError::Unauthenticated(
+                "the admin API needs mutual TLS with an operator credential (see `sigil init`)"
+                    .into(),
+            )
+        })?;
+        if peer.issuer != PeerIssuer::Operator {
+            return Err(BrokerError::Unauthenticated(
+                "the admin API needs an operator credential; a workload SVID is not one".into(),
+            ));
+        }
+        if peer.not_after <= self.clock.unix() {
+            return Err(BrokerError::Unauthenticated(format!(
+                "operator credential expired at {}",
+                crate::clock::rfc3339(peer.not_after)
+            )));
+        }
+        let name = peer
+            .spiffe_id
+            .as_ref()
+            .and_then(|id| {
+                id.path()
+                    .strip_prefix("/sigil/operator/")
+                    .map(str::to_owned)
+            })
+            .filter(|n| !n.is_empty() && !n.contains('/'))
+            .ok_or_else(|| {
+                BrokerError::Unauthenticated("operator credential has no operator SPIFFE ID".into())
+            })?;
+        Ok(Operator { name })
+    }
+
+    /// An identity by id or SPIFFE ID.
+    pub fn find_identity(&self, id_or_spiffe_id: &str) -> Result<Arc<IdentityRecord>, BrokerError> {
+        let key = id_or_spiffe_id.trim();
+        if key.is_empty() {
+            return Err(BrokerError::invalid("id_or_spiffe_id", "is required"));
+        }
+        self.registry
+            .find(key)
+            .ok_or_else(|| BrokerError::NotFound(format!("no identity {key:?}")))
+    }
+
+    /// Creates an identity.
+    pub async fn create_identity(
+        &self,
+        op: &Operator,
+        spec: IdentitySpec,
+        ctx: &RequestContext,
+    ) -> Result<IdentityRecord, BrokerError> {
+        let rec = registry::build_record(
+            &spec,
+            &self.td,
+            &self.cfg.issuance,
+            &op.actor(),
+            self.clock.unix(),
+        )?;
+        let draft = AuditDraft::new(
+            self.now_nanos(),
+            op.actor(),
+            "identity.create",
+            &rec.id,
+            Decision::Allow,
+            "created",
+            &ctx.request_id,
+        )
+        .with("spiffe_id", rec.spiffe_id.as_str())
+        .with("owner", rec.owner.as_str())
+        .with(
+            "entitlements",
+            serde_json::to_value(&rec.entitlements).unwrap_or_default(),
+        );
+        self.store
+            .commit(Change {
+                ops: vec![Op::CreateIdentity(rec.clone())],
+                audit: vec![draft],
+            })
+            .await?;
+        self.registry.upsert(rec.clone());
+        Ok(rec)
+    }
+
+    /// Changes an identity's fields.
+    pub async fn update_identity(
+        &self,
+        op: &Operator,
+        target: &str,
+        upd: IdentityUpdate,
+        ctx: &RequestContext,
+    ) -> Result<IdentityRecord, BrokerError> {
+        let cur = self.find_identity(target)?;
+        let mut next = (*cur).clone();
+        let mut changed = Vec::new();
+        if let Some(o) = &upd.owner {
+            next.owner = registry::check_owner(o)?;
+            changed.push("owner");
+        }
+        if let Some(p) = &upd.purpose {
+            next.purpose = registry::check_purpose(p)?;
+            changed.push("purpose");
+        }
+        if let Some(l) = &upd.labels {
+            next.labels = registry::check_labels(l)?;
+            changed.push("labels");
+        }
+        if let Some(s) = &upd.selectors {
+            next.selectors = registry::check_selectors(s)?;
+            changed.push("selectors");
+        }
+        if let Some(e) = &upd.entitlements {
+            next.entitlements = registry::check_entitlements(e, &self.cfg.issuance)?;
+            changed.push("entitlements");
+        }
+        if let Some(d) = upd.expires_in {
+            next.expires_at = self.clock.unix()
+                + registry::check_lifetime(Some(d), &self.cfg.issuance)?.as_secs() as i64;
+            changed.push("expires_at");
+        }
+        if changed.is_empty() {
+            return Err(BrokerError::invalid("update", "nothing to change"));
+        }
+        let draft = AuditDraft::new(
+            self.now_nanos(),
+            op.actor(),
+            "identity.update",
+            &cur.id,
+            Decision::Allow,
+            format!("changed {}", changed.join(", ")),
+            &ctx.request_id,
+        )
+        .with("fields", serde_json::json!(changed));
+        self.commit_update(op, &cur, next, draft).await
+    }
+
+    /// Suspends, resumes or retires an identity.
+    pub async fn set_identity_status(
+        &self,
+        op: &Operator,
+        target: &str,
+        change: StatusChange,
+        reason: &str,
+        ctx: &RequestContext,
+    ) -> Result<IdentityRecord, BrokerError> {
+        let cur = self.find_identity(target)?;
+        let mut next = (*cur).clone();
+        let action = match change {
+            StatusChange::Suspend => {
+                match cur.status {
+                    IdentityStatus::Active => {}
+                    IdentityStatus::Suspended => return Ok((*cur).clone()),
+                    s => {
+                        return Err(BrokerError::FailedPrecondition(format!(
+                            "identity {} is {s}; only an active identity can be suspended",
+                            cur.spiffe_id
+                        )));
+                    }
+                }
+                next.status = IdentityStatus::Suspended;
+                "identity.suspend"
+            }
+            StatusChange::Resume => {
+                match cur.status {
+                    IdentityStatus::Suspended => {}
+                    IdentityStatus::Active => return Ok((*cur).clone()),
+                    IdentityStatus::Compromised => {
+                        return Err(BrokerError::FailedPrecondition(format!(
+                            "identity {} is compromised; it is restored only by attesting again with fresh evidence (create a join token)",
+                            cur.spiffe_id
+                        )));
+                    }
+                    IdentityStatus::Retired => {
+                        return Err(BrokerError::FailedPrecondition(format!(
+                            "identity {} is retired for good",
+                            cur.spiffe_id
+                        )));
+                    }
+                }
+                next.status = IdentityStatus::Active;
+                "identity.resume"
+            }
+            StatusChange::Retire => {
+                if cur.status == IdentityStatus::Retired {
+                    return Ok((*cur).clone());
+                }
+                next.status = IdentityStatus::Retired;
+                // Retiring revokes everything the identity holds.
+                next.generation += 1;
+                "identity.retire"
+            }
+        };
+        next.status_reason = reason.trim().to_owned();
+        let draft = AuditDraft::new(
+            self.now_nanos(),
+            op.actor(),
+            action,
+            &cur.id,
+            Decision::Allow,
+            if reason.is_empty() {
+                "no reason given"
+            } else {
+                reason
+            },
+            &ctx.request_id,
+        )
+        .with("from", cur.status.as_str())
+        .with("to", next.status.as_str())
+        .with("generation", next.generation);
+        self.commit_update(op, &cur, next, draft).await
+    }
+
+    async fn commit_update(
+        &self,
+        op: &Operator,
+        cur: &IdentityRecord,
+        mut next: IdentityRecord,
+        draft: AuditDraft,
+    ) -> Result<IdentityRecord, BrokerError> {
+        next.revision = cur.revision + 1;
+        next.updated_at = self.clock.unix();
+        next.updated_by = op.actor();
+        self.store
+            .commit(Change {
+                ops: vec![Op::UpdateIdentity {
+                    record: next.clone(),
+                    expected_revision: cur.revision,
+                }],
+                audit: vec![draft],
+            })
+            .await?;
+        self.registry.upsert(next.clone());
+        Ok(next)
+    }
+
+    /// Creates a one-time join token for an identity. The token is returned once and never
+    /// stored.
+    pub async fn create_join_token(
+        &self,
+        op: &Operator,
+        target: &str,
+        ttl: Option<Duration>,
+        ctx: &RequestContext,
+    ) -> Result<(SecretString, JoinTokenRecord, Arc<IdentityRecord>), BrokerError> {
+        let identity = self.find_identity(target)?;
+        if !crate::issue::join_token_allowed(identity.status) {
+            return Err(BrokerError::FailedPrecondition(format!(
+                "identity {} is retired; it cannot attest again",
+                identity.spiffe_id
+            )));
+        }
+        let ttl = ttl.unwrap_or(self.cfg.issuance.join_token_ttl);
+        if ttl < Duration::from_secs(1) || ttl > self.cfg.issuance.max_join_token_ttl {
+            return Err(BrokerError::invalid(
+                "ttl",
+                format!(
+                    "must be between 1s and {} (issuance.max_join_token_ttl)",
+                    crate::config::dur::format(self.cfg.issuance.max_join_token_ttl)
+                ),
+            ));
+        }
+        let now = self.clock.unix();
+        let (token, hash) = join_token::generate();
+        let rec = JoinTokenRecord {
+            hash: hash.clone(),
+            identity_id: identity.id.clone(),
+            created_at: now,
+            created_by: op.actor(),
+            expires_at: now + ttl.as_secs() as i64,
+            consumed_at: None,
+        };
+        let draft = AuditDraft::new(
+            self.now_nanos(),
+            op.actor(),
+            "join_token.create",
+            &identity.id,
+            Decision::Allow,
+            "created",
+            &ctx.request_id,
+        )
+        .with("token", join_token::fingerprint(&hash))
+        .with("expires_at", rec.expires_at);
+        self.store
+            .commit(Change {
+                ops: vec![Op::PutJoinToken(rec.clone())],
+                audit: vec![draft],
+            })
+            .await?;
+        Ok((token, rec, identity))
+    }
+
+    /// Stored audit entries (JSON) from `from_seq`.
+    pub async fn audit_entries(
+        &self,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, BrokerError> {
+        Ok(self
+            .store
+            .audit_entries(from_seq.max(1), limit.clamp(1, 10_000))
+            .await?)
+    }
+}
+
+impl Broker {
+    /// Walks the whole audit chain with the broker's key.
+    pub async fn verify_audit(&self) -> Result<crate::audit::ChainReport, BrokerError> {
+        const PAGE: usize = 10_000;
+        let mut all = Vec::new();
+        let mut from = 1;
+        loop {
+            let page = self.store.audit_entries(from, PAGE).await?;
+            let n = page.len();
+            if let Some((last, _)) = page.last() {
+                from = last + 1;
+            }
+            all.extend(page);
+            if n < PAGE {
+                break;
+            }
+        }
+        Ok(crate::audit::verify_chain(&self.sealer, all))
+    }
+}

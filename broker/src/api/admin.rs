@@ -1,0 +1,276 @@
+//! The operator `sigil.v1.Admin` service. Every call first authenticates the operator
+//! credential presented over mTLS.
+
+use std::sync::Arc;
+
+use sigil_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use super::{context, status};
+use crate::admin::{IdentityUpdate, StatusChange};
+use crate::audit::ChainReport;
+use crate::broker::Broker;
+use crate::error::BrokerError;
+use crate::model::{IdentityRecord, IdentityStatus};
+use crate::registry::{EntitlementSpec, IdentitySpec};
+
+/// Implements `sigil.v1.Admin`.
+#[derive(Debug, Clone)]
+pub struct AdminApi {
+    broker: Arc<Broker>,
+}
+
+impl AdminApi {
+    /// Serves `broker`.
+    pub fn new(broker: Arc<Broker>) -> Self {
+        AdminApi { broker }
+    }
+}
+
+/// The API form of an identity record.
+pub fn identity(r: &IdentityRecord) -> pb::Identity {
+    pb::Identity {
+        id: r.id.clone(),
+        spiffe_id: r.spiffe_id.to_string(),
+        owner: r.owner.clone(),
+        purpose: r.purpose.clone(),
+        labels: r.labels.clone().into_iter().collect(),
+        selectors: r.selectors.iter().map(ToString::to_string).collect(),
+        entitlements: Some(pb::Entitlements {
+            kinds: r
+                .entitlements
+                .kinds
+                .iter()
+                .map(|k| k.as_str().to_owned())
+                .collect(),
+            max_ttl_seconds: u32::try_from(r.entitlements.max_ttl_secs).unwrap_or(u32::MAX),
+            audiences: r.entitlements.audiences.iter().cloned().collect(),
+            scopes: r.entitlements.scopes.iter().cloned().collect(),
+            dns_names: r.entitlements.dns_names.iter().cloned().collect(),
+        }),
+        status: match r.status {
+            IdentityStatus::Active => pb::IdentityStatus::Active,
+            IdentityStatus::Suspended => pb::IdentityStatus::Suspended,
+            IdentityStatus::Compromised => pb::IdentityStatus::Compromised,
+            IdentityStatus::Retired => pb::IdentityStatus::Retired,
+        } as i32,
+        expires_at: r.expires_at,
+        generation: r.generation,
+        created_at: r.created_at,
+        created_by: r.created_by.clone(),
+        updated_at: r.updated_at,
+        updated_by: r.updated_by.clone(),
+        revision: r.revision,
+        status_reason: r.status_reason.clone(),
+    }
+}
+
+fn entitlements(e: pb::Entitlements) -> EntitlementSpec {
+    EntitlementSpec {
+        kinds: e.kinds,
+        max_ttl: super::ttl(e.max_ttl_seconds),
+        audiences: e.audiences,
+        scopes: e.scopes,
+        dns_names: e.dns_names,
+    }
+}
+
+fn secs(s: u64) -> Option<std::time::Duration> {
+    (s > 0).then(|| std::time::Duration::from_secs(s))
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminApi {
+    async fn create_identity(
+        &self,
+        req: Request<pb::CreateIdentityRequest>,
+    ) -> Result<Response<pb::Identity>, Status> {
+        let ctx = context(&req);
+        let op = self
+            .broker
+            .authorize_operator(&ctx)
+            .map_err(|e| status(e, &ctx))?;
+        let r = req.into_inner();
+        let spec = IdentitySpec {
+            spiffe_id: r.spiffe_id,
+            owner: r.owner,
+            purpose: r.purpose,
+            labels: r.labels.into_iter().collect(),
+            selectors: r.selectors,
+            entitlements: r.entitlements.map(entitlements).unwrap_or_default(),
+            expires_in: secs(r.expires_in_seconds),
+        };
+        let rec = self
+            .broker
+            .create_identity(&op, spec, &ctx)
+            .await
+            .map_err(|e| status(e, &ctx))?;
+        Ok(Response::new(identity(&rec)))
+    }
+
+    async fn get_identity(
+        &self,
+        req: Request<pb::GetIdentityRequest>,
+    ) -> Result<Response<pb::Identity>, Status> {
+        let ctx = context(&req);
+        self.broker
+            .authorize_operator(&ctx)
+            .map_err(|e| status(e, &ctx))?;
+        let rec = self
+            .broker
+            .find_identity(&req.get_ref().id_or_spiffe_id)
+            .map_err(|e| status(e, &ctx))?;
+        Ok(Response::new(identity(&rec)))
+    }
+
+    async fn list_identities(
+        &self,
+        req: Request<pb::ListIdentitiesRequest>,
+    ) -> Result<Response<pb::ListIdentitiesResponse>, Status> {
+        let ctx = context(&req);
+        self.broker
+            .authorize_operator(&ctx)
+            .map_err(|e| status(e, &ctx))?;
+        let identities = self
+            .broker
+            .registry()
+            .list()
+            .iter()
+            .map(|r| identity(r))
+            .collect();
+        Ok(Response::new(pb::ListIdentitiesResponse { identities }))
+    }
+
+    async fn update_identity(
+        &self,
+        req: Request<pb::UpdateIdentityRequest>,
+    ) -> Result<Response<pb::Identity>, Status> {
+        let ctx = context(&req);
+        let op = self
+            .broker
+            .authorize_operator(&ctx)
+            .map_err(|e| status(e, &ctx))?;
+        let r = req.into_inner();
+        let upd = IdentityUpdate {
+            owner: r.owner,
+            purpose: r.purpose,
+            labels: r.set_labels.then(|| r.labels.into_iter().collect()),
+            selectors: r.set_selectors.then_some(r.selectors),
+            entitlements: r.entitlements.map(entitlements),
+            expires_in: r.expires_in_seconds.and_then(secs),
+        };
+        let rec = self
+            .broker
+            .update_identity(&op, &r.id_or_spiffe_id, upd, &ctx)
+            .await
+            .map_err(|e| status(e, &ctx))?;
+        Ok(Response::new(identity(&rec)))
+    }
+
+    async fn set_identity_status(
+        &self,
+        req: Request<pb::SetIdentityStatusRequest>,
+    ) -> Result<Response<pb::Identity>, Status> {
+        let ctx = context(&req);
+        let op = self
+            .broker
+            .authorize_operator(&ctx)
+            .map_err(|e| status(e, &ctx))?;
+        let r = req.into_inner();
+        let change = match pb::IdentityStatus::try_from(r.status) {
+            Ok(pb::IdentityStatus::Active) => StatusChange::Resume,
+            Ok(pb::IdentityStatus::Suspended) => StatusChange::Suspend,
+            Ok(pb::IdentityStatus::Retired) => StatusChange::Retire,
+            _ => {
+                return Err(status(
+                    BrokerError::invalid(
+                        "status",
+                        "must be ACTIVE (resume), SUSPENDED or RETIRED; compromise is reported with `sigil leak`",
+                    ),
+                    &ctx,
+                ));
+            }
+        };
+        let rec = self
+            .broker
+            .set_identity_status(&op, &r.id_or_spiffe_id, change, &r.reason, &ctx)
+            .await
+            .map_err(|e| status(e, &ctx))?;
+        Ok(Response::new(identity(&rec)))
+    }
+
+    async fn create_join_token(
+        &self,
+        req: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        let ctx = context(&req);
+        let op = self
+            .broker
+            .authorize_operator(&ctx)
+            .map_err(|e| status(e, &ctx))?;
+        let r = req.into_inner();
+        let (token, rec, id) = self
+            .broker
+            .create_join_token(&op, &r.id_or_spiffe_id, super::ttl(r.ttl_seconds), &ctx)
+            .await
+            .map_err(|e| status(e, &ctx))?;
+        Ok(Response::new(pb::CreateJoinTokenResponse {
+            token: token.expose_secret().to_owned(),
+            identity_id: id.id.clone(),
+            spiffe_id: id.spiffe_id.to_string(),
+            expires_at: rec.expires_at,
+        }))
+    }
+
+    async fn list_audit(
+        &self,
+        req: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        let ctx = context(&req);
+        self.broker
+            .authorize_operator(&ctx)
+            .map_err(|e| status(e, &ctx))?;
+        let r = req.into_inner();
+        let limit = if r.limit == 0 { 1000 } else { r.limit as usize };
+        let entries = self
+            .broker
+            .audit_entries(r.from_sequence, limit)
+            .await
+            .map_err(|e| status(e, &ctx))?;
+        Ok(Response::new(pb::ListAuditResponse {
+            entries: entries
+                .into_iter()
+                .map(|(_, b)| String::from_utf8_lossy(&b).into_owned())
+                .collect(),
+        }))
+    }
+
+    async fn verify_audit(
+        &self,
+        req: Request<pb::VerifyAuditRequest>,
+    ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+        let ctx = context(&req);
+        self.broker
+            .authorize_operator(&ctx)
+            .map_err(|e| status(e, &ctx))?;
+        let report = self
+            .broker
+            .verify_audit()
+            .await
+            .map_err(|e| status(e, &ctx))?;
+        Ok(Response::new(match report {
+            ChainReport::Intact { entries } => pb::VerifyAuditResponse {
+                intact: true,
+                entries,
+                first_bad_sequence: 0,
+                reason: String::new(),
+            },
+            ChainReport::Broken { seq, reason } => pb::VerifyAuditResponse {
+                intact: false,
+                entries: 0,
+                first_bad_sequence: seq,
+                reason,
+            },
+        }))
+    }
+}

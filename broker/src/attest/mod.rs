@@ -1,0 +1,52 @@
+//! Attestation: turning evidence into an identity record. Each method yields the record and
+//! how it was proved; the gates then decide what may be minted.
+//!
+//! - [`join_token`]: a one-time token an operator created for one identity.
+//! - [`x509`]: renewal over mutual TLS with a current Sigil certificate.
+
+use std::sync::Arc;
+
+use crate::model::IdentityRecord;
+use crate::store::StoreError;
+
+pub mod join_token;
+pub mod x509;
+
+/// A successful attestation.
+#[derive(Debug, Clone)]
+pub struct Attested {
+    /// The identity proved.
+    pub identity: Arc<IdentityRecord>,
+    /// The method (`join_token`, `x509`).
+    pub method: &'static str,
+    /// Who acted, for the audit log (`join_token:<fingerprint>`, a SPIFFE ID).
+    pub actor: String,
+    /// The join token (by hash) to consume in the issuance commit.
+    pub consume_join_token: Option<String>,
+    /// Generation of the presented certificate (renewal).
+    pub presented_generation: Option<u64>,
+}
+
+/// Why attestation failed. `detail` is for the audit log only; callers learn just the method.
+#[derive(Debug)]
+pub enum AttestError {
+    /// The evidence did not prove an identity.
+    Failed {
+        /// The method.
+        method: &'static str,
+        /// Who presented it, as far as known.
+        actor: String,
+        /// The identity it pointed at, if known.
+        identity_id: Option<String>,
+        /// What was wrong (audit only).
+        detail: String,
+    },
+    /// The store could not be read.
+    Store(StoreError),
+}
+
+impl From<StoreError> for AttestError {
+    fn from(e: StoreError) -> Self {
+        AttestError::Store(e)
+    }
+}

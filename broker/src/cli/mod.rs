@@ -1,0 +1,341 @@
+//! The `sigil` command line: flag definitions and the commands behind them.
+//!
+//! Operator commands find the broker and the operator credential from `--data-dir` (which
+//! holds `broker.url`, `bundle.pem` and `admin/`), or from explicit flags and `SIGIL_*`
+//! environment variables.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+mod fetch;
+mod operator;
+
+pub use fetch::FetchArgs;
+pub use operator::broker_url_of;
+
+/// Sigil: short-lived credentials (X.509-SVIDs and JWT-SVIDs) for services, jobs and agents.
+#[derive(Debug, Parser)]
+#[command(name = "sigil", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// Log filter (e.g. `info`, `sigil_broker=debug`).
+    #[arg(long, global = true, env = "SIGIL_LOG", default_value = "info")]
+    pub log: String,
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        env = "SIGIL_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new data dir: master key, CAs, JWT key, operator credential, bundle.pem.
+    Init(InitArgs),
+    /// Run the broker.
+    Serve(ServeArgs),
+    /// Try Sigil in one command: init a local data dir if needed, serve, create a demo
+    /// identity and print a join token and the exact `sigil fetch` command to use it.
+    Dev(DevArgs),
+    /// Manage identities (operator).
+    #[command(subcommand)]
+    Identity(IdentityCmd),
+    /// Manage join tokens (operator).
+    #[command(subcommand, name = "join-token")]
+    JoinToken(JoinTokenCmd),
+    /// Read and check the audit log (operator).
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// Attest with a join token and write the workload's credentials to files.
+    Fetch(FetchArgs),
+    /// Measure issuance throughput and latency.
+    Bench(crate::bench::BenchArgs),
+}
+
+/// `sigil init`.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// The data dir to create (must not exist or be empty).
+    #[arg(long, env = "SIGIL_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// The trust domain, e.g. `example.org`.
+    #[arg(long)]
+    pub trust_domain: String,
+    /// gRPC listen address to configure.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// HTTP listen address to configure, or `off`.
+    #[arg(long)]
+    pub http_listen: Option<String>,
+    /// Name of the first operator.
+    #[arg(long, default_value = "admin")]
+    pub operator: String,
+    /// Lifetime of the first operator credential.
+    #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+    pub operator_ttl: Duration,
+}
+
+/// `sigil serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The data dir made by `sigil init`.
+    #[arg(long, env = "SIGIL_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// gRPC listen address (overrides the config).
+    #[arg(long, env = "SIGIL_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// HTTP listen address, or `off` (overrides the config).
+    #[arg(long, env = "SIGIL_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
+}
+
+/// `sigil dev`.
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Where to keep the dev broker's data.
+    #[arg(long, default_value = ".sigil-dev")]
+    pub data_dir: PathBuf,
+    /// gRPC listen address.
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub listen: SocketAddr,
+    /// HTTP listen address, or `off`.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub http_listen: String,
+}
+
+/// How operator commands reach the broker.
+#[derive(Debug, Clone, Args)]
+pub struct Conn {
+    /// Data dir of the broker (finds broker.url, bundle.pem and admin/ in it).
+    #[arg(long, env = "SIGIL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Broker URL, e.g. https://127.0.0.1:8443.
+    #[arg(long, env = "SIGIL_BROKER")]
+    pub broker: Option<String>,
+    /// Trust bundle (PEM) to verify the broker with.
+    #[arg(long, env = "SIGIL_TRUST_BUNDLE")]
+    pub trust_bundle: Option<PathBuf>,
+    /// Operator certificate (PEM).
+    #[arg(long, env = "SIGIL_ADMIN_CERT")]
+    pub admin_cert: Option<PathBuf>,
+    /// Operator key (PEM, mode 0600).
+    #[arg(long, env = "SIGIL_ADMIN_KEY")]
+    pub admin_key: Option<PathBuf>,
+}
+
+/// `sigil identity ...`.
+#[derive(Debug, Subcommand)]
+pub enum IdentityCmd {
+    /// Register an identity.
+    Create(operator::CreateArgs),
+    /// List identities.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Show one identity (by id or SPIFFE ID).
+    Show {
+        /// Identity id or SPIFFE ID.
+        identity: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Change an identity's owner, purpose, labels, selectors, entitlements or lifetime.
+    Update(operator::UpdateArgs),
+    /// Refuse all minting for an identity until resumed.
+    Suspend(operator::StatusArgs),
+    /// Resume a suspended identity.
+    Resume(operator::StatusArgs),
+    /// Retire an identity for good (revokes everything it holds).
+    Retire(operator::StatusArgs),
+}
+
+/// `sigil join-token ...`.
+#[derive(Debug, Subcommand)]
+pub enum JoinTokenCmd {
+    /// Create a one-time join token; it is printed once, on the last line.
+    Create {
+        /// The identity (SPIFFE ID or id) the token attests as.
+        #[arg(long, alias = "identity")]
+        spiffe_id: String,
+        /// Lifetime.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+/// `sigil audit ...`.
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// Check the hash chain; names the first bad entry.
+    Verify {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Print entries as JSON lines.
+    Export {
+        /// First sequence number.
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Init(a) => init(a).await,
+        Command::Serve(a) => serve(a).await,
+        Command::Dev(a) => crate::dev::run(a).await,
+        Command::Identity(c) => operator::identity(c).await,
+        Command::JoinToken(c) => operator::join_token(c).await,
+        Command::Audit(c) => operator::audit(c).await,
+        Command::Fetch(a) => fetch::run(a).await,
+        Command::Bench(a) => crate::bench::run(a).await,
+    }
+}
+
+/// Parses `ADDR` or `off`.
+pub fn parse_http_listen(v: &str) -> Result<Option<SocketAddr>> {
+    if v.eq_ignore_ascii_case("off") || v.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    Ok(Some(v.parse().with_context(|| {
+        format!("--http-listen {v:?} is not an address (or `off`)")
+    })?))
+}
+
+async fn init(a: InitArgs) -> Result<()> {
+    let td = a
+        .trust_domain
+        .parse()
+        .map_err(|e| anyhow!("--trust-domain: {e}"))?;
+    let master_key = crate::seal::MasterKey::from_env()?;
+    let report = crate::init::init(
+        crate::init::InitOptions {
+            data_dir: a.data_dir,
+            trust_domain: td,
+            listen: a.listen,
+            http_listen: a
+                .http_listen
+                .as_deref()
+                .map(parse_http_listen)
+                .transpose()?,
+            operator: a.operator,
+            operator_ttl: a.operator_ttl,
+            master_key,
+        },
+        &crate::clock::SystemClock,
+    )
+    .await?;
+    println!(
+        "Initialized trust domain {} in {}",
+        report.trust_domain,
+        report.data_dir.display()
+    );
+    match &report.master_key_file {
+        Some(p) => println!(
+            "  master key:     {} (0600; keep a copy somewhere safe, and consider SIGIL_MASTER_KEY instead)",
+            p.display()
+        ),
+        None => println!("  master key:     from SIGIL_MASTER_KEY (not written to disk)"),
+    }
+    println!("  config:         {}", report.config_file.display());
+    println!(
+        "  trust bundle:   {} (hand this to workloads)",
+        report.bundle.display()
+    );
+    println!("  operator cert:  {}", report.admin_cert.display());
+    println!("  operator key:   {} (0600)", report.admin_key.display());
+    println!("Next: sigil serve --data-dir {}", report.data_dir.display());
+    Ok(())
+}
+
+/// Loads the config of a data dir and applies flag overrides.
+pub fn load_config(
+    data_dir: &Path,
+    listen: Option<SocketAddr>,
+    http_listen: Option<&str>,
+) -> Result<crate::config::Config> {
+    if !data_dir.join(crate::config::STORE_FILE).exists() {
+        bail!(
+            "{} is not a Sigil data dir (no {}); run `sigil init --data-dir {} --trust-domain ...` first",
+            data_dir.display(),
+            crate::config::STORE_FILE,
+            data_dir.display()
+        );
+    }
+    let mut cfg = crate::config::Config::load(data_dir)?;
+    if let Some(l) = listen {
+        cfg.listen = l;
+    }
+    if let Some(h) = http_listen {
+        cfg.http_listen = parse_http_listen(h)?;
+    }
+    Ok(cfg)
+}
+
+async fn serve(a: ServeArgs) -> Result<()> {
+    let cfg = load_config(&a.data_dir, a.listen, a.http_listen.as_deref())?;
+    let master = crate::server::load_master_key(&cfg)?;
+    let running = crate::server::start(cfg, master, crate::server::StartOptions::default()).await?;
+    println!("sigil broker listening on {}", running.url());
+    if let Some(h) = running.http_addr {
+        println!("sigil http listening on http://{h}");
+    }
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

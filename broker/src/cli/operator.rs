@@ -1,0 +1,516 @@
+//! Operator commands over the admin API.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use clap::Args;
+use serde_json::json;
+use sigil_proto::v1 as pb;
+use sigil_proto::v1::admin_client::AdminClient;
+use tonic::transport::Channel;
+
+use super::{AuditCmd, Conn, IdentityCmd, JoinTokenCmd};
+use crate::clock::rfc3339;
+use crate::config::{ADMIN_DIR, BROKER_URL_FILE, BUNDLE_FILE};
+
+/// `sigil identity create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// SPIFFE ID, e.g. spiffe://example.org/payments/api.
+    #[arg(long)]
+    pub spiffe_id: String,
+    /// The person or team that answers for this identity.
+    #[arg(long)]
+    pub owner: String,
+    /// Why it exists.
+    #[arg(long)]
+    pub purpose: String,
+    /// Attestation selector TYPE:KEY:VALUE (repeatable; all must match).
+    #[arg(long = "selector")]
+    pub selectors: Vec<String>,
+    /// JWT audience it may request (repeatable).
+    #[arg(long = "audience")]
+    pub audiences: Vec<String>,
+    /// Scope it may carry (repeatable).
+    #[arg(long = "scope")]
+    pub scopes: Vec<String>,
+    /// Credential kinds: x509, jwt (comma-separated or repeated). None grants nothing.
+    #[arg(long = "kind", value_delimiter = ',')]
+    pub kinds: Vec<String>,
+    /// Longest credential lifetime (e.g. 1h).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub max_ttl: Option<Duration>,
+    /// DNS name allowed in its certificates (repeatable).
+    #[arg(long = "dns")]
+    pub dns_names: Vec<String>,
+    /// Label KEY=VALUE (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Identity lifetime before it must be recertified (default: the broker's, 90d).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub expires_in: Option<Duration>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// `sigil identity update`.
+#[derive(Debug, Args)]
+pub struct UpdateArgs {
+    /// Identity id or SPIFFE ID.
+    pub identity: String,
+    /// New owner.
+    #[arg(long)]
+    pub owner: Option<String>,
+    /// New purpose.
+    #[arg(long)]
+    pub purpose: Option<String>,
+    /// Replace the selectors (repeatable).
+    #[arg(long = "selector")]
+    pub selectors: Vec<String>,
+    /// Remove every selector.
+    #[arg(long)]
+    pub clear_selectors: bool,
+    /// Replace the labels, KEY=VALUE (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Replace the credential kinds.
+    #[arg(long = "kind", value_delimiter = ',')]
+    pub kinds: Vec<String>,
+    /// New longest credential lifetime.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub max_ttl: Option<Duration>,
+    /// Add an audience (repeatable).
+    #[arg(long)]
+    pub add_audience: Vec<String>,
+    /// Remove an audience (repeatable).
+    #[arg(long)]
+    pub remove_audience: Vec<String>,
+    /// Add a scope (repeatable).
+    #[arg(long)]
+    pub add_scope: Vec<String>,
+    /// Remove a scope (repeatable).
+    #[arg(long)]
+    pub remove_scope: Vec<String>,
+    /// Add a DNS name (repeatable).
+    #[arg(long)]
+    pub add_dns: Vec<String>,
+    /// Remove a DNS name (repeatable).
+    #[arg(long)]
+    pub remove_dns: Vec<String>,
+    /// New lifetime from now.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub expires_in: Option<Duration>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// `sigil identity suspend|resume|retire`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Identity id or SPIFFE ID.
+    pub identity: String,
+    /// Why (recorded in the audit log and shown to the workload).
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("label {s:?} must be KEY=VALUE"))
+}
+
+fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))
+}
+
+impl Conn {
+    /// Resolves the broker URL, trust bundle and operator credential, and connects.
+    pub fn connect(&self) -> Result<AdminClient<Channel>> {
+        let dir = self.data_dir.as_deref();
+        let pick =
+            |flag: &Option<PathBuf>, default: Option<PathBuf>, name: &str| -> Result<PathBuf> {
+                flag.clone().or(default).ok_or_else(|| {
+                    anyhow!("no {name}: pass --{name} (or --data-dir of the broker)")
+                })
+            };
+        let bundle = pick(
+            &self.trust_bundle,
+            dir.map(|d| d.join(BUNDLE_FILE)),
+            "trust-bundle",
+        )?;
+        let cert = pick(
+            &self.admin_cert,
+            dir.map(|d| d.join(ADMIN_DIR).join("admin.crt")),
+            "admin-cert",
+        )?;
+        let key = pick(
+            &self.admin_key,
+            dir.map(|d| d.join(ADMIN_DIR).join("admin.key")),
+            "admin-key",
+        )?;
+        let broker = match (&self.broker, dir) {
+            (Some(b), _) => b.clone(),
+            (None, Some(d)) => broker_url_of(d)?,
+            (None, None) => bail!("no broker: pass --broker URL (or --data-dir of the broker)"),
+        };
+        let mode = std::fs::metadata(&key)
+            .with_context(|| format!("operator key {}", key.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            bail!(
+                "operator key {} is readable by group or others (mode {:o}); run `chmod 600 {}`",
+                key.display(),
+                mode & 0o777,
+                key.display()
+            );
+        }
+        let key_pem = zeroize::Zeroizing::new(read(&key, "operator key")?);
+        Ok(sigil_sdk::connect_admin(
+            &broker,
+            &read(&bundle, "trust bundle")?,
+            &read(&cert, "operator certificate")?,
+            &key_pem,
+        )?)
+    }
+}
+
+/// The URL a broker on `dir` listens on: `broker.url` (written by `sigil serve`), else the
+/// configured listen address.
+pub fn broker_url_of(dir: &Path) -> Result<String> {
+    match std::fs::read_to_string(dir.join(BROKER_URL_FILE)) {
+        Ok(u) => Ok(u.trim().to_owned()),
+        Err(_) => {
+            let cfg = crate::config::Config::load(dir)?;
+            Ok(format!("https://{}", cfg.listen))
+        }
+    }
+}
+
+fn status_name(s: i32) -> &'static str {
+    match pb::IdentityStatus::try_from(s) {
+        Ok(pb::IdentityStatus::Active) => "active",
+        Ok(pb::IdentityStatus::Suspended) => "suspended",
+        Ok(pb::IdentityStatus::Compromised) => "compromised",
+        Ok(pb::IdentityStatus::Retired) => "retired",
+        _ => "unknown",
+    }
+}
+
+/// The JSON form of an identity.
+pub(super) fn identity_json(i: &pb::Identity) -> serde_json::Value {
+    let e = i.entitlements.clone().unwrap_or_default();
+    json!({
+        "id": i.id, "spiffe_id": i.spiffe_id, "owner": i.owner, "purpose": i.purpose,
+        "status": status_name(i.status), "status_reason": i.status_reason,
+        "generation": i.generation, "expires_at": i.expires_at,
+        "labels": i.labels.iter().collect::<BTreeMap<_, _>>(), "selectors": i.selectors,
+        "entitlements": {
+            "kinds": e.kinds, "max_ttl_seconds": e.max_ttl_seconds, "audiences": e.audiences,
+            "scopes": e.scopes, "dns_names": e.dns_names,
+        },
+        "created_at": i.created_at, "created_by": i.created_by,
+        "updated_at": i.updated_at, "updated_by": i.updated_by, "revision": i.revision,
+    })
+}
+
+fn list_or_dash(v: &[String]) -> String {
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+fn print_identity(i: &pb::Identity, as_json: bool) {
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&identity_json(i)).unwrap_or_default()
+        );
+        return;
+    }
+    let e = i.entitlements.clone().unwrap_or_default();
+    let status = if i.status_reason.is_empty() {
+        status_name(i.status).to_owned()
+    } else {
+        format!("{} ({})", status_name(i.status), i.status_reason)
+    };
+    println!("id:          {}", i.id);
+    println!("spiffe id:   {}", i.spiffe_id);
+    println!("owner:       {}", i.owner);
+    println!("purpose:     {}", i.purpose);
+    println!("status:      {status}");
+    println!("generation:  {}", i.generation);
+    println!("expires:     {}", rfc3339(i.expires_at));
+    println!("kinds:       {}", list_or_dash(&e.kinds));
+    println!(
+        "max ttl:     {}",
+        crate::config::dur::format(Duration::from_secs(u64::from(e.max_ttl_seconds)))
+    );
+    println!("audiences:   {}", list_or_dash(&e.audiences));
+    println!("scopes:      {}", list_or_dash(&e.scopes));
+    println!("dns names:   {}", list_or_dash(&e.dns_names));
+    println!("selectors:   {}", list_or_dash(&i.selectors));
+    let labels: Vec<String> = i
+        .labels
+        .iter()
+        .collect::<BTreeMap<_, _>>()
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    println!("labels:      {}", list_or_dash(&labels));
+    println!("created:     {} by {}", rfc3339(i.created_at), i.created_by);
+    println!("updated:     {} by {}", rfc3339(i.updated_at), i.updated_by);
+}
+
+fn ttl32(d: Option<Duration>) -> u32 {
+    d.map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
+        .unwrap_or(0)
+}
+
+/// `sigil identity ...`.
+pub(super) async fn identity(cmd: IdentityCmd) -> Result<()> {
+    match cmd {
+        IdentityCmd::Create(a) => {
+            let mut c = a.conn.connect()?;
+            if a.kinds.is_empty() {
+                eprintln!(
+                    "note: no --kind given, so this identity cannot be issued any credential yet (add one with `sigil identity update ID --kind x509,jwt`)"
+                );
+            }
+            let req = pb::CreateIdentityRequest {
+                spiffe_id: a.spiffe_id,
+                owner: a.owner,
+                purpose: a.purpose,
+                labels: a.labels.into_iter().collect(),
+                selectors: a.selectors,
+                entitlements: Some(pb::Entitlements {
+                    kinds: a.kinds,
+                    max_ttl_seconds: ttl32(a.max_ttl),
+                    audiences: a.audiences,
+                    scopes: a.scopes,
+                    dns_names: a.dns_names,
+                }),
+                expires_in_seconds: a.expires_in.map(|d| d.as_secs()).unwrap_or(0),
+            };
+            let i = c
+                .create_identity(req)
+                .await
+                .map_err(sigil_sdk::SdkError::from)?
+                .into_inner();
+            print_identity(&i, a.json);
+        }
+        IdentityCmd::List { json, conn } => {
+            let mut c = conn.connect()?;
+            let list = c
+                .list_identities(pb::ListIdentitiesRequest {})
+                .await
+                .map_err(sigil_sdk::SdkError::from)?
+                .into_inner()
+                .identities;
+            if json {
+                let v: Vec<_> = list.iter().map(identity_json).collect();
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                println!(
+                    "{:<20} {:<48} {:<24} {:<11} EXPIRES",
+                    "ID", "SPIFFE ID", "OWNER", "STATUS"
+                );
+                for i in &list {
+                    println!(
+                        "{:<20} {:<48} {:<24} {:<11} {}",
+                        i.id,
+                        i.spiffe_id,
+                        i.owner,
+                        status_name(i.status),
+                        rfc3339(i.expires_at)
+                    );
+                }
+            }
+        }
+        IdentityCmd::Show {
+            identity,
+            json,
+            conn,
+        } => {
+            let mut c = conn.connect()?;
+            let i = c
+                .get_identity(pb::GetIdentityRequest {
+                    id_or_spiffe_id: identity,
+                })
+                .await
+                .map_err(sigil_sdk::SdkError::from)?
+                .into_inner();
+            print_identity(&i, json);
+        }
+        IdentityCmd::Update(a) => {
+            let mut c = a.conn.connect()?;
+            let touches_entitlements = !a.kinds.is_empty()
+                || a.max_ttl.is_some()
+                || !(a.add_audience.is_empty()
+                    && a.remove_audience.is_empty()
+                    && a.add_scope.is_empty()
+                    && a.remove_scope.is_empty()
+                    && a.add_dns.is_empty()
+                    && a.remove_dns.is_empty());
+            let entitlements = if touches_entitlements {
+                let cur = c
+                    .get_identity(pb::GetIdentityRequest {
+                        id_or_spiffe_id: a.identity.clone(),
+                    })
+                    .await
+                    .map_err(sigil_sdk::SdkError::from)?
+                    .into_inner();
+                let mut e = cur.entitlements.unwrap_or_default();
+                let edit = |list: &mut Vec<String>, add: &[String], remove: &[String]| {
+                    list.retain(|x| !remove.contains(x));
+                    for x in add {
+                        if !list.contains(x) {
+                            list.push(x.clone());
+                        }
+                    }
+                };
+                edit(&mut e.audiences, &a.add_audience, &a.remove_audience);
+                edit(&mut e.scopes, &a.add_scope, &a.remove_scope);
+                edit(&mut e.dns_names, &a.add_dns, &a.remove_dns);
+                if !a.kinds.is_empty() {
+                    e.kinds = a.kinds.clone();
+                }
+                if a.max_ttl.is_some() {
+                    e.max_ttl_seconds = ttl32(a.max_ttl);
+                }
+                Some(e)
+            } else {
+                None
+            };
+            let req = pb::UpdateIdentityRequest {
+                id_or_spiffe_id: a.identity,
+                owner: a.owner,
+                purpose: a.purpose,
+                set_labels: !a.labels.is_empty(),
+                labels: a.labels.into_iter().collect(),
+                set_selectors: !a.selectors.is_empty() || a.clear_selectors,
+                selectors: a.selectors,
+                entitlements,
+                expires_in_seconds: a.expires_in.map(|d| d.as_secs()),
+            };
+            let i = c
+                .update_identity(req)
+                .await
+                .map_err(sigil_sdk::SdkError::from)?
+                .into_inner();
+            print_identity(&i, a.json);
+        }
+        IdentityCmd::Suspend(a) => set_status(a, pb::IdentityStatus::Suspended).await?,
+        IdentityCmd::Resume(a) => set_status(a, pb::IdentityStatus::Active).await?,
+        IdentityCmd::Retire(a) => set_status(a, pb::IdentityStatus::Retired).await?,
+    }
+    Ok(())
+}
+
+async fn set_status(a: StatusArgs, status: pb::IdentityStatus) -> Result<()> {
+    let mut c = a.conn.connect()?;
+    let i = c
+        .set_identity_status(pb::SetIdentityStatusRequest {
+            id_or_spiffe_id: a.identity,
+            status: status as i32,
+            reason: a.reason,
+        })
+        .await
+        .map_err(sigil_sdk::SdkError::from)?
+        .into_inner();
+    print_identity(&i, a.json);
+    Ok(())
+}
+
+/// `sigil join-token ...`.
+pub(super) async fn join_token(cmd: JoinTokenCmd) -> Result<()> {
+    match cmd {
+        JoinTokenCmd::Create {
+            spiffe_id,
+            ttl,
+            conn,
+        } => {
+            let mut c = conn.connect()?;
+            let r = c
+                .create_join_token(pb::CreateJoinTokenRequest {
+                    id_or_spiffe_id: spiffe_id,
+                    ttl_seconds: ttl32(ttl),
+                })
+                .await
+                .map_err(sigil_sdk::SdkError::from)?
+                .into_inner();
+            println!(
+                "join token for {} (identity {}), expires {}; it works once and is not stored by the broker:",
+                r.spiffe_id,
+                r.identity_id,
+                rfc3339(r.expires_at)
+            );
+            println!("{}", r.token);
+        }
+    }
+    Ok(())
+}
+
+/// `sigil audit ...`.
+pub(super) async fn audit(cmd: AuditCmd) -> Result<()> {
+    match cmd {
+        AuditCmd::Verify { conn } => {
+            let mut c = conn.connect()?;
+            let r = c
+                .verify_audit(pb::VerifyAuditRequest {})
+                .await
+                .map_err(sigil_sdk::SdkError::from)?
+                .into_inner();
+            if r.intact {
+                println!("audit log intact: {} entries", r.entries);
+            } else {
+                bail!(
+                    "audit log is broken at entry {}: {}",
+                    r.first_bad_sequence,
+                    r.reason
+                );
+            }
+        }
+        AuditCmd::Export { from, conn } => {
+            let mut c = conn.connect()?;
+            let mut next = from.max(1);
+            loop {
+                let page = c
+                    .list_audit(pb::ListAuditRequest {
+                        from_sequence: next,
+                        limit: 1000,
+                    })
+                    .await
+                    .map_err(sigil_sdk::SdkError::from)?
+                    .into_inner()
+                    .entries;
+                let n = page.len();
+                for e in page {
+                    println!("{e}");
+                }
+                if n < 1000 {
+                    break;
+                }
+                next += n as u64;
+            }
+        }
+    }
+    Ok(())
+}

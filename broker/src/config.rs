@@ -1,0 +1,330 @@
+//! Broker settings: `DATA_DIR/sigil.toml`, then `SIGIL_*` environment variables and flags
+//! (applied by the CLI). Durations are written as `90s`, `10m`, `1h`, `90d`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Name of the config file inside the data dir.
+pub const CONFIG_FILE: &str = "sigil.toml";
+/// Name of the store file inside the data dir.
+pub const STORE_FILE: &str = "sigil.redb";
+/// Default master key file inside the data dir (used when `SIGIL_MASTER_KEY` is unset).
+pub const MASTER_KEY_FILE: &str = "master.key";
+/// The trust bundle to hand to workloads.
+pub const BUNDLE_FILE: &str = "bundle.pem";
+/// Where `sigil serve` writes the URL it is listening on.
+pub const BROKER_URL_FILE: &str = "broker.url";
+/// Directory of the first operator credential.
+pub const ADMIN_DIR: &str = "admin";
+
+/// Why the config could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// What is wrong, with line and column.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+/// Everything `sigil serve` needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Data directory (not stored in the file; it is where the file lives).
+    #[serde(skip)]
+    pub data_dir: PathBuf,
+    /// The trust domain; informational (the store is authoritative).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trust_domain: Option<String>,
+    /// gRPC (TLS) listen address.
+    pub listen: SocketAddr,
+    /// HTTP listen address (health, bundle); `None` turns it off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_listen: Option<SocketAddr>,
+    /// DNS names in the broker's own server certificate (loopback IPs are always added).
+    pub server_names: Vec<String>,
+    /// Master key file; default `DATA_DIR/master.key`. `SIGIL_MASTER_KEY` takes precedence.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub master_key_file: Option<PathBuf>,
+    /// Issuance defaults and limits.
+    pub issuance: Issuance,
+    /// Request limits.
+    pub limits: Limits,
+}
+
+/// Issuance defaults and ceilings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Issuance {
+    /// X.509-SVID lifetime when the request names none.
+    #[serde(with = "dur")]
+    pub default_x509_ttl: Duration,
+    /// JWT-SVID lifetime when the request names none.
+    #[serde(with = "dur")]
+    pub default_jwt_ttl: Duration,
+    /// An identity's `max_ttl` when the operator gives none.
+    #[serde(with = "dur")]
+    pub default_max_ttl: Duration,
+    /// The highest `max_ttl` an operator may grant an identity.
+    #[serde(with = "dur")]
+    pub max_ttl_ceiling: Duration,
+    /// Join token lifetime when none is asked for.
+    #[serde(with = "dur")]
+    pub join_token_ttl: Duration,
+    /// Longest join token lifetime.
+    #[serde(with = "dur")]
+    pub max_join_token_ttl: Duration,
+    /// Identity lifetime when none is given (identities must be recertified after this).
+    #[serde(with = "dur")]
+    pub identity_lifetime: Duration,
+    /// notBefore back-dating for clock skew (at most 30 s).
+    #[serde(with = "dur")]
+    pub backdate: Duration,
+    /// Lifetime of the broker's own TLS certificate (renewed at half-life).
+    #[serde(with = "dur")]
+    pub server_cert_ttl: Duration,
+}
+
+impl Default for Issuance {
+    fn default() -> Self {
+        Issuance {
+            default_x509_ttl: Duration::from_secs(3600),
+            default_jwt_ttl: Duration::from_secs(300),
+            default_max_ttl: Duration::from_secs(3600),
+            max_ttl_ceiling: Duration::from_secs(7 * 86400),
+            join_token_ttl: Duration::from_secs(600),
+            max_join_token_ttl: Duration::from_secs(86400),
+            identity_lifetime: Duration::from_secs(90 * 86400),
+            backdate: Duration::from_secs(30),
+            server_cert_ttl: Duration::from_secs(86400),
+        }
+    }
+}
+
+/// Request limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest gRPC request message, bytes.
+    pub max_request_bytes: usize,
+    /// Server-side deadline of every request.
+    #[serde(with = "dur")]
+    pub request_timeout: Duration,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// TLS handshake deadline.
+    #[serde(with = "dur")]
+    pub handshake_timeout: Duration,
+    /// Most JWT-SVIDs in one Attest call.
+    pub max_jwts_per_request: usize,
+    /// Most audiences (or scopes) in one JWT-SVID.
+    pub max_audiences: usize,
+    /// Most DNS names in one X.509-SVID.
+    pub max_dns_names: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_request_bytes: 64 * 1024,
+            request_timeout: Duration::from_secs(10),
+            max_concurrent_streams: 512,
+            handshake_timeout: Duration::from_secs(10),
+            max_jwts_per_request: 8,
+            max_audiences: 16,
+            max_dns_names: 32,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("."),
+            trust_domain: None,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            http_listen: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            server_names: vec!["localhost".into()],
+            master_key_file: None,
+            issuance: Issuance::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `DATA_DIR/sigil.toml` (defaults when absent).
+    pub fn load(data_dir: &Path) -> Result<Config, ConfigError> {
+        let path = data_dir.join(CONFIG_FILE);
+        let mut cfg = match std::fs::read_to_string(&path) {
+            Ok(text) => Self::parse(&text, &path.display().to_string())?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
+            Err(source) => {
+                return Err(ConfigError::Io {
+                    path: path.display().to_string(),
+                    source,
+                });
+            }
+        };
+        cfg.data_dir = data_dir.to_owned();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The TOML text of this config.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// Checks ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let i = &self.issuance;
+        if i.backdate > sigil_pki::ca::MAX_BACKDATE {
+            return Err(ConfigError::Invalid(
+                "issuance.backdate must be at most 30s".into(),
+            ));
+        }
+        if i.default_max_ttl > i.max_ttl_ceiling {
+            return Err(ConfigError::Invalid(
+                "issuance.default_max_ttl is above issuance.max_ttl_ceiling".into(),
+            ));
+        }
+        if i.join_token_ttl > i.max_join_token_ttl {
+            return Err(ConfigError::Invalid(
+                "issuance.join_token_ttl is above issuance.max_join_token_ttl".into(),
+            ));
+        }
+        for (name, d) in [
+            ("default_x509_ttl", i.default_x509_ttl),
+            ("default_jwt_ttl", i.default_jwt_ttl),
+            ("server_cert_ttl", i.server_cert_ttl),
+        ] {
+            if d < Duration::from_secs(1) {
+                return Err(ConfigError::Invalid(format!(
+                    "issuance.{name} must be at least 1s"
+                )));
+            }
+        }
+        if self.limits.max_request_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "limits.max_request_bytes must be at least 1024".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The store file.
+    pub fn store_path(&self) -> PathBuf {
+        self.data_dir.join(STORE_FILE)
+    }
+
+    /// The master key file (when the key does not come from the environment).
+    pub fn master_key_path(&self) -> PathBuf {
+        self.master_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join(MASTER_KEY_FILE))
+    }
+}
+
+/// serde for durations as humantime text (`10m`, `1h 30m`).
+pub mod dur {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes `d` as text.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(*d))
+    }
+
+    /// `d` in its largest whole unit: `90d`, `36h`, `10m`, `45s` (humantime's own format
+    /// counts 30.44-day months, which nobody writes).
+    pub fn format(d: Duration) -> String {
+        let s = d.as_secs();
+        match s {
+            0 => "0s".into(),
+            s if s % 86400 == 0 => format!("{}d", s / 86400),
+            s if s % 3600 == 0 => format!("{}h", s / 3600),
+            s if s % 60 == 0 => format!("{}m", s / 60),
+            s => format!("{s}s"),
+        }
+    }
+
+    /// Reads text such as `10m`.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{s:?} is not a duration ({e}); write e.g. 90s, 10m, 1h"
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_fills_defaults() {
+        let c = Config::default();
+        let text = c.to_toml();
+        let back = Config::parse(&text, "t").unwrap();
+        assert_eq!(back.listen, c.listen);
+        assert_eq!(back.issuance.join_token_ttl, Duration::from_secs(600));
+        assert!(text.contains("identity_lifetime = \"90d\""), "{text}");
+        assert_eq!(dur::format(Duration::from_secs(5400)), "90m");
+        let partial = Config::parse(
+            "listen = \"127.0.0.1:9000\"\n[issuance]\ndefault_jwt_ttl = \"2m\"\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(partial.issuance.default_jwt_ttl, Duration::from_secs(120));
+        assert_eq!(partial.issuance.default_x509_ttl, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn errors_name_the_file_line_and_field() {
+        let e = Config::parse("listen = \"127.0.0.1:9000\"\nbogus = 1\n", "sigil.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("sigil.toml") && e.contains("bogus") && e.contains("line 2"),
+            "{e}"
+        );
+        let e = Config::parse("[issuance]\ndefault_jwt_ttl = \"soon\"\n", "sigil.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a duration"), "{e}");
+        let mut c = Config::default();
+        c.issuance.backdate = Duration::from_secs(60);
+        assert!(c.validate().unwrap_err().to_string().contains("backdate"));
+    }
+}

@@ -1,0 +1,132 @@
+//! `sigil dev`: one command for a newcomer. Initializes a local data dir if there is none,
+//! serves, registers a demo identity and prints a join token with the exact `sigil fetch`
+//! command to use it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use sigil_proto::v1 as pb;
+
+use crate::cli::{Conn, DevArgs, parse_http_listen, shutdown_signal};
+use crate::config::STORE_FILE;
+
+/// Trust domain of a dev data dir.
+pub const DEV_TRUST_DOMAIN: &str = "demo.sigil.test";
+/// The demo identity.
+pub const DEMO_SPIFFE_ID: &str = "spiffe://demo.sigil.test/demo/web";
+
+fn shown(p: &Path) -> String {
+    let cwd = std::env::current_dir().ok();
+    match cwd.as_deref().and_then(|c| p.strip_prefix(c).ok()) {
+        Some(rel) if !rel.as_os_str().is_empty() => format!("./{}", rel.display()),
+        _ => p.display().to_string(),
+    }
+}
+
+/// Runs `sigil dev` until Ctrl-C.
+pub async fn run(a: DevArgs) -> Result<()> {
+    let http = parse_http_listen(&a.http_listen)?;
+    if !a.data_dir.join(STORE_FILE).exists() {
+        let r = crate::init::init(
+            crate::init::InitOptions {
+                data_dir: a.data_dir.clone(),
+                trust_domain: DEV_TRUST_DOMAIN
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+                listen: Some(a.listen),
+                http_listen: Some(http),
+                operator: "admin".into(),
+                operator_ttl: Duration::from_secs(365 * 86400),
+                master_key: None,
+            },
+            &crate::clock::SystemClock,
+        )
+        .await?;
+        println!(
+            "Created a dev data dir in {} (trust domain {}).",
+            r.data_dir.display(),
+            r.trust_domain
+        );
+    }
+    let cfg = crate::cli::load_config(&a.data_dir, Some(a.listen), Some(&a.http_listen))?;
+    let master = crate::server::load_master_key(&cfg)?;
+    let running = crate::server::start(cfg, master, crate::server::StartOptions::default())
+        .await
+        .context(
+            "starting the dev broker (is another broker using the port? try --listen 127.0.0.1:0)",
+        )?;
+
+    let conn = Conn {
+        data_dir: Some(a.data_dir.clone()),
+        broker: Some(running.url()),
+        trust_bundle: None,
+        admin_cert: None,
+        admin_key: None,
+    };
+    let mut admin = conn.connect()?;
+    let existing = admin
+        .get_identity(pb::GetIdentityRequest {
+            id_or_spiffe_id: DEMO_SPIFFE_ID.into(),
+        })
+        .await;
+    if existing.is_err() {
+        admin
+            .create_identity(pb::CreateIdentityRequest {
+                spiffe_id: DEMO_SPIFFE_ID.into(),
+                owner: "you (sigil dev)".into(),
+                purpose: "demo workload for trying Sigil locally".into(),
+                labels: [("env".to_owned(), "dev".to_owned())].into(),
+                selectors: Vec::new(),
+                entitlements: Some(pb::Entitlements {
+                    kinds: vec!["x509".into(), "jwt".into()],
+                    max_ttl_seconds: 3600,
+                    audiences: vec!["demo-api".into()],
+                    scopes: vec!["demo.read".into()],
+                    dns_names: vec!["web.demo.local".into()],
+                }),
+                expires_in_seconds: 0,
+            })
+            .await
+            .map_err(sigil_sdk::SdkError::from)?;
+    }
+    let token = admin
+        .create_join_token(pb::CreateJoinTokenRequest {
+            id_or_spiffe_id: DEMO_SPIFFE_ID.into(),
+            ttl_seconds: 3600,
+        })
+        .await
+        .map_err(sigil_sdk::SdkError::from)?
+        .into_inner();
+
+    let exe = std::env::current_exe()
+        .map(|p| shown(&p))
+        .unwrap_or_else(|_| "sigil".into());
+    let dir = shown(&a.data_dir.canonicalize().unwrap_or(a.data_dir.clone()));
+    println!();
+    println!("Sigil dev broker is running (Ctrl-C to stop).");
+    println!("  gRPC (TLS):    {}", running.url());
+    if let Some(h) = running.http_addr {
+        println!("  HTTP:          http://{h}/healthz, /bundle");
+    }
+    println!("  data dir:      {dir}");
+    println!("  demo identity: {DEMO_SPIFFE_ID} (audience demo-api, scope demo.read)");
+    println!();
+    println!("Fetch credentials as the demo workload (the join token works once, within 1h):");
+    println!();
+    println!(
+        "  {exe} fetch --broker {} --trust-bundle {dir}/bundle.pem --join-token {} --out ./demo-creds --audience demo-api",
+        running.url(),
+        token.token
+    );
+    println!();
+    println!("Then look around:");
+    println!("  openssl x509 -in ./demo-creds/svid.pem -noout -text");
+    println!("  {exe} identity list --data-dir {dir}");
+    println!("  {exe} join-token create --data-dir {dir} --spiffe-id {DEMO_SPIFFE_ID}");
+    println!("  {exe} audit export --data-dir {dir}");
+    shutdown_signal().await;
+    println!("stopping");
+    running.shutdown().await;
+    Ok(())
+}

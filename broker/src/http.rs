@@ -1,0 +1,43 @@
+//! The HTTP listener: health and the trust bundle, for load balancers and verifiers that do
+//! not speak gRPC.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+
+use crate::broker::Broker;
+
+/// The routes.
+pub fn router(broker: Arc<Broker>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/bundle", get(bundle_json))
+        .route("/bundle.pem", get(bundle_pem))
+        .with_state(broker)
+}
+
+async fn ready(State(b): State<Arc<Broker>>) -> impl IntoResponse {
+    match b.store().meta().await {
+        Ok(_) => (StatusCode::OK, "ready\n"),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n"),
+    }
+}
+
+async fn bundle_json(State(b): State<Arc<Broker>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        b.keys().current().bundle_json.clone(),
+    )
+}
+
+async fn bundle_pem(State(b): State<Arc<Broker>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/x-pem-file")],
+        b.keys().current().bundle.x509_pem(),
+    )
+}

@@ -1,0 +1,637 @@
+//! Workload operations: attest and mint, the flow of DESIGN.md end to end.
+//!
+//! evidence → attest → gates 1..n → CSR check → sign → ONE durable commit (join token
+//! consumption + ledger records + audit entries) → reply. Nothing is returned unless that
+//! commit succeeded; a denial is audited and explained.
+
+use std::time::Duration;
+
+use serde_json::json;
+use sigil_pki::{
+    CertificateDer, JwtSvidClaims, LeafSpec, LeafUsage, SecretString, SpiffeId, VerifiedCsr, ids,
+};
+
+use crate::attest::{self, AttestError, Attested};
+use crate::audit::{AuditDraft, Decision};
+use crate::authz::{Ask, Denial, Grant, MintContext};
+use crate::broker::{Broker, RequestContext};
+use crate::clock::unix_secs;
+use crate::error::BrokerError;
+use crate::keys::KeyRing;
+use crate::model::{CredentialKind, IdentityStatus, LedgerRecord};
+use crate::store::{Change, Op, StoreError};
+
+/// Evidence presented to [`Broker::attest`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Evidence {
+    /// A one-time join token.
+    JoinToken(SecretString),
+}
+
+/// An X.509-SVID request.
+#[derive(Debug, Clone, Default)]
+pub struct X509Ask {
+    /// DER PKCS#10.
+    pub csr_der: Vec<u8>,
+    /// Wanted lifetime (`None`: default).
+    pub ttl: Option<Duration>,
+    /// DNS SANs.
+    pub dns_names: Vec<String>,
+}
+
+/// A JWT-SVID request.
+#[derive(Debug, Clone, Default)]
+pub struct JwtAsk {
+    /// Audiences (at least one).
+    pub audiences: Vec<String>,
+    /// Scopes.
+    pub scopes: Vec<String>,
+    /// Wanted lifetime (`None`: default).
+    pub ttl: Option<Duration>,
+}
+
+/// A minted X.509-SVID.
+#[derive(Debug, Clone)]
+pub struct IssuedX509 {
+    /// The SPIFFE ID.
+    pub spiffe_id: SpiffeId,
+    /// Leaf, then intermediates.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// Serial, hex.
+    pub serial: String,
+    /// notAfter, Unix seconds.
+    pub expires_at: i64,
+    /// Identity generation.
+    pub generation: u64,
+    /// What was granted.
+    pub grant: Grant,
+}
+
+/// A minted JWT-SVID.
+#[derive(Debug, Clone)]
+pub struct IssuedJwt {
+    /// The token.
+    pub token: SecretString,
+    /// The SPIFFE ID.
+    pub spiffe_id: SpiffeId,
+    /// Audiences.
+    pub audiences: Vec<String>,
+    /// Scopes.
+    pub scopes: Vec<String>,
+    /// `jti`.
+    pub jti: String,
+    /// `exp`.
+    pub expires_at: i64,
+    /// What was granted.
+    pub grant: Grant,
+}
+
+/// The result of a successful attestation.
+#[derive(Debug, Clone)]
+pub struct Attestation {
+    /// The first X.509-SVID.
+    pub x509: IssuedX509,
+    /// JWT-SVIDs asked for in the same call.
+    pub jwts: Vec<IssuedJwt>,
+}
+
+struct Minted<T> {
+    issued: T,
+    ledger: LedgerRecord,
+    audit: AuditDraft,
+}
+
+fn ttl_secs(d: Duration) -> u64 {
+    d.as_secs()
+}
+
+impl Broker {
+    /// Attests with `evidence` and mints the first X.509-SVID (and any JWT-SVIDs asked for).
+    pub async fn attest(
+        &self,
+        evidence: Evidence,
+        x509: X509Ask,
+        jwts: Vec<JwtAsk>,
+        ctx: &RequestContext,
+    ) -> Result<Attestation, BrokerError> {
+        let now = self.clock.now();
+        let now_s = unix_secs(now);
+        self.check_x509_ask(&x509)?;
+        if jwts.len() > self.cfg.limits.max_jwts_per_request {
+            return Err(BrokerError::invalid(
+                "jwts",
+                format!(
+                    "at most {} JWT-SVIDs per call",
+                    self.cfg.limits.max_jwts_per_request
+                ),
+            ));
+        }
+        for (i, j) in jwts.iter().enumerate() {
+            self.check_jwt_ask(j, &format!("jwts[{i}]"))?;
+        }
+        let attested = match evidence {
+            Evidence::JoinToken(t) => {
+                attest::join_token::attest(self.store.as_ref(), &self.registry, &t, now_s).await
+            }
+        };
+        let attested = match attested {
+            Ok(a) => a,
+            Err(e) => return Err(self.attestation_failed(e, "attest", ctx).await),
+        };
+
+        let x509_grant = self
+            .run_gates(
+                &attested,
+                Ask::X509 {
+                    dns_names: &x509.dns_names,
+                },
+                x509.ttl,
+                self.cfg.issuance.default_x509_ttl,
+                "x509.mint",
+                ctx,
+            )
+            .await?;
+        let mut jwt_grants = Vec::with_capacity(jwts.len());
+        for j in &jwts {
+            let g = self
+                .run_gates(
+                    &attested,
+                    Ask::Jwt {
+                        audiences: &j.audiences,
+                        scopes: &j.scopes,
+                    },
+                    j.ttl,
+                    self.cfg.issuance.default_jwt_ttl,
+                    "jwt.mint",
+                    ctx,
+                )
+                .await?;
+            jwt_grants.push(g);
+        }
+        let csr = VerifiedCsr::from_der(&x509.csr_der)
+            .map_err(|e| BrokerError::invalid("csr", e.to_string()))?;
+
+        let ring = self.keys.current();
+        let x = self.sign_x509(
+            &ring,
+            &attested,
+            &csr,
+            &x509.dns_names,
+            x509_grant,
+            ctx,
+            now,
+        )?;
+        let mut minted_jwts = Vec::with_capacity(jwts.len());
+        for (j, (grant, trail)) in jwts.iter().zip(jwt_grants) {
+            minted_jwts.push(self.sign_jwt(&ring, &attested, j, (grant, trail), ctx, now)?);
+        }
+
+        let mut change = Change::default();
+        if let Some(h) = &attested.consume_join_token {
+            change.ops.push(Op::ConsumeJoinToken {
+                hash: h.clone(),
+                now: now_s,
+            });
+        }
+        change.audit.push(
+            AuditDraft::new(
+                self.now_nanos(),
+                &attested.actor,
+                "attest",
+                &attested.identity.id,
+                Decision::Allow,
+                "evidence accepted",
+                &ctx.request_id,
+            )
+            .with("method", attested.method)
+            .with("spiffe_id", attested.identity.spiffe_id.as_str()),
+        );
+        change.ops.push(Op::AppendLedger(x.ledger));
+        change.audit.push(x.audit);
+        let mut issued_jwts = Vec::with_capacity(minted_jwts.len());
+        for m in minted_jwts {
+            change.ops.push(Op::AppendLedger(m.ledger));
+            change.audit.push(m.audit);
+            issued_jwts.push(m.issued);
+        }
+        match self.store.commit(change).await {
+            Ok(_) => {
+                metrics::counter!("sigil_issuance_total", "kind" => "x509", "result" => "issued")
+                    .increment(1);
+                metrics::counter!("sigil_issuance_total", "kind" => "jwt", "result" => "issued")
+                    .increment(issued_jwts.len() as u64);
+                Ok(Attestation {
+                    x509: x.issued,
+                    jwts: issued_jwts,
+                })
+            }
+            // A concurrent use of the same join token won the race: nothing was issued here.
+            Err(StoreError::Conflict(c)) => {
+                let e = AttestError::Failed {
+                    method: attested.method,
+                    actor: attested.actor.clone(),
+                    identity_id: Some(attested.identity.id.clone()),
+                    detail: c.to_string(),
+                };
+                Err(self.attestation_failed(e, "attest", ctx).await)
+            }
+            Err(e) => Err(self.commit_failed(e, "attest")),
+        }
+    }
+
+    /// Renews the caller's X.509-SVID; the caller proves itself with its current one (mTLS).
+    pub async fn mint_x509(
+        &self,
+        ask: X509Ask,
+        ctx: &RequestContext,
+    ) -> Result<IssuedX509, BrokerError> {
+        let now = self.clock.now();
+        self.check_x509_ask(&ask)?;
+        let attested = self.attest_peer(ctx, "x509.mint").await?;
+        let grant = self
+            .run_gates(
+                &attested,
+                Ask::X509 {
+                    dns_names: &ask.dns_names,
+                },
+                ask.ttl,
+                self.cfg.issuance.default_x509_ttl,
+                "x509.mint",
+                ctx,
+            )
+            .await?;
+        let csr = VerifiedCsr::from_der(&ask.csr_der)
+            .map_err(|e| BrokerError::invalid("csr", e.to_string()))?;
+        let ring = self.keys.current();
+        let m = self.sign_x509(&ring, &attested, &csr, &ask.dns_names, grant, ctx, now)?;
+        let change = Change {
+            ops: vec![Op::AppendLedger(m.ledger)],
+            audit: vec![m.audit],
+        };
+        self.store
+            .commit(change)
+            .await
+            .map_err(|e| self.commit_failed(e, "x509.mint"))?;
+        metrics::counter!("sigil_issuance_total", "kind" => "x509", "result" => "issued")
+            .increment(1);
+        Ok(m.issued)
+    }
+
+    /// Mints a JWT-SVID for the caller (mTLS).
+    pub async fn mint_jwt(
+        &self,
+        ask: JwtAsk,
+        ctx: &RequestContext,
+    ) -> Result<IssuedJwt, BrokerError> {
+        let now = self.clock.now();
+        self.check_jwt_ask(&ask, "request")?;
+        let attested = self.attest_peer(ctx, "jwt.mint").await?;
+        let grant = self
+            .run_gates(
+                &attested,
+                Ask::Jwt {
+                    audiences: &ask.audiences,
+                    scopes: &ask.scopes,
+                },
+                ask.ttl,
+                self.cfg.issuance.default_jwt_ttl,
+                "jwt.mint",
+                ctx,
+            )
+            .await?;
+        let ring = self.keys.current();
+        let m = self.sign_jwt(&ring, &attested, &ask, grant, ctx, now)?;
+        let change = Change {
+            ops: vec![Op::AppendLedger(m.ledger)],
+            audit: vec![m.audit],
+        };
+        self.store
+            .commit(change)
+            .await
+            .map_err(|e| self.commit_failed(e, "jwt.mint"))?;
+        metrics::counter!("sigil_issuance_total", "kind" => "jwt", "result" => "issued")
+            .increment(1);
+        Ok(m.issued)
+    }
+
+    fn check_x509_ask(&self, ask: &X509Ask) -> Result<(), BrokerError> {
+        if ask.csr_der.is_empty() {
+            return Err(BrokerError::invalid(
+                "csr",
+                "is required (a DER PKCS#10 request; the private key stays with the workload)",
+            ));
+        }
+        if ask.dns_names.len() > self.cfg.limits.max_dns_names {
+            return Err(BrokerError::invalid(
+                "dns_names",
+                format!("at most {} names", self.cfg.limits.max_dns_names),
+            ));
+        }
+        for d in &ask.dns_names {
+            if rustls_pki_types::DnsName::try_from(d.as_str()).is_err() {
+                return Err(BrokerError::invalid(
+                    "dns_names",
+                    format!("{d:?} is not a valid DNS name"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_jwt_ask(&self, ask: &JwtAsk, field: &str) -> Result<(), BrokerError> {
+        let max = self.cfg.limits.max_audiences;
+        if ask.audiences.is_empty() {
+            return Err(BrokerError::invalid(
+                format!("{field}.audiences"),
+                "at least one audience is required",
+            ));
+        }
+        for (name, list) in [("audiences", &ask.audiences), ("scopes", &ask.scopes)] {
+            if list.len() > max {
+                return Err(BrokerError::invalid(
+                    format!("{field}.{name}"),
+                    format!("at most {max} entries"),
+                ));
+            }
+            if let Some(bad) = list.iter().find(|a| {
+                a.is_empty()
+                    || a.len() > 256
+                    || a.chars().any(|c| c.is_whitespace() || c.is_control())
+            }) {
+                return Err(BrokerError::invalid(
+                    format!("{field}.{name}"),
+                    format!("{bad:?} must be 1-256 characters without spaces"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn attest_peer(
+        &self,
+        ctx: &RequestContext,
+        action: &str,
+    ) -> Result<Attested, BrokerError> {
+        let Some(peer) = &ctx.peer else {
+            return Err(BrokerError::Unauthenticated(
+                "this call needs mutual TLS with your current X.509-SVID; attest first to get one"
+                    .into(),
+            ));
+        };
+        match attest::x509::attest(self.store.as_ref(), &self.registry, peer, self.clock.unix())
+            .await
+        {
+            Ok(a) => Ok(a),
+            Err(e) => Err(self.attestation_failed(e, action, ctx).await),
+        }
+    }
+
+    async fn attestation_failed(
+        &self,
+        e: AttestError,
+        action: &str,
+        ctx: &RequestContext,
+    ) -> BrokerError {
+        match e {
+            AttestError::Store(se) => self.commit_failed(se, action),
+            AttestError::Failed {
+                method,
+                actor,
+                identity_id,
+                detail,
+            } => {
+                tracing::info!(request_id = %ctx.request_id, method, %actor, %detail, "attestation failed");
+                metrics::counter!("sigil_attestation_failures_total", "method" => method)
+                    .increment(1);
+                let draft = AuditDraft::new(
+                    self.now_nanos(),
+                    actor,
+                    action,
+                    identity_id.unwrap_or_default(),
+                    Decision::Deny,
+                    detail,
+                    &ctx.request_id,
+                )
+                .gate(crate::authz::GateId::IdentityProof.code())
+                .with("method", method);
+                self.audit_only(vec![draft]).await;
+                let hint = match method {
+                    "join_token" => attest::join_token::HINT,
+                    _ => {
+                        "the client certificate is not a current Sigil credential of a known identity"
+                    }
+                };
+                BrokerError::AttestationFailed { method, hint }
+            }
+        }
+    }
+
+    async fn run_gates(
+        &self,
+        attested: &Attested,
+        ask: Ask<'_>,
+        ttl: Option<Duration>,
+        default_ttl: Duration,
+        action: &str,
+        ctx: &RequestContext,
+    ) -> Result<(Grant, Vec<String>), BrokerError> {
+        let mc = MintContext {
+            identity: &attested.identity,
+            method: attested.method,
+            presented_generation: attested.presented_generation,
+            ask,
+            requested_ttl: ttl,
+            default_ttl,
+            now: self.clock.unix(),
+        };
+        let ev = self.gates.evaluate(&mc);
+        match ev.outcome {
+            Ok(g) => Ok((g, ev.trail)),
+            Err(Denial { gate, reason }) => {
+                metrics::counter!("sigil_issuance_total", "kind" => ask.kind().as_str(), "result" => "denied", "gate" => gate.code()).increment(1);
+                let draft = AuditDraft::new(
+                    self.now_nanos(),
+                    &attested.actor,
+                    action,
+                    &attested.identity.id,
+                    Decision::Deny,
+                    &reason,
+                    &ctx.request_id,
+                )
+                .gate(gate.code())
+                .with("gates", ev.trail)
+                .with("method", attested.method);
+                self.audit_only(vec![draft]).await;
+                Err(BrokerError::Denied { gate, reason })
+            }
+        }
+    }
+
+    fn commit_failed(&self, e: StoreError, action: &str) -> BrokerError {
+        tracing::error!(error = %e, action, "could not commit; refusing to issue (fail closed)");
+        metrics::counter!("sigil_commit_failures_total").increment(1);
+        BrokerError::from(e)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn sign_x509(
+        &self,
+        ring: &KeyRing,
+        attested: &Attested,
+        csr: &VerifiedCsr,
+        dns_names: &[String],
+        (mut grant, trail): (Grant, Vec<String>),
+        ctx: &RequestContext,
+        now: std::time::SystemTime,
+    ) -> Result<Minted<IssuedX509>, BrokerError> {
+        let id = &attested.identity;
+        let serial = ids::new_serial(now);
+        let dns: Vec<String> = dns_names.iter().map(|d| d.to_ascii_lowercase()).collect();
+        let leaf = ring.intermediate.mint_leaf(
+            csr,
+            &LeafSpec {
+                spiffe_id: &id.spiffe_id,
+                dns_names: &dns,
+                ip_addresses: &[],
+                usage: LeafUsage::ServerAndClient,
+                now,
+                ttl: grant.ttl,
+                backdate: self.cfg.issuance.backdate,
+                serial: &serial,
+            },
+        )?;
+        let expires_at = unix_secs(leaf.not_after);
+        if leaf.cut_to_issuer {
+            let cut = (expires_at - unix_secs(now)).max(0) as u64;
+            let note = format!("lifetime cut to {cut}s by the signing CA's expiry");
+            grant.notice = if grant.notice.is_empty() {
+                note
+            } else {
+                format!("{}; {note}", grant.notice)
+            };
+            grant.ttl = Duration::from_secs(cut);
+        }
+        let serial_hex = ids::to_hex(&serial);
+        let mut chain = vec![leaf.der];
+        chain.extend(ring.intermediates());
+        let ledger = LedgerRecord {
+            credential_id: serial_hex.clone(),
+            kind: CredentialKind::X509,
+            identity_id: id.id.clone(),
+            spiffe_id: id.spiffe_id.to_string(),
+            generation: id.generation,
+            audiences: Vec::new(),
+            scopes: Vec::new(),
+            dns_names: dns.clone(),
+            issued_at: unix_secs(now),
+            expires_at,
+            signing_key_id: ring.intermediate_id.clone(),
+            attestation: attested.method.into(),
+        };
+        let audit = AuditDraft::new(
+            self.now_nanos(),
+            &attested.actor,
+            "x509.mint",
+            &id.id,
+            Decision::Allow,
+            "issued",
+            &ctx.request_id,
+        )
+        .with("serial", serial_hex.clone())
+        .with("spiffe_id", id.spiffe_id.as_str())
+        .with("expires_at", expires_at)
+        .with("ttl_secs", ttl_secs(grant.ttl))
+        .with("ttl_clamped", grant.clamped)
+        .with("dns_names", dns)
+        .with("method", attested.method)
+        .with("gates", trail);
+        Ok(Minted {
+            issued: IssuedX509 {
+                spiffe_id: id.spiffe_id.clone(),
+                chain,
+                serial: serial_hex,
+                expires_at,
+                generation: id.generation,
+                grant,
+            },
+            ledger,
+            audit,
+        })
+    }
+
+    fn sign_jwt(
+        &self,
+        ring: &KeyRing,
+        attested: &Attested,
+        ask: &JwtAsk,
+        (grant, trail): (Grant, Vec<String>),
+        ctx: &RequestContext,
+        now: std::time::SystemTime,
+    ) -> Result<Minted<IssuedJwt>, BrokerError> {
+        let id = &attested.identity;
+        let iat = unix_secs(now);
+        let exp = iat + grant.ttl.as_secs() as i64;
+        let jti = ids::jti_to_string(&ids::new_jti(now));
+        let claims = JwtSvidClaims {
+            sub: id.spiffe_id.clone(),
+            aud: ask.audiences.clone(),
+            exp,
+            iat,
+            jti: jti.clone(),
+            scopes: ask.scopes.clone(),
+            generation: id.generation,
+        };
+        let token = SecretString::new(ring.jwt.sign(&claims)?);
+        let ledger = LedgerRecord {
+            credential_id: jti.clone(),
+            kind: CredentialKind::Jwt,
+            identity_id: id.id.clone(),
+            spiffe_id: id.spiffe_id.to_string(),
+            generation: id.generation,
+            audiences: ask.audiences.clone(),
+            scopes: ask.scopes.clone(),
+            dns_names: Vec::new(),
+            issued_at: iat,
+            expires_at: exp,
+            signing_key_id: ring.jwt.kid().to_owned(),
+            attestation: attested.method.into(),
+        };
+        let audit = AuditDraft::new(
+            self.now_nanos(),
+            &attested.actor,
+            "jwt.mint",
+            &id.id,
+            Decision::Allow,
+            "issued",
+            &ctx.request_id,
+        )
+        .with("jti", jti.clone())
+        .with("spiffe_id", id.spiffe_id.as_str())
+        .with("audiences", json!(ask.audiences))
+        .with("scopes", json!(ask.scopes))
+        .with("expires_at", exp)
+        .with("ttl_secs", ttl_secs(grant.ttl))
+        .with("ttl_clamped", grant.clamped)
+        .with("method", attested.method)
+        .with("gates", trail);
+        Ok(Minted {
+            issued: IssuedJwt {
+                token,
+                spiffe_id: id.spiffe_id.clone(),
+                audiences: ask.audiences.clone(),
+                scopes: ask.scopes.clone(),
+                jti,
+                expires_at: exp,
+                grant,
+            },
+            ledger,
+            audit,
+        })
+    }
+}
+
+/// True when `status` still allows a join token to be created (anything but retired).
+pub(crate) fn join_token_allowed(status: IdentityStatus) -> bool {
+    status != IdentityStatus::Retired
+}

@@ -1,0 +1,395 @@
+//! The records every layer works from: identity records, join tokens, signing keys and the
+//! issuance ledger. All are plain data, safe to `Debug` (they hold hashes and ciphertext, never
+//! secrets), and serialized as JSON in the store.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use sigil_pki::SpiffeId;
+
+/// A credential kind an identity can be entitled to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CredentialKind {
+    /// An X.509-SVID.
+    X509,
+    /// A JWT-SVID.
+    Jwt,
+}
+
+impl CredentialKind {
+    /// The name used in configs, the CLI and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialKind::X509 => "x509",
+            CredentialKind::Jwt => "jwt",
+        }
+    }
+}
+
+impl fmt::Display for CredentialKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for CredentialKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "x509" | "x509-svid" => Ok(CredentialKind::X509),
+            "jwt" | "jwt-svid" => Ok(CredentialKind::Jwt),
+            other => Err(format!(
+                "unknown credential kind {other:?} (expected x509 or jwt)"
+            )),
+        }
+    }
+}
+
+/// The lifecycle state of an identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IdentityStatus {
+    /// May be issued credentials.
+    Active,
+    /// Temporarily refused by an operator (or by anomaly policy); can be resumed.
+    Suspended,
+    /// A credential leaked; only a fresh attestation restores it.
+    Compromised,
+    /// Permanently out of service.
+    Retired,
+}
+
+impl IdentityStatus {
+    /// The lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdentityStatus::Active => "active",
+            IdentityStatus::Suspended => "suspended",
+            IdentityStatus::Compromised => "compromised",
+            IdentityStatus::Retired => "retired",
+        }
+    }
+}
+
+impl fmt::Display for IdentityStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An attestation selector, `type:value`, e.g. `unix:uid:1000` (type `unix`, value `uid:1000`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Selector {
+    kind: String,
+    value: String,
+}
+
+impl Selector {
+    /// The selector type (`unix`, `oidc`, `join_token`, ...).
+    pub fn kind(&self) -> &str {
+        &self.kind
+    }
+
+    /// Everything after the type.
+    pub fn value(&self) -> &str {
+        &self.value
+    }
+}
+
+impl FromStr for Selector {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (kind, value) = s.split_once(':').ok_or_else(|| {
+            format!("selector {s:?} must look like TYPE:VALUE, e.g. unix:uid:1000")
+        })?;
+        if kind.is_empty()
+            || !kind
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            return Err(format!(
+                "selector type {kind:?} must be lower-case letters, digits or '_'"
+            ));
+        }
+        if value.is_empty() || value.len() > 1024 || value.chars().any(char::is_control) {
+            return Err(format!(
+                "selector value in {s:?} must be 1-1024 printable characters"
+            ));
+        }
+        Ok(Selector {
+            kind: kind.to_owned(),
+            value: value.to_owned(),
+        })
+    }
+}
+
+impl TryFrom<String> for Selector {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<Selector> for String {
+    fn from(s: Selector) -> String {
+        s.to_string()
+    }
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.kind, self.value)
+    }
+}
+
+/// What an identity may be issued. Empty sets grant nothing — never "everything".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entitlements {
+    /// Credential kinds.
+    pub kinds: BTreeSet<CredentialKind>,
+    /// Longest lifetime of any credential, in seconds.
+    pub max_ttl_secs: u64,
+    /// JWT audiences.
+    pub audiences: BTreeSet<String>,
+    /// Scopes that may appear in JWT-SVIDs.
+    pub scopes: BTreeSet<String>,
+    /// DNS names that may appear in X.509-SVIDs.
+    pub dns_names: BTreeSet<String>,
+}
+
+/// An identity record: who a workload is, who answers for it, and what it may hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityRecord {
+    /// Stable id, e.g. `id-3kq7v1...`.
+    pub id: String,
+    /// The SPIFFE ID its credentials carry.
+    pub spiffe_id: SpiffeId,
+    /// The person or team that answers for it.
+    pub owner: String,
+    /// Why it exists.
+    pub purpose: String,
+    /// Free-form labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Attestation selectors; all must match.
+    #[serde(default)]
+    pub selectors: BTreeSet<Selector>,
+    /// What it may be issued.
+    pub entitlements: Entitlements,
+    /// Lifecycle state.
+    pub status: IdentityStatus,
+    /// Why it is in that state (set by whoever changed it).
+    #[serde(default)]
+    pub status_reason: String,
+    /// Unix seconds after which it stops minting until recertified.
+    pub expires_at: i64,
+    /// Bumped to revoke every credential minted before.
+    pub generation: u64,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Who created it.
+    pub created_by: String,
+    /// Unix seconds.
+    pub updated_at: i64,
+    /// Who last changed it.
+    pub updated_by: String,
+    /// Bumped on every change; guards against lost updates.
+    pub revision: u64,
+}
+
+/// A one-time join token, stored only as the SHA-256 of the token text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinTokenRecord {
+    /// Hex SHA-256 of the token.
+    pub hash: String,
+    /// The identity it attests as.
+    pub identity_id: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Who created it.
+    pub created_by: String,
+    /// Unix seconds; useless after.
+    pub expires_at: i64,
+    /// Unix seconds when it was used, if it was.
+    pub consumed_at: Option<i64>,
+}
+
+/// What a signing key is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyKind {
+    /// The root CA (trust anchor of workloads).
+    RootCa,
+    /// An intermediate that signs X.509-SVIDs.
+    IntermediateCa,
+    /// The CA of operator credentials.
+    OperatorCa,
+    /// A JWT-SVID signing key.
+    Jwt,
+}
+
+/// Where a key is in its rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyState {
+    /// Published, not yet signing.
+    Next,
+    /// Signing.
+    Current,
+    /// Published until everything it signed has expired.
+    Previous,
+    /// Neither published nor signing.
+    Retired,
+}
+
+/// A signing key: its public half in the clear, its private half sealed.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    /// Key id (the JWT `kid`, or a CA's id).
+    pub id: String,
+    /// Purpose.
+    pub kind: KeyKind,
+    /// Rotation state.
+    pub state: KeyState,
+    /// The CA certificate (DER, base64), for CA keys.
+    #[serde(default, with = "b64_opt")]
+    pub cert_der: Option<Vec<u8>>,
+    /// The PKCS#8 private key sealed under the master key (AAD: `keys`/`id`).
+    #[serde(with = "b64")]
+    pub sealed_private: Vec<u8>,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds after which nothing it signed is valid.
+    pub not_after: i64,
+}
+
+impl fmt::Debug for KeyRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyRecord")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("state", &self.state)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One issued credential. The key in the store is the credential id (serial or `jti` bytes),
+/// which starts with the issue time, so the ledger is append-mostly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerRecord {
+    /// Serial number (X.509, hex) or `jti` (JWT).
+    pub credential_id: String,
+    /// Kind.
+    pub kind: CredentialKind,
+    /// The identity it was issued to (empty for broker-internal credentials).
+    pub identity_id: String,
+    /// Its SPIFFE ID.
+    pub spiffe_id: String,
+    /// Identity generation at issue.
+    pub generation: u64,
+    /// JWT audiences.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audiences: Vec<String>,
+    /// JWT scopes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+    /// X.509 DNS SANs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_names: Vec<String>,
+    /// Unix seconds.
+    pub issued_at: i64,
+    /// Unix seconds.
+    pub expires_at: i64,
+    /// The key that signed it.
+    pub signing_key_id: String,
+    /// How the holder proved what it is (`join_token`, `x509`, `operator`, ...).
+    pub attestation: String,
+}
+
+/// The store key of a credential: serial bytes (X.509, from hex) or `jti` bytes (JWT, from
+/// base64url). `None` when `id` is not in that form.
+pub fn credential_key(kind: CredentialKind, id: &str) -> Option<Vec<u8>> {
+    match kind {
+        CredentialKind::X509 => sigil_pki::ids::from_hex(id),
+        CredentialKind::Jwt => sigil_pki::ids::jti_from_str(id),
+    }
+}
+
+mod b64 {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(v))
+    }
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        STANDARD.decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+mod b64_opt {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(b) => s.serialize_some(&STANDARD.encode(b)),
+            None => s.serialize_none(),
+        }
+    }
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Vec<u8>>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            Some(s) => STANDARD
+                .decode(s)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+            None => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors_parse_and_name_the_problem() {
+        let s: Selector = "unix:uid:1000".parse().unwrap();
+        assert_eq!((s.kind(), s.value()), ("unix", "uid:1000"));
+        assert_eq!(s.to_string(), "unix:uid:1000");
+        assert!(
+            "nocolon"
+                .parse::<Selector>()
+                .unwrap_err()
+                .contains("TYPE:VALUE")
+        );
+        assert!("Unix:uid:1".parse::<Selector>().is_err());
+        assert!("unix:".parse::<Selector>().is_err());
+    }
+
+    #[test]
+    fn key_record_debug_hides_the_sealed_key() {
+        let k = KeyRecord {
+            id: "k1".into(),
+            kind: KeyKind::Jwt,
+            state: KeyState::Current,
+            cert_der: None,
+            sealed_private: vec![0xAB; 40],
+            created_at: 0,
+            not_after: 0,
+        };
+        assert!(!format!("{k:?}").contains("171"));
+        let json = serde_json::to_string(&k).unwrap();
+        assert_eq!(serde_json::from_str::<KeyRecord>(&json).unwrap(), k);
+    }
+}

@@ -1,0 +1,361 @@
+//! Wiring: open the store, load identities and keys, mint the broker's own TLS certificate,
+//! start the gRPC and HTTP listeners; and shut it all down in order.
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sigil_pki::{EcKey, LeafSpec, LeafUsage, ids};
+use sigil_proto::v1::admin_server::AdminServer;
+use sigil_proto::v1::broker_server::BrokerServer;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::admin::AdminApi;
+use crate::api::tls::{self, ServerCertResolver};
+use crate::api::workload::WorkloadApi;
+use crate::audit::{AuditDraft, Decision};
+use crate::authz::GateChain;
+use crate::broker::Broker;
+use crate::clock::{Clock, SystemClock, unix_secs};
+use crate::config::{BROKER_URL_FILE, Config, ConfigError};
+use crate::keys::{self, KeyError, Keys};
+use crate::model::{CredentialKind, LedgerRecord};
+use crate::registry::Registry;
+use crate::seal::{MasterKey, SealError, Sealer};
+use crate::store::redb::RedbStore;
+use crate::store::{Change, Op, Store, StoreError};
+
+/// Why the broker did not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// Bad settings.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The master key.
+    #[error(transparent)]
+    Seal(#[from] SealError),
+    /// The store.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The keys.
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    /// A listener.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Options that tests change.
+#[derive(Debug, Clone)]
+pub struct StartOptions {
+    /// The clock.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for StartOptions {
+    fn default() -> Self {
+        StartOptions {
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+/// The master key for `cfg`: `SIGIL_MASTER_KEY` if set, else the key file.
+pub fn load_master_key(cfg: &Config) -> Result<MasterKey, SealError> {
+    match MasterKey::from_env()? {
+        Some(k) => Ok(k),
+        None => MasterKey::load_file(&cfg.master_key_path()),
+    }
+}
+
+/// A running broker.
+#[derive(Debug)]
+pub struct RunningBroker {
+    /// The gRPC (TLS) address.
+    pub grpc_addr: SocketAddr,
+    /// The HTTP address.
+    pub http_addr: Option<SocketAddr>,
+    broker: Arc<Broker>,
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningBroker {
+    /// The broker state.
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
+    /// `https://ADDR` of the gRPC listener.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.grpc_addr)
+    }
+
+    /// Stops accepting, lets in-flight requests finish, flushes the store.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.broker.store().close().await;
+        let _ = std::fs::remove_file(self.broker.config().data_dir.join(BROKER_URL_FILE));
+    }
+}
+
+/// Opens the store of `cfg` with `master` and starts serving.
+pub async fn start(
+    cfg: Config,
+    master: MasterKey,
+    opts: StartOptions,
+) -> Result<RunningBroker, StartError> {
+    cfg.validate()?;
+    let sealer = Arc::new(Sealer::new(&master));
+    drop(master);
+    let path = cfg.store_path();
+    let s2 = sealer.clone();
+    let store = tokio::task::spawn_blocking(move || RedbStore::open(&path, s2))
+        .await
+        .map_err(|e| StartError::Other(format!("opening the store: {e}")))??;
+    let store: Arc<dyn Store> = Arc::new(store);
+    let td = store.meta().await?.trust_domain;
+    let registry = Registry::new(store.identities().await?);
+    let ring = keys::load(&td, &store.keys().await?, &sealer)?;
+    let cancel = CancellationToken::new();
+    let broker = Arc::new(Broker::new(
+        store,
+        registry,
+        Keys::new(ring),
+        GateChain::standard(),
+        opts.clock,
+        cfg.clone(),
+        td,
+        sealer,
+    ));
+
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let grpc_addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: cfg.listen,
+        source,
+    })?;
+    let resolver = Arc::new(ServerCertResolver::new(
+        server_cert(&broker, grpc_addr).await?,
+    ));
+    let ring = broker.keys().current();
+    let tls_config = tls::server_config(
+        &[ring.root.cert().clone(), ring.operator_ca.cert().clone()],
+        resolver.clone(),
+    )
+    .map_err(|e| StartError::Other(format!("TLS setup: {e}")))?;
+
+    let mut tasks = Vec::new();
+    let limit = cfg.limits.max_request_bytes;
+    let router = tonic::transport::Server::builder()
+        .timeout(cfg.limits.request_timeout)
+        .max_concurrent_streams(cfg.limits.max_concurrent_streams)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(
+            BrokerServer::new(WorkloadApi::new(broker.clone())).max_decoding_message_size(limit),
+        )
+        .add_service(
+            AdminServer::new(AdminApi::new(broker.clone())).max_decoding_message_size(limit),
+        );
+    let incoming = tls::spawn_acceptor(
+        listener,
+        Arc::new(tls_config),
+        broker.clone(),
+        cfg.limits.handshake_timeout,
+        cancel.clone(),
+    );
+    let c = cancel.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = router
+            .serve_with_incoming_shutdown(incoming, c.cancelled_owned())
+            .await
+        {
+            tracing::error!(error = %e, "gRPC server stopped");
+        }
+    }));
+
+    let http_addr = match cfg.http_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Listen { addr, source })?;
+            let bound = l
+                .local_addr()
+                .map_err(|source| StartError::Listen { addr, source })?;
+            let app = crate::http::router(broker.clone());
+            let c = cancel.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = axum::serve(l, app)
+                    .with_graceful_shutdown(c.cancelled_owned())
+                    .await
+                {
+                    tracing::error!(error = %e, "HTTP server stopped");
+                }
+            }));
+            Some(bound)
+        }
+        None => None,
+    };
+
+    tasks.push(tokio::spawn(renew_server_cert(
+        broker.clone(),
+        resolver,
+        grpc_addr,
+        cancel.clone(),
+    )));
+
+    let url = format!("https://{grpc_addr}\n");
+    if let Err(e) =
+        crate::fsutil::write_atomic(&cfg.data_dir.join(BROKER_URL_FILE), url.as_bytes(), 0o644)
+    {
+        tracing::warn!(error = %e, "could not write {BROKER_URL_FILE}; operator commands need --broker");
+    }
+    tracing::info!(%grpc_addr, ?http_addr, trust_domain = %broker.trust_domain(), identities = broker.registry().len(), "sigil broker ready");
+    Ok(RunningBroker {
+        grpc_addr,
+        http_addr,
+        broker,
+        cancel,
+        tasks,
+    })
+}
+
+/// Starts, waits for `shutdown`, then shuts down cleanly.
+pub async fn run(
+    cfg: Config,
+    master: MasterKey,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    let running = start(cfg, master, StartOptions::default()).await?;
+    shutdown.await;
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}
+
+/// Mints the broker's own TLS certificate (SPIFFE ID `spiffe://<td>/sigil/broker`), recorded
+/// in the ledger and audit log like any other credential.
+async fn server_cert(
+    broker: &Broker,
+    listen: SocketAddr,
+) -> Result<rustls::sign::CertifiedKey, StartError> {
+    let cfg = broker.config();
+    let ring = broker.keys().current();
+    let now = broker.clock().now();
+    let other = |e: String| StartError::Other(format!("broker certificate: {e}"));
+    let key = EcKey::generate().map_err(|e| other(e.to_string()))?;
+    let id = broker
+        .trust_domain()
+        .id_with_path("/sigil/broker")
+        .map_err(|e| other(e.to_string()))?;
+    let mut ips = vec![
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(Ipv6Addr::LOCALHOST),
+    ];
+    if !listen.ip().is_unspecified() && !ips.contains(&listen.ip()) {
+        ips.push(listen.ip());
+    }
+    let serial = ids::new_serial(now);
+    let leaf = ring
+        .intermediate
+        .mint_leaf(
+            &key,
+            &LeafSpec {
+                spiffe_id: &id,
+                dns_names: &cfg.server_names,
+                ip_addresses: &ips,
+                usage: LeafUsage::ServerAndClient,
+                now,
+                ttl: cfg.issuance.server_cert_ttl,
+                backdate: cfg.issuance.backdate,
+                serial: &serial,
+            },
+        )
+        .map_err(|e| other(e.to_string()))?;
+    let serial_hex = ids::to_hex(&serial);
+    let ledger = LedgerRecord {
+        credential_id: serial_hex.clone(),
+        kind: CredentialKind::X509,
+        identity_id: String::new(),
+        spiffe_id: id.to_string(),
+        generation: 0,
+        audiences: Vec::new(),
+        scopes: Vec::new(),
+        dns_names: cfg.server_names.clone(),
+        issued_at: unix_secs(now),
+        expires_at: unix_secs(leaf.not_after),
+        signing_key_id: ring.intermediate_id.clone(),
+        attestation: "broker".into(),
+    };
+    let audit = AuditDraft::new(
+        crate::clock::unix_nanos(now),
+        "broker",
+        "broker.server_cert",
+        id.as_str(),
+        Decision::Allow,
+        "issued",
+        "startup",
+    )
+    .with("serial", serial_hex)
+    .with("expires_at", unix_secs(leaf.not_after));
+    broker
+        .store()
+        .commit(Change {
+            ops: vec![Op::AppendLedger(ledger)],
+            audit: vec![audit],
+        })
+        .await?;
+    let pkcs8 = key.to_pkcs8().map_err(|e| other(e.to_string()))?;
+    tls::certified_key(
+        vec![leaf.der, ring.intermediate.cert().clone()],
+        pkcs8.expose_secret(),
+    )
+    .map_err(|e| other(e.to_string()))
+}
+
+async fn renew_server_cert(
+    broker: Arc<Broker>,
+    resolver: Arc<ServerCertResolver>,
+    listen: SocketAddr,
+    cancel: CancellationToken,
+) {
+    let every = broker.config().issuance.server_cert_ttl / 2;
+    let mut wait = every;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        match server_cert(&broker, listen).await {
+            Ok(k) => {
+                resolver.set(k);
+                wait = every;
+            }
+            // Keep serving the current certificate (it has half its life left) and retry soon.
+            Err(e) => {
+                tracing::error!(error = %e, "renewing the broker's certificate failed; retrying in 30s");
+                wait = Duration::from_secs(30).min(every);
+            }
+        }
+    }
+}

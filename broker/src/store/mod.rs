@@ -1,0 +1,183 @@
+//! Persistent state behind one trait, so business logic never names the backend.
+//!
+//! Every write is a [`Change`]: preconditions, mutations and the audit entries that describe
+//! them, applied atomically — all of it durable, or none of it. Backends group-commit
+//! concurrent changes (one transaction and one fsync for many requests). Reads return
+//! committed state.
+//!
+//! Backends: [`redb`] (embedded, one file; the default). PostgreSQL comes later behind the same
+//! trait.
+
+use std::fmt;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use sigil_pki::TrustDomain;
+
+use crate::audit::AuditDraft;
+use crate::model::{IdentityRecord, JoinTokenRecord, KeyRecord, LedgerRecord};
+
+pub mod redb;
+
+/// On-disk schema version this build reads and writes.
+pub const SCHEMA_VERSION: u64 = 1;
+
+/// Facts about a store, fixed at `sigil init`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreMeta {
+    /// Schema version.
+    pub schema_version: u64,
+    /// The trust domain this store serves.
+    pub trust_domain: TrustDomain,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// One mutation inside a [`Change`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Op {
+    /// Adds an identity. Fails if its id or SPIFFE ID is taken.
+    CreateIdentity(IdentityRecord),
+    /// Replaces an identity. Fails unless the stored revision is `expected_revision`
+    /// (the new record must carry `expected_revision + 1`).
+    UpdateIdentity {
+        /// The new record.
+        record: IdentityRecord,
+        /// The revision the caller read.
+        expected_revision: u64,
+    },
+    /// Stores a join token (by hash).
+    PutJoinToken(JoinTokenRecord),
+    /// Marks a join token used. Fails unless it exists, is unused and unexpired at `now`.
+    ConsumeJoinToken {
+        /// Hex SHA-256 of the token.
+        hash: String,
+        /// Unix seconds.
+        now: i64,
+    },
+    /// Adds or replaces a signing key.
+    PutKey(KeyRecord),
+    /// Records an issued credential.
+    AppendLedger(LedgerRecord),
+}
+
+/// An atomic unit of writes with the audit entries that describe it.
+#[derive(Debug, Clone, Default)]
+pub struct Change {
+    /// Mutations; preconditions of all of them are checked against the state before the
+    /// change, then all are applied.
+    pub ops: Vec<Op>,
+    /// Audit entries, appended to the chain in order.
+    pub audit: Vec<AuditDraft>,
+}
+
+impl Change {
+    /// A change that only records audit entries (e.g. a denial).
+    pub fn audit_only(drafts: Vec<AuditDraft>) -> Self {
+        Change {
+            ops: Vec::new(),
+            audit: drafts,
+        }
+    }
+}
+
+/// What a successful commit returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// Sequence numbers given to the change's audit entries.
+    pub audit_seqs: Vec<u64>,
+}
+
+/// A precondition that did not hold; nothing of the change was written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Conflict {
+    /// Identity id taken.
+    #[error("an identity with id {0} already exists")]
+    IdentityIdTaken(String),
+    /// SPIFFE ID taken.
+    #[error("an identity with SPIFFE ID {0} already exists")]
+    SpiffeIdTaken(String),
+    /// Identity missing.
+    #[error("identity {0} does not exist")]
+    IdentityMissing(String),
+    /// Someone else changed it first.
+    #[error(
+        "identity {id} was changed concurrently (expected revision {expected}, found {found}); retry"
+    )]
+    StaleRevision {
+        /// Identity id.
+        id: String,
+        /// What the caller read.
+        expected: u64,
+        /// What is stored.
+        found: u64,
+    },
+    /// Unknown join token.
+    #[error("join token is unknown")]
+    JoinTokenUnknown,
+    /// Expired join token.
+    #[error("join token expired")]
+    JoinTokenExpired,
+    /// Used join token.
+    #[error("join token was already used")]
+    JoinTokenUsed,
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A precondition failed; nothing was written.
+    #[error(transparent)]
+    Conflict(#[from] Conflict),
+    /// The change could not be made durable; nothing was written. Fail closed.
+    #[error("the store could not commit: {0}")]
+    Unavailable(String),
+    /// The data dir cannot be used by this build or with this key.
+    #[error("{0}")]
+    Incompatible(String),
+    /// Stored data does not parse.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// The store is closed.
+    #[error("the store is shut down")]
+    Closed,
+}
+
+/// Everything the broker persists.
+#[async_trait]
+pub trait Store: Send + Sync + fmt::Debug + 'static {
+    /// Applies `change` atomically and durably, or not at all.
+    async fn commit(&self, change: Change) -> Result<Committed, StoreError>;
+
+    /// Facts fixed at init.
+    async fn meta(&self) -> Result<StoreMeta, StoreError>;
+
+    /// Every identity.
+    async fn identities(&self) -> Result<Vec<IdentityRecord>, StoreError>;
+
+    /// A join token by hash.
+    async fn join_token(&self, hash: &str) -> Result<Option<JoinTokenRecord>, StoreError>;
+
+    /// Every signing key.
+    async fn keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
+
+    /// A ledger record by credential id (serial bytes or `jti` bytes).
+    async fn ledger_record(&self, credential_id: &[u8])
+    -> Result<Option<LedgerRecord>, StoreError>;
+
+    /// Number of ledger records.
+    async fn ledger_len(&self) -> Result<u64, StoreError>;
+
+    /// Raw audit entries (stored JSON) with sequence numbers from `from_seq`, at most `limit`.
+    async fn audit_entries(
+        &self,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+
+    /// Flushes and stops the writer; later commits fail with [`StoreError::Closed`].
+    async fn close(&self);
+}

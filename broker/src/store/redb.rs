@@ -1,0 +1,601 @@
+//! The embedded backend: one redb file in the data dir.
+//!
+//! redb is synchronous, so one dedicated writer thread owns every write. It takes every change
+//! that is waiting, applies them in one transaction, commits once (one fsync), and only then
+//! answers each caller: a group commit. Reads run on tokio's blocking pool against MVCC
+//! snapshots and never wait for the writer.
+//!
+//! Ledger keys are credential ids that start with the issue time and audit keys are sequence
+//! numbers, so inserts land at the right edge of their B-trees.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use arc_swap::ArcSwapOption;
+
+use async_trait::async_trait;
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Change, Committed, Conflict, Op, SCHEMA_VERSION, Store, StoreError, StoreMeta};
+use crate::audit::ChainHead;
+use crate::model::{IdentityRecord, JoinTokenRecord, KeyRecord, LedgerRecord};
+use crate::seal::Sealer;
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const IDENTITIES: TableDefinition<&str, &[u8]> = TableDefinition::new("identities");
+const SPIFFE_INDEX: TableDefinition<&str, &str> = TableDefinition::new("identities_by_spiffe_id");
+const JOIN_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("join_tokens");
+const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
+const LEDGER: TableDefinition<&[u8], &[u8]> = TableDefinition::new("ledger");
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+
+const META_INFO: &str = "store_meta";
+const META_KEY_CHECK: &str = "key_check";
+const KEY_CHECK_PLAINTEXT: &[u8] = b"sigil master key check v1";
+/// Most changes folded into one transaction.
+const MAX_BATCH: usize = 2048;
+
+/// The redb-backed [`Store`].
+pub struct RedbStore {
+    db: Arc<Database>,
+    path: PathBuf,
+    /// `None` once closed; dropping the last sender lets the writer drain and exit.
+    tx: ArcSwapOption<mpsc::UnboundedSender<Job>>,
+    writer: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Job {
+    change: Change,
+    reply: oneshot::Sender<Result<Committed, StoreError>>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    // Records are plain data with string keys; serialization cannot fail.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// The sealed key check kept beside the database file, checked before redb opens the file so a
+/// wrong key changes nothing on disk even when the file needs crash recovery.
+fn key_check_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".keycheck");
+    PathBuf::from(p)
+}
+
+fn wrong_key(path: &Path) -> StoreError {
+    StoreError::Incompatible(format!(
+        "the master key does not match the data in {} (wrong SIGIL_MASTER_KEY or master key file?); nothing was changed",
+        path.display()
+    ))
+}
+
+fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
+    match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Incompatible(format!(
+            "{} is already open by another process (is another `sigil serve` running on this data dir?)",
+            path.display()
+        )),
+        other => StoreError::Unavailable(format!("opening {}: {other}", path.display())),
+    }
+}
+
+impl RedbStore {
+    /// Creates a new store file. Refuses if `path` exists.
+    pub fn create(path: &Path, sealer: Arc<Sealer>, meta: StoreMeta) -> Result<Self, StoreError> {
+        if path.exists() {
+            return Err(StoreError::Incompatible(format!(
+                "{} already exists",
+                path.display()
+            )));
+        }
+        let check = sealer.seal("meta", META_KEY_CHECK, KEY_CHECK_PLAINTEXT);
+        std::fs::write(key_check_path(path), &check).map_err(unavailable)?;
+        let db = Database::builder()
+            .create(path)
+            .map_err(|e| open_error(path, e))?;
+        let mut txn = db.begin_write().map_err(unavailable)?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(unavailable)?;
+        {
+            let mut m = txn.open_table(META).map_err(unavailable)?;
+            m.insert(META_INFO, to_json(&meta).as_slice())
+                .map_err(unavailable)?;
+            m.insert(META_KEY_CHECK, check.as_slice())
+                .map_err(unavailable)?;
+            // Create every table so readers never meet a missing one.
+            txn.open_table(IDENTITIES).map_err(unavailable)?;
+            txn.open_table(SPIFFE_INDEX).map_err(unavailable)?;
+            txn.open_table(JOIN_TOKENS).map_err(unavailable)?;
+            txn.open_table(KEYS).map_err(unavailable)?;
+            txn.open_table(LEDGER).map_err(unavailable)?;
+            txn.open_table(AUDIT).map_err(unavailable)?;
+        }
+        txn.commit().map_err(unavailable)?;
+        Ok(Self::start(db, path, sealer, ChainHead::default()))
+    }
+
+    /// Opens an existing store, checking the schema version and that `sealer`'s master key is
+    /// the one the store was created with. On any refusal the file is left as it was.
+    pub fn open(path: &Path, sealer: Arc<Sealer>) -> Result<Self, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::Incompatible(format!(
+                "{} does not exist (run `sigil init` first)",
+                path.display()
+            )));
+        }
+        match std::fs::read(key_check_path(path)) {
+            Ok(check) => {
+                if sealer.open("meta", META_KEY_CHECK, &check).is_err() {
+                    return Err(wrong_key(path));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(unavailable(e)),
+        }
+        let db = Database::builder()
+            .open(path)
+            .map_err(|e| open_error(path, e))?;
+        let (meta_bytes, check) = {
+            let r = db.begin_read().map_err(unavailable)?;
+            let m = r.open_table(META).map_err(|e| corrupt("meta table", e))?;
+            let info = m
+                .get(META_INFO)
+                .map_err(unavailable)?
+                .map(|g| g.value().to_vec());
+            let check = m
+                .get(META_KEY_CHECK)
+                .map_err(unavailable)?
+                .map(|g| g.value().to_vec());
+            (info, check)
+        };
+        let meta_bytes = meta_bytes.ok_or_else(|| corrupt("meta", "store_meta is missing"))?;
+        let meta: StoreMeta =
+            serde_json::from_slice(&meta_bytes).map_err(|e| corrupt("store_meta", e))?;
+        if meta.schema_version != SCHEMA_VERSION {
+            return Err(StoreError::Incompatible(format!(
+                "{} has schema version {}; this build of sigil reads version {SCHEMA_VERSION}",
+                path.display(),
+                meta.schema_version
+            )));
+        }
+        let check = check.ok_or_else(|| corrupt("meta", "key_check is missing"))?;
+        if sealer.open("meta", META_KEY_CHECK, &check).is_err() {
+            return Err(wrong_key(path));
+        }
+        let head = {
+            let r = db.begin_read().map_err(unavailable)?;
+            let a = r.open_table(AUDIT).map_err(|e| corrupt("audit table", e))?;
+            match a.last().map_err(unavailable)? {
+                Some((k, v)) => {
+                    let e: crate::audit::AuditEntry = serde_json::from_slice(v.value())
+                        .map_err(|e| corrupt("last audit entry", e))?;
+                    ChainHead {
+                        seq: k.value(),
+                        hash: e.hash,
+                    }
+                }
+                None => ChainHead::default(),
+            }
+        };
+        Ok(Self::start(db, path, sealer, head))
+    }
+
+    fn start(db: Database, path: &Path, sealer: Arc<Sealer>, head: ChainHead) -> Self {
+        let db = Arc::new(db);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let wdb = db.clone();
+        let writer = std::thread::Builder::new()
+            .name("sigil-store-writer".into())
+            .spawn(move || writer_loop(&wdb, &sealer, head, rx))
+            .ok();
+        RedbStore {
+            db,
+            path: path.to_owned(),
+            tx: ArcSwapOption::from_pointee(tx),
+            writer: std::sync::Mutex::new(writer),
+        }
+    }
+
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(|e| unavailable(format!("read task: {e}")))?
+    }
+}
+
+fn writer_loop(
+    db: &Database,
+    sealer: &Sealer,
+    mut head: ChainHead,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+) {
+    let mut jobs: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        jobs.push(first);
+        while jobs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let batch_size = jobs.len();
+        let started = std::time::Instant::now();
+        let mut next_head = head.clone();
+        match apply_batch(db, sealer, &mut next_head, &jobs) {
+            Ok(results) => {
+                head = next_head;
+                for (job, result) in jobs.drain(..).zip(results) {
+                    let _ = job.reply.send(result.map_err(StoreError::from));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, batch_size, "store commit failed; every change in the batch was refused");
+                for job in jobs.drain(..) {
+                    let _ = job.reply.send(Err(StoreError::Unavailable(e.to_string())));
+                }
+            }
+        }
+        metrics::histogram!("sigil_store_commit_batch_size").record(batch_size as f64);
+        metrics::histogram!("sigil_store_commit_seconds").record(started.elapsed().as_secs_f64());
+    }
+}
+
+struct Tables<'t> {
+    identities: redb::Table<'t, &'static str, &'static [u8]>,
+    spiffe: redb::Table<'t, &'static str, &'static str>,
+    tokens: redb::Table<'t, &'static str, &'static [u8]>,
+    keys: redb::Table<'t, &'static str, &'static [u8]>,
+    ledger: redb::Table<'t, &'static [u8], &'static [u8]>,
+    audit: redb::Table<'t, u64, &'static [u8]>,
+}
+
+fn apply_batch(
+    db: &Database,
+    sealer: &Sealer,
+    head: &mut ChainHead,
+    jobs: &[Job],
+) -> Result<Vec<Result<Committed, Conflict>>, StoreError> {
+    let mut txn: WriteTransaction = db.begin_write().map_err(unavailable)?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(unavailable)?;
+    let mut results = Vec::with_capacity(jobs.len());
+    {
+        let mut t = Tables {
+            identities: txn.open_table(IDENTITIES).map_err(unavailable)?,
+            spiffe: txn.open_table(SPIFFE_INDEX).map_err(unavailable)?,
+            tokens: txn.open_table(JOIN_TOKENS).map_err(unavailable)?,
+            keys: txn.open_table(KEYS).map_err(unavailable)?,
+            ledger: txn.open_table(LEDGER).map_err(unavailable)?,
+            audit: txn.open_table(AUDIT).map_err(unavailable)?,
+        };
+        for job in jobs {
+            match check(&t, &job.change)? {
+                Err(conflict) => results.push(Err(conflict)),
+                Ok(()) => {
+                    write(&mut t, &job.change)?;
+                    let mut seqs = Vec::with_capacity(job.change.audit.len());
+                    for draft in &job.change.audit {
+                        let (entry, bytes) = head.append(sealer, draft.clone());
+                        t.audit
+                            .insert(entry.seq, bytes.as_slice())
+                            .map_err(unavailable)?;
+                        seqs.push(entry.seq);
+                    }
+                    results.push(Ok(Committed { audit_seqs: seqs }));
+                }
+            }
+        }
+    }
+    txn.commit().map_err(unavailable)?;
+    Ok(results)
+}
+
+/// Checks every precondition of `change` against the current transaction state. The outer
+/// error is a storage failure (fails the batch); the inner one a conflict (fails the change).
+fn check(t: &Tables<'_>, change: &Change) -> Result<Result<(), Conflict>, StoreError> {
+    for op in &change.ops {
+        match op {
+            Op::CreateIdentity(rec) => {
+                if t.identities
+                    .get(rec.id.as_str())
+                    .map_err(unavailable)?
+                    .is_some()
+                {
+                    return Ok(Err(Conflict::IdentityIdTaken(rec.id.clone())));
+                }
+                if t.spiffe
+                    .get(rec.spiffe_id.as_str())
+                    .map_err(unavailable)?
+                    .is_some()
+                {
+                    return Ok(Err(Conflict::SpiffeIdTaken(rec.spiffe_id.to_string())));
+                }
+            }
+            Op::UpdateIdentity {
+                record,
+                expected_revision,
+            } => {
+                let Some(stored) = t.identities.get(record.id.as_str()).map_err(unavailable)?
+                else {
+                    return Ok(Err(Conflict::IdentityMissing(record.id.clone())));
+                };
+                let stored: IdentityRecord =
+                    serde_json::from_slice(stored.value()).map_err(|e| corrupt("identity", e))?;
+                if stored.revision != *expected_revision {
+                    return Ok(Err(Conflict::StaleRevision {
+                        id: record.id.clone(),
+                        expected: *expected_revision,
+                        found: stored.revision,
+                    }));
+                }
+                if stored.spiffe_id != record.spiffe_id {
+                    if let Some(owner) = t
+                        .spiffe
+                        .get(record.spiffe_id.as_str())
+                        .map_err(unavailable)?
+                    {
+                        if owner.value() != record.id {
+                            return Ok(Err(Conflict::SpiffeIdTaken(record.spiffe_id.to_string())));
+                        }
+                    }
+                }
+            }
+            Op::ConsumeJoinToken { hash, now } => {
+                let Some(stored) = t.tokens.get(hash.as_str()).map_err(unavailable)? else {
+                    return Ok(Err(Conflict::JoinTokenUnknown));
+                };
+                let rec: JoinTokenRecord =
+                    serde_json::from_slice(stored.value()).map_err(|e| corrupt("join token", e))?;
+                if rec.consumed_at.is_some() {
+                    return Ok(Err(Conflict::JoinTokenUsed));
+                }
+                if rec.expires_at <= *now {
+                    return Ok(Err(Conflict::JoinTokenExpired));
+                }
+            }
+            Op::PutJoinToken(_) | Op::PutKey(_) | Op::AppendLedger(_) => {}
+        }
+    }
+    Ok(Ok(()))
+}
+
+fn ledger_key(rec: &LedgerRecord) -> Result<Vec<u8>, StoreError> {
+    crate::model::credential_key(rec.kind, &rec.credential_id).ok_or_else(|| {
+        StoreError::Unavailable(format!(
+            "ledger record has a malformed credential id {:?}",
+            rec.credential_id
+        ))
+    })
+}
+
+fn write(t: &mut Tables<'_>, change: &Change) -> Result<(), StoreError> {
+    for op in &change.ops {
+        match op {
+            Op::CreateIdentity(rec) => {
+                t.identities
+                    .insert(rec.id.as_str(), to_json(rec).as_slice())
+                    .map_err(unavailable)?;
+                t.spiffe
+                    .insert(rec.spiffe_id.as_str(), rec.id.as_str())
+                    .map_err(unavailable)?;
+            }
+            Op::UpdateIdentity { record, .. } => {
+                let old = t
+                    .identities
+                    .insert(record.id.as_str(), to_json(record).as_slice())
+                    .map_err(unavailable)?
+                    .map(|g| g.value().to_vec());
+                if let Some(old) = old {
+                    let old: IdentityRecord =
+                        serde_json::from_slice(&old).map_err(|e| corrupt("identity", e))?;
+                    if old.spiffe_id != record.spiffe_id {
+                        t.spiffe
+                            .remove(old.spiffe_id.as_str())
+                            .map_err(unavailable)?;
+                        t.spiffe
+                            .insert(record.spiffe_id.as_str(), record.id.as_str())
+                            .map_err(unavailable)?;
+                    }
+                }
+            }
+            Op::PutJoinToken(rec) => {
+                t.tokens
+                    .insert(rec.hash.as_str(), to_json(rec).as_slice())
+                    .map_err(unavailable)?;
+            }
+            Op::ConsumeJoinToken { hash, now } => {
+                let stored = t
+                    .tokens
+                    .get(hash.as_str())
+                    .map_err(unavailable)?
+                    .map(|g| g.value().to_vec());
+                if let Some(bytes) = stored {
+                    let mut rec: JoinTokenRecord =
+                        serde_json::from_slice(&bytes).map_err(|e| corrupt("join token", e))?;
+                    rec.consumed_at = Some(*now);
+                    t.tokens
+                        .insert(hash.as_str(), to_json(&rec).as_slice())
+                        .map_err(unavailable)?;
+                }
+            }
+            Op::PutKey(rec) => {
+                t.keys
+                    .insert(rec.id.as_str(), to_json(rec).as_slice())
+                    .map_err(unavailable)?;
+            }
+            Op::AppendLedger(rec) => {
+                let key = ledger_key(rec)?;
+                t.ledger
+                    .insert(key.as_slice(), to_json(rec).as_slice())
+                    .map_err(unavailable)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Store for RedbStore {
+    async fn commit(&self, change: Change) -> Result<Committed, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        {
+            let tx = self.tx.load();
+            let tx = tx.as_ref().ok_or(StoreError::Closed)?;
+            tx.send(Job { change, reply })
+                .map_err(|_| StoreError::Closed)?;
+        }
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn meta(&self) -> Result<StoreMeta, StoreError> {
+        self.read(|db| {
+            let r = db.begin_read().map_err(unavailable)?;
+            let m = r.open_table(META).map_err(unavailable)?;
+            let v = m
+                .get(META_INFO)
+                .map_err(unavailable)?
+                .ok_or_else(|| corrupt("meta", "missing"))?;
+            serde_json::from_slice(v.value()).map_err(|e| corrupt("store_meta", e))
+        })
+        .await
+    }
+
+    async fn identities(&self) -> Result<Vec<IdentityRecord>, StoreError> {
+        self.read(|db| {
+            let r = db.begin_read().map_err(unavailable)?;
+            let t = r.open_table(IDENTITIES).map_err(unavailable)?;
+            let mut out = Vec::new();
+            for item in t.iter().map_err(unavailable)? {
+                let (_, v) = item.map_err(unavailable)?;
+                out.push(serde_json::from_slice(v.value()).map_err(|e| corrupt("identity", e))?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn join_token(&self, hash: &str) -> Result<Option<JoinTokenRecord>, StoreError> {
+        let hash = hash.to_owned();
+        self.read(move |db| {
+            let r = db.begin_read().map_err(unavailable)?;
+            let t = r.open_table(JOIN_TOKENS).map_err(unavailable)?;
+            match t.get(hash.as_str()).map_err(unavailable)? {
+                Some(v) => Ok(Some(
+                    serde_json::from_slice(v.value()).map_err(|e| corrupt("join token", e))?,
+                )),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        self.read(|db| {
+            let r = db.begin_read().map_err(unavailable)?;
+            let t = r.open_table(KEYS).map_err(unavailable)?;
+            let mut out = Vec::new();
+            for item in t.iter().map_err(unavailable)? {
+                let (_, v) = item.map_err(unavailable)?;
+                out.push(serde_json::from_slice(v.value()).map_err(|e| corrupt("key", e))?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn ledger_record(
+        &self,
+        credential_id: &[u8],
+    ) -> Result<Option<LedgerRecord>, StoreError> {
+        let id = credential_id.to_vec();
+        self.read(move |db| {
+            let r = db.begin_read().map_err(unavailable)?;
+            let t = r.open_table(LEDGER).map_err(unavailable)?;
+            match t.get(id.as_slice()).map_err(unavailable)? {
+                Some(v) => Ok(Some(
+                    serde_json::from_slice(v.value()).map_err(|e| corrupt("ledger record", e))?,
+                )),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn ledger_len(&self) -> Result<u64, StoreError> {
+        self.read(|db| {
+            let r = db.begin_read().map_err(unavailable)?;
+            let t = r.open_table(LEDGER).map_err(unavailable)?;
+            t.len().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn audit_entries(
+        &self,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.read(move |db| {
+            let r = db.begin_read().map_err(unavailable)?;
+            let t = r.open_table(AUDIT).map_err(unavailable)?;
+            let mut out = Vec::new();
+            for item in t.range(from_seq..).map_err(unavailable)?.take(limit) {
+                let (k, v) = item.map_err(unavailable)?;
+                out.push((k.value(), v.value().to_vec()));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn close(&self) {
+        self.tx.store(None);
+        let handle = self.writer.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle {
+            // The writer finishes what is queued, then exits because no sender is left.
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+    }
+}
+
+/// Reads every audit entry of a store file directly, without a running broker. For
+/// `sigil audit verify` on a stopped broker's data dir (or a copy of it).
+pub fn read_audit_file(path: &Path) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    let db = Database::builder()
+        .open_read_only(path)
+        .map_err(|e| open_error(path, e))?;
+    let r = db.begin_read().map_err(unavailable)?;
+    let t = r.open_table(AUDIT).map_err(unavailable)?;
+    let mut out = Vec::new();
+    for item in t.iter().map_err(unavailable)? {
+        let (k, v) = item.map_err(unavailable)?;
+        out.push((k.value(), v.value().to_vec()));
+    }
+    Ok(out)
+}

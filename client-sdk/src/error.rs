@@ -1,0 +1,178 @@
+//! SDK errors, sorted by what the caller should do about them.
+
+use std::fmt;
+
+use tonic::Code;
+
+/// What to do about an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// Transient (broker unreachable, overloaded, could not commit): keep the current
+    /// credential and retry with backoff.
+    Retryable,
+    /// The broker no longer accepts this workload's proof (certificate expired or revoked,
+    /// token used): attest again with fresh evidence.
+    Reattest,
+    /// Retrying will not help (denied by a gate, bad request, misconfiguration).
+    Fatal,
+}
+
+/// An SDK error. The message is the broker's (or the SDK's) plain-words explanation.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SdkError {
+    kind: ErrorKind,
+    code: Option<Code>,
+    message: String,
+    gate: Option<String>,
+    request_id: Option<String>,
+}
+
+impl SdkError {
+    /// A new error.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        SdkError {
+            kind,
+            code: None,
+            message: message.into(),
+            gate: None,
+            request_id: None,
+        }
+    }
+
+    /// What to do about it.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The gRPC code, when the broker answered.
+    pub fn code(&self) -> Option<Code> {
+        self.code
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Which gate refused (`gate1.identity_proof`, ...), for denials.
+    pub fn gate(&self) -> Option<&str> {
+        self.gate.as_deref()
+    }
+
+    /// The broker's request id (also in its audit log).
+    pub fn request_id(&self) -> Option<&str> {
+        self.request_id.as_deref()
+    }
+
+    pub(crate) fn fatal(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Fatal, message)
+    }
+}
+
+impl fmt::Display for SdkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.code {
+            Some(c) => write!(f, "{}: {}", code_name(c), self.message)?,
+            None => f.write_str(&self.message)?,
+        }
+        if let Some(r) = &self.request_id {
+            write!(f, " [request id {r}]")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for SdkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SdkError")
+            .field("kind", &self.kind)
+            .field("code", &self.code)
+            .field("message", &self.message)
+            .field("gate", &self.gate)
+            .finish()
+    }
+}
+
+impl std::error::Error for SdkError {}
+
+fn code_name(c: Code) -> &'static str {
+    match c {
+        Code::Unauthenticated => "unauthenticated",
+        Code::PermissionDenied => "permission denied",
+        Code::InvalidArgument => "invalid argument",
+        Code::NotFound => "not found",
+        Code::AlreadyExists => "already exists",
+        Code::FailedPrecondition => "failed precondition",
+        Code::Unavailable => "unavailable",
+        Code::DeadlineExceeded => "deadline exceeded",
+        Code::ResourceExhausted => "resource exhausted",
+        Code::Internal => "internal",
+        _ => "error",
+    }
+}
+
+impl From<tonic::Status> for SdkError {
+    fn from(s: tonic::Status) -> Self {
+        let kind = match s.code() {
+            Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::ResourceExhausted
+            | Code::Aborted
+            | Code::Unknown
+            | Code::Internal
+            | Code::Cancelled => ErrorKind::Retryable,
+            Code::Unauthenticated => ErrorKind::Reattest,
+            _ => ErrorKind::Fatal,
+        };
+        let meta = |k: &str| {
+            s.metadata()
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        // Transport failures come back as Unavailable/Unknown with the cause in the source.
+        let mut message = s.message().to_owned();
+        if message.is_empty() {
+            message = format!("{s}");
+        }
+        SdkError {
+            kind,
+            code: Some(s.code()),
+            gate: meta("sigil-gate"),
+            request_id: meta("sigil-request-id"),
+            message,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_sort_into_what_to_do() {
+        assert_eq!(
+            SdkError::from(tonic::Status::unavailable("x")).kind(),
+            ErrorKind::Retryable
+        );
+        assert_eq!(
+            SdkError::from(tonic::Status::unauthenticated("x")).kind(),
+            ErrorKind::Reattest
+        );
+        assert_eq!(
+            SdkError::from(tonic::Status::permission_denied("x")).kind(),
+            ErrorKind::Fatal
+        );
+        let mut s =
+            tonic::Status::permission_denied("denied by gate 2 (entitlement scope): audience");
+        s.metadata_mut()
+            .insert("sigil-gate", "gate2.entitlement_scope".parse().unwrap());
+        let e = SdkError::from(s);
+        assert_eq!(e.gate(), Some("gate2.entitlement_scope"));
+        assert!(
+            e.to_string()
+                .starts_with("permission denied: denied by gate 2")
+        );
+    }
+}

@@ -1,0 +1,189 @@
+//! Connections to the broker: gRPC over rustls with the trust bundle as the only roots, and an
+//! optional client certificate that can be swapped without rebuilding the config.
+//!
+//! TLS is always done here, by our connector, never by tonic: tonic is given an `http://`
+//! endpoint so no tonic feature set (which an application may change) can skip or double it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use hyper_util::rt::TokioIo;
+use rustls::RootCertStore;
+use rustls::client::ResolvesClientCert;
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::SdkError;
+
+/// Where the broker is.
+#[derive(Debug, Clone)]
+pub struct BrokerTarget {
+    host: String,
+    port: u16,
+    server_name: ServerName<'static>,
+}
+
+impl BrokerTarget {
+    /// Parses `https://host:port` (or `host:port`). Plain `http://` is refused: the broker
+    /// only speaks TLS.
+    pub fn parse(url: &str) -> Result<Self, SdkError> {
+        let url = url.trim().trim_end_matches('/');
+        let rest = if let Some(r) = url.strip_prefix("https://") {
+            r
+        } else if url.starts_with("http://") {
+            return Err(SdkError::fatal(format!(
+                "broker URL {url:?} uses http://; the broker only speaks TLS, use https://"
+            )));
+        } else {
+            url
+        };
+        let uri: Uri = format!("https://{rest}")
+            .parse()
+            .map_err(|e| SdkError::fatal(format!("broker URL {url:?} is not valid: {e}")))?;
+        let host = uri
+            .host()
+            .ok_or_else(|| SdkError::fatal(format!("broker URL {url:?} has no host")))?;
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = uri.port_u16().unwrap_or(443);
+        let server_name = ServerName::try_from(host.clone()).map_err(|_| {
+            SdkError::fatal(format!(
+                "broker host {host:?} is not a valid DNS name or IP address"
+            ))
+        })?;
+        Ok(BrokerTarget {
+            host,
+            port,
+            server_name,
+        })
+    }
+}
+
+/// Roots from PEM text (a `bundle.pem`).
+pub fn roots_from_pem(pem: &[u8]) -> Result<Arc<RootCertStore>, SdkError> {
+    let certs = sigil_pki::certs_from_pem(pem)
+        .map_err(|e| SdkError::fatal(format!("trust bundle: {e}")))?;
+    roots_from_der(&certs)
+}
+
+/// Roots from DER certificates.
+pub fn roots_from_der(certs: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, SdkError> {
+    let mut roots = RootCertStore::empty();
+    for c in certs {
+        roots
+            .add(c.clone())
+            .map_err(|e| SdkError::fatal(format!("trust bundle certificate refused: {e}")))?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// A client certificate slot; empty until the workload has an SVID.
+#[derive(Debug, Default)]
+pub struct ClientCertSlot(ArcSwapOption<CertifiedKey>);
+
+impl ClientCertSlot {
+    /// Presents `chain` + `pkcs8` from the next handshake on.
+    pub fn set(&self, chain: Vec<CertificateDer<'static>>, pkcs8: &[u8]) -> Result<(), SdkError> {
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
+        let key = provider
+            .key_provider
+            .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+                pkcs8.to_vec(),
+            )))
+            .map_err(|e| SdkError::fatal(format!("client key: {e}")))?;
+        self.0.store(Some(Arc::new(CertifiedKey::new(chain, key))));
+        Ok(())
+    }
+}
+
+impl ResolvesClientCert for ClientCertSlot {
+    fn resolve(
+        &self,
+        _hints: &[&[u8]],
+        _schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.0.load_full()
+    }
+
+    fn has_certs(&self) -> bool {
+        self.0.load().is_some()
+    }
+}
+
+/// A rustls client config trusting only `roots`, presenting whatever `client` holds.
+pub fn client_config(
+    roots: Arc<RootCertStore>,
+    client: Option<Arc<dyn ResolvesClientCert>>,
+) -> Result<Arc<rustls::ClientConfig>, SdkError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let b = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| SdkError::fatal(format!("TLS setup: {e}")))?
+        .with_root_certificates(roots);
+    let mut cfg = match client {
+        Some(c) => b.with_client_cert_resolver(c),
+        None => b.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// A lazily-connecting channel to `target` over `tls`.
+pub fn channel(
+    target: &BrokerTarget,
+    tls: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+) -> Result<Channel, SdkError> {
+    let authority = match target.server_name {
+        ServerName::IpAddress(rustls_pki_types::IpAddr::V6(_)) => {
+            format!("[{}]:{}", target.host, target.port)
+        }
+        _ => format!("{}:{}", target.host, target.port),
+    };
+    let endpoint = Endpoint::from_shared(format!("http://{authority}"))
+        .map_err(|e| SdkError::fatal(format!("broker address {authority}: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let target = target.clone();
+    let connector = tower::service_fn(move |_: Uri| {
+        let tls = tls.clone();
+        let target = target.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect((target.host.as_str(), target.port)).await?;
+            tcp.set_nodelay(true)?;
+            let stream = tokio_rustls::TlsConnector::from(tls)
+                .connect(target.server_name.clone(), tcp)
+                .await?;
+            Ok::<_, std::io::Error>(TokioIo::new(stream))
+        }
+    });
+    Ok(endpoint.connect_with_connector_lazy(connector))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls_parse_and_http_is_refused() {
+        let t = BrokerTarget::parse("https://127.0.0.1:8443").unwrap();
+        assert_eq!((t.host.as_str(), t.port), ("127.0.0.1", 8443));
+        let t = BrokerTarget::parse("broker.internal:9000").unwrap();
+        assert!(matches!(t.server_name, ServerName::DnsName(_)));
+        let t = BrokerTarget::parse("https://[::1]:8443/").unwrap();
+        assert_eq!(t.host, "::1");
+        assert!(
+            BrokerTarget::parse("http://127.0.0.1:8443")
+                .unwrap_err()
+                .to_string()
+                .contains("only speaks TLS")
+        );
+    }
+}

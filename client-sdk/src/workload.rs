@@ -1,0 +1,359 @@
+//! [`WorkloadClient`]: attest, then fetch and renew credentials over mutual TLS.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use rustls::RootCertStore;
+use rustls_pki_types::{CertificateDer, UnixTime};
+use sigil_pki::{EcKey, SecretString, SpiffeBundle, SpiffeId, TrustDomain};
+use sigil_proto::v1 as pb;
+use tonic::transport::Channel;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::transport::{self, BrokerTarget, ClientCertSlot};
+use crate::{Credentials, ErrorKind, Grant, JwtSvid, SdkError, TrustBundle, X509Svid};
+
+type BrokerClient = pb::broker_client::BrokerClient<Channel>;
+
+/// How to reach the broker.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `https://host:port`.
+    pub broker_url: String,
+    /// PEM roots to trust (the `bundle.pem` an operator handed out).
+    pub trust_bundle_pem: Vec<u8>,
+    /// Per-call deadline.
+    pub timeout: Duration,
+}
+
+impl ClientConfig {
+    /// A config with a 10 s deadline.
+    pub fn new(broker_url: impl Into<String>, trust_bundle_pem: impl Into<Vec<u8>>) -> Self {
+        ClientConfig {
+            broker_url: broker_url.into(),
+            trust_bundle_pem: trust_bundle_pem.into(),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Evidence a workload presents.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Evidence {
+    /// A one-time join token.
+    JoinToken(SecretString),
+}
+
+/// A JWT-SVID wanted.
+#[derive(Debug, Clone, Default)]
+pub struct JwtRequest {
+    /// Audiences (at least one).
+    pub audiences: Vec<String>,
+    /// Scopes.
+    pub scopes: Vec<String>,
+    /// Lifetime; `None` for the broker's default.
+    pub ttl: Option<Duration>,
+}
+
+impl JwtRequest {
+    /// A request for one audience.
+    pub fn audience(aud: impl Into<String>) -> Self {
+        JwtRequest {
+            audiences: vec![aud.into()],
+            ..Default::default()
+        }
+    }
+}
+
+/// What to ask for when attesting and renewing.
+#[derive(Debug, Clone, Default)]
+pub struct SvidOptions {
+    /// X.509-SVID lifetime; `None` for the broker's default.
+    pub ttl: Option<Duration>,
+    /// DNS SANs (must be in the identity's entitlements).
+    pub dns_names: Vec<String>,
+}
+
+/// A workload's connection to the broker. Cheap to clone; clones share state.
+#[derive(Debug, Clone)]
+pub struct WorkloadClient {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    target: BrokerTarget,
+    roots: Arc<RootCertStore>,
+    root_certs: Vec<CertificateDer<'static>>,
+    timeout: Duration,
+    anon: BrokerClient,
+    cert_slot: Arc<ClientCertSlot>,
+    mtls: ArcSwapOption<BrokerClient>,
+    svid: ArcSwapOption<X509Svid>,
+    bundle: ArcSwapOption<TrustBundle>,
+    options: std::sync::Mutex<SvidOptions>,
+}
+
+fn ttl_secs(d: Option<Duration>) -> u32 {
+    d.map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
+        .unwrap_or(0)
+}
+
+fn grant(g: Option<pb::Grant>) -> Grant {
+    g.map(|g| Grant {
+        ttl_seconds: g.ttl_seconds,
+        ttl_clamped: g.ttl_clamped,
+        notice: g.notice,
+    })
+    .unwrap_or_default()
+}
+
+fn jwt_req(r: &JwtRequest) -> pb::JwtRequest {
+    pb::JwtRequest {
+        audiences: r.audiences.clone(),
+        scopes: r.scopes.clone(),
+        ttl_seconds: ttl_secs(r.ttl),
+    }
+}
+
+fn bad_reply(what: &str) -> SdkError {
+    SdkError::new(
+        ErrorKind::Retryable,
+        format!("the broker's reply is malformed: {what}"),
+    )
+}
+
+impl WorkloadClient {
+    /// Prepares a connection (made lazily on the first call).
+    pub fn new(cfg: ClientConfig) -> Result<Self, SdkError> {
+        let target = BrokerTarget::parse(&cfg.broker_url)?;
+        let root_certs = sigil_pki::certs_from_pem(&cfg.trust_bundle_pem)
+            .map_err(|e| SdkError::fatal(format!("trust bundle: {e}")))?;
+        let roots = transport::roots_from_der(&root_certs)?;
+        let anon = BrokerClient::new(transport::channel(
+            &target,
+            transport::client_config(roots.clone(), None)?,
+            cfg.timeout,
+        )?);
+        Ok(WorkloadClient {
+            inner: Arc::new(Inner {
+                target,
+                roots,
+                root_certs,
+                timeout: cfg.timeout,
+                anon,
+                cert_slot: Arc::new(ClientCertSlot::default()),
+                mtls: ArcSwapOption::empty(),
+                svid: ArcSwapOption::empty(),
+                bundle: ArcSwapOption::empty(),
+                options: std::sync::Mutex::new(SvidOptions::default()),
+            }),
+        })
+    }
+
+    /// Attests with `evidence`, generating a fresh P-256 key locally (it is never sent), and
+    /// returns the first X.509-SVID, the bundle and any JWT-SVIDs asked for.
+    pub async fn attest(
+        &self,
+        evidence: Evidence,
+        options: SvidOptions,
+        jwts: &[JwtRequest],
+    ) -> Result<Credentials, SdkError> {
+        let (key, csr) = new_key_and_csr()?;
+        let req = pb::AttestRequest {
+            evidence: Some(pb::Evidence {
+                kind: Some(match evidence {
+                    Evidence::JoinToken(t) => {
+                        pb::evidence::Kind::JoinToken(pb::JoinTokenEvidence {
+                            token: t.expose_secret().to_owned(),
+                        })
+                    }
+                }),
+            }),
+            csr,
+            ttl_seconds: ttl_secs(options.ttl),
+            dns_names: options.dns_names.clone(),
+            jwts: jwts.iter().map(jwt_req).collect(),
+        };
+        let resp = self.inner.anon.clone().attest(req).await?.into_inner();
+        let bundle = self.accept_bundle(resp.bundle.ok_or_else(|| bad_reply("no bundle"))?)?;
+        let svid = self.accept_svid(resp.svid.ok_or_else(|| bad_reply("no svid"))?, &key)?;
+        if let Ok(mut o) = self.inner.options.lock() {
+            *o = options;
+        }
+        let jwts = resp
+            .jwts
+            .into_iter()
+            .map(jwt_svid)
+            .collect::<Result<_, _>>()?;
+        Ok(Credentials { svid, bundle, jwts })
+    }
+
+    /// Renews the X.509-SVID with a fresh key, proving the identity with the current one.
+    pub async fn renew_x509_svid(&self) -> Result<Arc<X509Svid>, SdkError> {
+        let (key, csr) = new_key_and_csr()?;
+        let options = self
+            .inner
+            .options
+            .lock()
+            .map(|o| o.clone())
+            .unwrap_or_default();
+        let req = pb::MintX509SvidRequest {
+            csr,
+            ttl_seconds: ttl_secs(options.ttl),
+            dns_names: options.dns_names,
+        };
+        let resp = self.mtls()?.mint_x509_svid(req).await?.into_inner();
+        self.accept_svid(resp.svid.ok_or_else(|| bad_reply("no svid"))?, &key)
+    }
+
+    /// Mints a JWT-SVID for this workload.
+    pub async fn fetch_jwt_svid(&self, req: &JwtRequest) -> Result<JwtSvid, SdkError> {
+        let resp = self
+            .mtls()?
+            .mint_jwt_svid(pb::MintJwtSvidRequest {
+                request: Some(jwt_req(req)),
+            })
+            .await?
+            .into_inner();
+        jwt_svid(resp.svid.ok_or_else(|| bad_reply("no svid"))?)
+    }
+
+    /// Fetches the current trust bundle.
+    pub async fn fetch_bundle(&self) -> Result<Arc<TrustBundle>, SdkError> {
+        let resp = self
+            .inner
+            .anon
+            .clone()
+            .fetch_bundle(pb::FetchBundleRequest {})
+            .await?
+            .into_inner();
+        self.accept_bundle(resp.bundle.ok_or_else(|| bad_reply("no bundle"))?)
+    }
+
+    /// The current X.509-SVID.
+    pub fn x509_svid(&self) -> Option<Arc<X509Svid>> {
+        self.inner.svid.load_full()
+    }
+
+    /// The current bundle.
+    pub fn bundle(&self) -> Option<Arc<TrustBundle>> {
+        self.inner.bundle.load_full()
+    }
+
+    fn mtls(&self) -> Result<BrokerClient, SdkError> {
+        self.inner
+            .mtls
+            .load_full()
+            .map(|c| (*c).clone())
+            .ok_or_else(|| SdkError::new(ErrorKind::Reattest, "no X.509-SVID yet: attest first"))
+    }
+
+    fn accept_bundle(&self, b: pb::Bundle) -> Result<Arc<TrustBundle>, SdkError> {
+        let td: TrustDomain = b
+            .trust_domain
+            .parse()
+            .map_err(|_| bad_reply("bad trust domain"))?;
+        let bundle = SpiffeBundle::from_json(td, &b.spiffe_bundle_json)
+            .map_err(|e| bad_reply(&e.to_string()))?;
+        let tb = Arc::new(TrustBundle {
+            bundle,
+            json: b.spiffe_bundle_json,
+        });
+        self.inner.bundle.store(Some(tb.clone()));
+        Ok(tb)
+    }
+
+    /// Checks an SVID before publishing it: the leaf carries our key and one SPIFFE ID, and the
+    /// chain verifies to our roots. A bad reply never replaces a good credential.
+    fn accept_svid(&self, s: pb::X509Svid, key: &EcKey) -> Result<Arc<X509Svid>, SdkError> {
+        let chain: Vec<CertificateDer<'static>> =
+            s.cert_chain.into_iter().map(CertificateDer::from).collect();
+        let leaf = chain
+            .first()
+            .ok_or_else(|| bad_reply("empty certificate chain"))?;
+        let (_, parsed) =
+            X509Certificate::from_der(leaf).map_err(|_| bad_reply("leaf is not X.509"))?;
+        if parsed.public_key().subject_public_key.data.as_ref() != key.public_point() {
+            return Err(bad_reply(
+                "the certificate is not for the key this client generated",
+            ));
+        }
+        let spiffe_id: SpiffeId = s
+            .spiffe_id
+            .parse()
+            .map_err(|_| bad_reply("bad SPIFFE ID"))?;
+        let ee =
+            webpki::EndEntityCert::try_from(leaf).map_err(|_| bad_reply("leaf does not parse"))?;
+        let anchors: Vec<_> = self
+            .inner
+            .root_certs
+            .iter()
+            .filter_map(|c| webpki::anchor_from_trusted_cert(c).ok())
+            .collect();
+        ee.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &anchors,
+            &chain[1..],
+            UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| {
+            bad_reply(&format!(
+                "certificate chain does not verify against the trust bundle: {e}"
+            ))
+        })?;
+        let pkcs8 = key.to_pkcs8().map_err(|e| SdkError::fatal(e.to_string()))?;
+        let svid = Arc::new(X509Svid {
+            spiffe_id,
+            cert_chain: chain,
+            private_key: pkcs8,
+            serial: s.serial,
+            expires_at: s.expires_at,
+            generation: s.generation,
+            grant: grant(s.grant),
+        });
+        self.publish(svid.clone())?;
+        Ok(svid)
+    }
+
+    fn publish(&self, svid: Arc<X509Svid>) -> Result<(), SdkError> {
+        self.inner
+            .cert_slot
+            .set(svid.cert_chain.clone(), svid.private_key.expose_secret())?;
+        // A new channel so the next call handshakes with the new certificate; calls in flight
+        // finish on the old connection.
+        let resolver: Arc<dyn rustls::client::ResolvesClientCert> = self.inner.cert_slot.clone();
+        let tls = transport::client_config(self.inner.roots.clone(), Some(resolver))?;
+        let ch = transport::channel(&self.inner.target, tls, self.inner.timeout)?;
+        self.inner.mtls.store(Some(Arc::new(BrokerClient::new(ch))));
+        self.inner.svid.store(Some(svid));
+        Ok(())
+    }
+}
+
+fn new_key_and_csr() -> Result<(EcKey, Vec<u8>), SdkError> {
+    let key = EcKey::generate().map_err(|e| SdkError::fatal(e.to_string()))?;
+    let csr =
+        sigil_pki::csr::request_for(&key).map_err(|e| SdkError::fatal(format!("CSR: {e}")))?;
+    Ok((key, csr))
+}
+
+fn jwt_svid(s: pb::JwtSvid) -> Result<JwtSvid, SdkError> {
+    Ok(JwtSvid {
+        token: SecretString::new(s.token),
+        spiffe_id: s
+            .spiffe_id
+            .parse()
+            .map_err(|_| bad_reply("bad SPIFFE ID"))?,
+        audiences: s.audiences,
+        scopes: s.scopes,
+        jti: s.jti,
+        expires_at: s.expires_at,
+        grant: grant(s.grant),
+    })
+}
