@@ -350,6 +350,23 @@ impl Broker {
         Ok((token, rec, identity))
     }
 
+    /// A ledger record by serial (hex) or `jti`.
+    pub async fn credential(&self, id: &str) -> Result<crate::model::LedgerRecord, BrokerError> {
+        let id = id.trim();
+        let keys = [
+            crate::model::credential_key(crate::model::CredentialKind::X509, id),
+            crate::model::credential_key(crate::model::CredentialKind::Jwt, id),
+        ];
+        for key in keys.into_iter().flatten() {
+            if let Some(r) = self.store.ledger_record(&key).await? {
+                return Ok(r);
+            }
+        }
+        Err(BrokerError::NotFound(format!(
+            "no credential {id:?} in the ledger (serials are hex; jtis as issued)"
+        )))
+    }
+
     /// Stored audit entries (JSON) from `from_seq`.
     pub async fn audit_entries(
         &self,

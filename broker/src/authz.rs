@@ -237,13 +237,13 @@ impl Gate for IdentityProof {
                 rec.owner
             ));
         }
-        if let Some(g) = ctx.presented_generation {
-            if g != rec.generation {
-                return Err(format!(
-                    "the presented certificate is from generation {g} but identity {} is at generation {} (its credentials were revoked); attest again",
-                    rec.spiffe_id, rec.generation
-                ));
-            }
+        if let Some(g) = ctx.presented_generation
+            && g != rec.generation
+        {
+            return Err(format!(
+                "the presented certificate is from generation {g} but identity {} is at generation {} (its credentials were revoked); attest again",
+                rec.spiffe_id, rec.generation
+            ));
         }
         Ok(())
     }

@@ -311,6 +311,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_in_deploy_parses_and_validates() {
+        let text = include_str!("../../deploy/sigil.toml");
+        let c = Config::parse(text, "deploy/sigil.toml").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.server_names, vec!["localhost", "sigil.internal"]);
+    }
+
+    #[test]
     fn errors_name_the_file_line_and_field() {
         let e = Config::parse("listen = \"127.0.0.1:9000\"\nbogus = 1\n", "sigil.toml")
             .unwrap_err()

@@ -68,6 +68,8 @@ pub struct KeyRing {
 }
 
 impl KeyRing {
+    // Private; called from `generate` and `load` only, each with every part by name.
+    #[allow(clippy::too_many_arguments)]
     fn assemble(
         td: &TrustDomain,
         root: CertificateAuthority,

@@ -63,7 +63,7 @@ pub fn to_hex(bytes: &[u8]) -> String {
 /// Parses hex (either case, optional `:` separators as `openssl` prints them).
 pub fn from_hex(s: &str) -> Option<Vec<u8>> {
     let clean: Vec<u8> = s.bytes().filter(|b| *b != b':').collect();
-    if clean.len() % 2 != 0 || clean.is_empty() {
+    if !clean.len().is_multiple_of(2) || clean.is_empty() {
         return None;
     }
     clean

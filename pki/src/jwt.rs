@@ -304,10 +304,10 @@ pub fn verify(
     let sub: SpiffeId = sub
         .parse()
         .map_err(|e: crate::SpiffeIdError| JwtError::BadSubject(e.to_string()))?;
-    if let Some(td) = opts.trust_domain {
-        if !sub.is_member_of(td) {
-            return Err(JwtError::BadSubject(format!("{sub} is not in {td}")));
-        }
+    if let Some(td) = opts.trust_domain
+        && !sub.is_member_of(td)
+    {
+        return Err(JwtError::BadSubject(format!("{sub} is not in {td}")));
     }
     let aud: Vec<String> = match claims.get("aud") {
         Some(Value::String(a)) => vec![a.clone()],
@@ -342,15 +342,15 @@ pub fn verify(
             now,
         });
     }
-    if let Some(nbf) = nbf {
-        if now + skew < nbf {
-            return Err(JwtError::NotYetValid(nbf));
-        }
+    if let Some(nbf) = nbf
+        && now + skew < nbf
+    {
+        return Err(JwtError::NotYetValid(nbf));
     }
-    if let Some(want) = opts.audience {
-        if !aud.iter().any(|a| a == want) {
-            return Err(JwtError::WrongAudience(want.to_owned()));
-        }
+    if let Some(want) = opts.audience
+        && !aud.iter().any(|a| a == want)
+    {
+        return Err(JwtError::WrongAudience(want.to_owned()));
     }
     let jti = match claims.get("jti") {
         None => String::new(),
@@ -398,17 +398,12 @@ pub fn verify(
     })
 }
 
+/// A JSON object.
+pub type JsonObject = serde_json::Map<String, Value>;
+
 /// Reads the header and claims of a token without checking anything. For diagnostics and for
 /// finding which key to check with; never trust the result.
-pub fn peek_unverified(
-    token: &str,
-) -> Result<
-    (
-        serde_json::Map<String, Value>,
-        serde_json::Map<String, Value>,
-    ),
-    JwtError,
-> {
+pub fn peek_unverified(token: &str) -> Result<(JsonObject, JsonObject), JwtError> {
     if token.len() > MAX_JWT_LEN {
         return Err(JwtError::TooLong(token.len()));
     }

@@ -1,1 +1,329 @@
-//! placeholder
+//! End-to-end test harness: a real broker on loopback (real TLS, a real redb file in a temp
+//! dir), driven through the real SDK and the real admin API.
+//!
+//! Layout:
+//! - [`TestBroker`]: init a data dir, start the broker in-process on `127.0.0.1:0`, restart it,
+//!   stop it; helpers to create identities and join tokens and to read the audit log.
+//! - [`raw`]: hand-built gRPC clients for requests the SDK would never send (greedy CSRs).
+//! - [`openssl`]: cross-checks with the `openssl` command line.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use sigil_broker::clock::{Clock, SystemClock};
+use sigil_broker::seal::MasterKey;
+use sigil_broker::server::{RunningBroker, StartOptions};
+use sigil_proto::v1 as pb;
+use sigil_proto::v1::admin_client::AdminClient;
+use sigil_sdk::{ClientConfig, Credentials, Evidence, JwtRequest, SvidOptions, WorkloadClient};
+use tonic::transport::Channel;
+
+/// The trust domain of every test broker.
+pub const TD: &str = "example.org";
+
+/// A broker with its own data dir.
+#[derive(Debug)]
+pub struct TestBroker {
+    /// Keeps the temp dir alive.
+    pub dir: tempfile::TempDir,
+    /// The data dir inside it.
+    pub data: PathBuf,
+    /// The master key it was created with.
+    pub master: MasterKey,
+    /// The clock it runs on.
+    pub clock: Arc<dyn Clock>,
+    running: Option<RunningBroker>,
+    /// `https://127.0.0.1:PORT`.
+    pub url: String,
+    /// The trust bundle (PEM).
+    pub bundle_pem: Vec<u8>,
+}
+
+impl TestBroker {
+    /// A new broker on the system clock.
+    pub async fn start() -> Self {
+        Self::start_with_clock(Arc::new(SystemClock)).await
+    }
+
+    /// A new broker on `clock`.
+    pub async fn start_with_clock(clock: Arc<dyn Clock>) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("data");
+        let master = MasterKey::generate();
+        sigil_broker::init::init(
+            sigil_broker::init::InitOptions {
+                data_dir: data.clone(),
+                trust_domain: TD.parse().expect("td"),
+                listen: Some(([127, 0, 0, 1], 0).into()),
+                http_listen: Some(Some(([127, 0, 0, 1], 0).into())),
+                operator: "admin".into(),
+                operator_ttl: Duration::from_secs(86400),
+                master_key: Some(master.clone()),
+            },
+            clock.as_ref(),
+        )
+        .await
+        .expect("init");
+        let bundle_pem = std::fs::read(data.join("bundle.pem")).expect("bundle.pem");
+        let mut b = TestBroker {
+            dir,
+            data,
+            master,
+            clock,
+            running: None,
+            url: String::new(),
+            bundle_pem,
+        };
+        b.boot().await.expect("start");
+        b
+    }
+
+    /// Starts the broker on the existing data dir with `master`.
+    pub async fn boot_with(
+        &mut self,
+        master: MasterKey,
+    ) -> Result<(), sigil_broker::server::StartError> {
+        let cfg = sigil_broker::config::Config::load(&self.data).expect("config");
+        let running = sigil_broker::server::start(
+            cfg,
+            master,
+            StartOptions {
+                clock: self.clock.clone(),
+            },
+        )
+        .await?;
+        self.url = running.url();
+        self.running = Some(running);
+        Ok(())
+    }
+
+    async fn boot(&mut self) -> Result<(), sigil_broker::server::StartError> {
+        self.boot_with(self.master.clone()).await
+    }
+
+    /// Stops the broker (clean shutdown).
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+
+    /// Stops and starts again on the same data dir (a new port).
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.boot().await.expect("restart");
+    }
+
+    /// The running broker.
+    pub fn running(&self) -> &RunningBroker {
+        self.running.as_ref().expect("broker is running")
+    }
+
+    /// An admin client with the operator credential `init` wrote.
+    pub fn admin(&self) -> AdminClient<Channel> {
+        let cert = std::fs::read(self.data.join("admin/admin.crt")).expect("admin cert");
+        let key = std::fs::read(self.data.join("admin/admin.key")).expect("admin key");
+        sigil_sdk::connect_admin(&self.url, &self.bundle_pem, &cert, &key).expect("admin client")
+    }
+
+    /// Registers `spiffe://example.org/<path>` (x509 + jwt, audience `db`, scope `read`,
+    /// DNS `app.internal`, max TTL 1h), after `edit` has had its say.
+    pub async fn identity(
+        &self,
+        path: &str,
+        edit: impl FnOnce(&mut pb::CreateIdentityRequest),
+    ) -> pb::Identity {
+        let mut req = pb::CreateIdentityRequest {
+            spiffe_id: format!("spiffe://{TD}/{path}"),
+            owner: "team-test".into(),
+            purpose: "end-to-end test".into(),
+            labels: Default::default(),
+            selectors: Vec::new(),
+            entitlements: Some(pb::Entitlements {
+                kinds: vec!["x509".into(), "jwt".into()],
+                max_ttl_seconds: 3600,
+                audiences: vec!["db".into()],
+                scopes: vec!["read".into()],
+                dns_names: vec!["app.internal".into()],
+            }),
+            expires_in_seconds: 0,
+        };
+        edit(&mut req);
+        self.admin()
+            .create_identity(req)
+            .await
+            .expect("create identity")
+            .into_inner()
+    }
+
+    /// A join token for `spiffe_id`.
+    pub async fn join_token(&self, spiffe_id: &str) -> String {
+        self.admin()
+            .create_join_token(pb::CreateJoinTokenRequest {
+                id_or_spiffe_id: spiffe_id.into(),
+                ttl_seconds: 0,
+            })
+            .await
+            .expect("join token")
+            .into_inner()
+            .token
+    }
+
+    /// A fresh SDK client.
+    pub fn workload(&self) -> WorkloadClient {
+        WorkloadClient::new(ClientConfig::new(self.url.clone(), self.bundle_pem.clone()))
+            .expect("workload client")
+    }
+
+    /// Attests as `spiffe_id` with a fresh join token, asking for JWTs for `audiences`.
+    pub async fn attested(
+        &self,
+        spiffe_id: &str,
+        audiences: &[&str],
+    ) -> (WorkloadClient, Credentials) {
+        let w = self.workload();
+        let token = self.join_token(spiffe_id).await;
+        let jwts: Vec<JwtRequest> = audiences.iter().map(|a| JwtRequest::audience(*a)).collect();
+        let creds = w
+            .attest(
+                Evidence::JoinToken(token.into()),
+                SvidOptions::default(),
+                &jwts,
+            )
+            .await
+            .expect("attest");
+        (w, creds)
+    }
+
+    /// Every audit entry, parsed.
+    pub async fn audit(&self) -> Vec<Value> {
+        let entries = self
+            .admin()
+            .list_audit(pb::ListAuditRequest {
+                from_sequence: 1,
+                limit: 10_000,
+            })
+            .await
+            .expect("audit")
+            .into_inner()
+            .entries;
+        entries
+            .iter()
+            .map(|e| serde_json::from_str(e).expect("audit JSON"))
+            .collect()
+    }
+
+    /// Audit entries with this action.
+    pub async fn audit_for(&self, action: &str) -> Vec<Value> {
+        self.audit()
+            .await
+            .into_iter()
+            .filter(|e| e["action"] == action)
+            .collect()
+    }
+}
+
+/// The bytes of every file under `dir`, by relative path, to show that something changed
+/// nothing on disk.
+pub fn snapshot(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).expect("prefix").display().to_string();
+                out.insert(rel, std::fs::read(&p).expect("read"));
+            }
+        }
+    }
+    out
+}
+
+/// Paths whose bytes differ between two snapshots (added, removed or changed).
+pub fn changed_files(
+    before: &std::collections::BTreeMap<String, Vec<u8>>,
+    after: &std::collections::BTreeMap<String, Vec<u8>>,
+) -> Vec<String> {
+    let mut keys: Vec<&String> = before.keys().chain(after.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| before.get(*k) != after.get(*k))
+        .cloned()
+        .collect()
+}
+
+/// Hand-built gRPC clients.
+pub mod raw {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use sigil_proto::v1::broker_client::BrokerClient;
+    use sigil_sdk::X509Svid;
+    use sigil_sdk::transport::{self, BrokerTarget, ClientCertSlot};
+    use tonic::transport::Channel;
+
+    /// A workload-API client without a client certificate.
+    pub fn anon(url: &str, bundle_pem: &[u8]) -> BrokerClient<Channel> {
+        let roots = transport::roots_from_pem(bundle_pem).expect("roots");
+        let tls = transport::client_config(roots, None).expect("tls");
+        BrokerClient::new(
+            transport::channel(
+                &BrokerTarget::parse(url).expect("url"),
+                tls,
+                Duration::from_secs(10),
+            )
+            .expect("channel"),
+        )
+    }
+
+    /// A workload-API client presenting `svid`.
+    pub fn mtls(url: &str, bundle_pem: &[u8], svid: &X509Svid) -> BrokerClient<Channel> {
+        let roots = transport::roots_from_pem(bundle_pem).expect("roots");
+        let slot = Arc::new(ClientCertSlot::default());
+        slot.set(
+            svid.cert_chain.clone(),
+            svid.private_key_der().expose_secret(),
+        )
+        .expect("client cert");
+        let tls = transport::client_config(roots, Some(slot)).expect("tls");
+        BrokerClient::new(
+            transport::channel(
+                &BrokerTarget::parse(url).expect("url"),
+                tls,
+                Duration::from_secs(10),
+            )
+            .expect("channel"),
+        )
+    }
+}
+
+/// The `openssl` command line.
+pub mod openssl {
+    use std::path::Path;
+    use std::process::Command;
+
+    /// Runs `openssl args...` and returns (success, stdout+stderr).
+    pub fn run(args: &[&str], cwd: &Path) -> (bool, String) {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(cwd)
+            .output()
+            .expect("the openssl CLI must be installed (apt-get install openssl)");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+}

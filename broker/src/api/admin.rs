@@ -222,6 +222,35 @@ impl pb::admin_server::Admin for AdminApi {
         }))
     }
 
+    async fn get_credential(
+        &self,
+        req: Request<pb::GetCredentialRequest>,
+    ) -> Result<Response<pb::Credential>, Status> {
+        let ctx = context(&req);
+        self.broker
+            .authorize_operator(&ctx)
+            .map_err(|e| status(e, &ctx))?;
+        let r = self
+            .broker
+            .credential(&req.get_ref().credential_id)
+            .await
+            .map_err(|e| status(e, &ctx))?;
+        Ok(Response::new(pb::Credential {
+            credential_id: r.credential_id,
+            kind: r.kind.as_str().into(),
+            identity_id: r.identity_id,
+            spiffe_id: r.spiffe_id,
+            generation: r.generation,
+            audiences: r.audiences,
+            scopes: r.scopes,
+            dns_names: r.dns_names,
+            issued_at: r.issued_at,
+            expires_at: r.expires_at,
+            signing_key_id: r.signing_key_id,
+            attestation: r.attestation,
+        }))
+    }
+
     async fn list_audit(
         &self,
         req: Request<pb::ListAuditRequest>,

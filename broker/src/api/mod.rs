@@ -51,10 +51,10 @@ pub fn status(e: BrokerError, ctx: &RequestContext) -> Status {
     if let Ok(v) = ctx.request_id.parse() {
         s.metadata_mut().insert("sigil-request-id", v);
     }
-    if let BrokerError::Denied { gate, .. } = &e {
-        if let Ok(v) = gate.code().parse() {
-            s.metadata_mut().insert("sigil-gate", v);
-        }
+    if let BrokerError::Denied { gate, .. } = &e
+        && let Ok(v) = gate.code().parse()
+    {
+        s.metadata_mut().insert("sigil-gate", v);
     }
     s
 }

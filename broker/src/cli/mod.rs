@@ -49,6 +49,8 @@ pub enum LogFormat {
 
 /// The commands.
 #[derive(Debug, Subcommand)]
+// Parsed once per process; the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Create a new data dir: master key, CAs, JWT key, operator credential, bundle.pem.
     Init(InitArgs),
@@ -63,6 +65,9 @@ pub enum Command {
     /// Manage join tokens (operator).
     #[command(subcommand, name = "join-token")]
     JoinToken(JoinTokenCmd),
+    /// Look up issued credentials in the ledger (operator).
+    #[command(subcommand)]
+    Credential(CredentialCmd),
     /// Read and check the audit log (operator).
     #[command(subcommand)]
     Audit(AuditCmd),
@@ -192,6 +197,18 @@ pub enum JoinTokenCmd {
     },
 }
 
+/// `sigil credential ...`.
+#[derive(Debug, Subcommand)]
+pub enum CredentialCmd {
+    /// Show the ledger record of a serial number (hex) or JWT id.
+    Show {
+        /// Serial or jti.
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
 /// `sigil audit ...`.
 #[derive(Debug, Subcommand)]
 pub enum AuditCmd {
@@ -218,6 +235,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Dev(a) => crate::dev::run(a).await,
         Command::Identity(c) => operator::identity(c).await,
         Command::JoinToken(c) => operator::join_token(c).await,
+        Command::Credential(c) => operator::credential(c).await,
         Command::Audit(c) => operator::audit(c).await,
         Command::Fetch(a) => fetch::run(a).await,
         Command::Bench(a) => crate::bench::run(a).await,

@@ -12,7 +12,7 @@ use sigil_proto::v1 as pb;
 use sigil_proto::v1::admin_client::AdminClient;
 use tonic::transport::Channel;
 
-use super::{AuditCmd, Conn, IdentityCmd, JoinTokenCmd};
+use super::{AuditCmd, Conn, CredentialCmd, IdentityCmd, JoinTokenCmd};
 use crate::clock::rfc3339;
 use crate::config::{ADMIN_DIR, BROKER_URL_FILE, BUNDLE_FILE};
 
@@ -463,6 +463,28 @@ pub(super) async fn join_token(cmd: JoinTokenCmd) -> Result<()> {
                 rfc3339(r.expires_at)
             );
             println!("{}", r.token);
+        }
+    }
+    Ok(())
+}
+
+/// `sigil credential ...`.
+pub(super) async fn credential(cmd: CredentialCmd) -> Result<()> {
+    match cmd {
+        CredentialCmd::Show { id, conn } => {
+            let mut c = conn.connect()?;
+            let r = c
+                .get_credential(pb::GetCredentialRequest { credential_id: id })
+                .await
+                .map_err(sigil_sdk::SdkError::from)?
+                .into_inner();
+            let v = json!({
+                "credential_id": r.credential_id, "kind": r.kind, "identity_id": r.identity_id, "spiffe_id": r.spiffe_id,
+                "generation": r.generation, "audiences": r.audiences, "scopes": r.scopes, "dns_names": r.dns_names,
+                "issued_at": rfc3339(r.issued_at), "expires_at": rfc3339(r.expires_at), "signing_key_id": r.signing_key_id,
+                "attestation": r.attestation,
+            });
+            println!("{}", serde_json::to_string_pretty(&v)?);
         }
     }
     Ok(())

@@ -354,16 +354,14 @@ fn check(t: &Tables<'_>, change: &Change) -> Result<Result<(), Conflict>, StoreE
                         found: stored.revision,
                     }));
                 }
-                if stored.spiffe_id != record.spiffe_id {
-                    if let Some(owner) = t
+                if stored.spiffe_id != record.spiffe_id
+                    && let Some(owner) = t
                         .spiffe
                         .get(record.spiffe_id.as_str())
                         .map_err(unavailable)?
-                    {
-                        if owner.value() != record.id {
-                            return Ok(Err(Conflict::SpiffeIdTaken(record.spiffe_id.to_string())));
-                        }
-                    }
+                    && owner.value() != record.id
+                {
+                    return Ok(Err(Conflict::SpiffeIdTaken(record.spiffe_id.to_string())));
                 }
             }
             Op::ConsumeJoinToken { hash, now } => {

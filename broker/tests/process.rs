@@ -1,0 +1,412 @@
+//! Tests that run the real `sigil` binary as a separate process: crash safety under load
+//! (`kill -9`), refusing a wrong master key, and `sigil dev` exactly as a newcomer runs it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sigil_proto::v1 as pb;
+use sigil_proto::v1::broker_client::BrokerClient;
+use sigil_sdk::transport::{self, BrokerTarget, ClientCertSlot};
+use sigil_sdk::{ClientConfig, Evidence, SvidOptions, WorkloadClient};
+use tonic::transport::Channel;
+
+const SIGIL: &str = env!("CARGO_BIN_EXE_sigil");
+
+/// A child process whose stdout lines arrive on a channel.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    fn spawn(args: &[&str], cwd: &Path, envs: &[(&str, &str)]) -> Proc {
+        let mut child = Command::new(SIGIL)
+            .args(args)
+            .current_dir(cwd)
+            .envs(envs.iter().copied())
+            .env_remove("SIGIL_MASTER_KEY")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn sigil");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc { child, lines }
+    }
+
+    /// The first line containing `needle`, within 30 s.
+    fn wait_for(&self, needle: &str) -> String {
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(30)) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(_) => continue,
+                Err(e) => panic!("no line containing {needle:?} from sigil: {e}"),
+            }
+        }
+    }
+
+    fn sigterm(&mut self) -> std::process::ExitStatus {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok);
+        for _ in 0..200 {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("sigil did not exit within 10s of SIGTERM");
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sigil(args: &[&str], cwd: &Path) -> std::process::Output {
+    Command::new(SIGIL)
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("SIGIL_MASTER_KEY")
+        .output()
+        .expect("run sigil")
+}
+
+fn init(dir: &Path) -> PathBuf {
+    let data = dir.join("data");
+    let out = sigil(
+        &[
+            "init",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--trust-domain",
+            "example.org",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "off",
+        ],
+        dir,
+    );
+    assert!(
+        out.status.success(),
+        "init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    data
+}
+
+fn serve(dir: &Path, data: &Path) -> (Proc, String) {
+    let p = Proc::spawn(&["serve", "--data-dir", data.to_str().unwrap()], dir, &[]);
+    let line = p.wait_for("sigil broker listening on ");
+    let url = line.rsplit(' ').next().unwrap().to_owned();
+    (p, url)
+}
+
+fn admin(data: &Path, url: &str) -> sigil_proto::v1::admin_client::AdminClient<Channel> {
+    let r = |p: &str| std::fs::read(data.join(p)).unwrap();
+    sigil_sdk::connect_admin(
+        url,
+        &r("bundle.pem"),
+        &r("admin/admin.crt"),
+        &r("admin/admin.key"),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_dash_nine_under_load_loses_no_issued_credential() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = init(tmp.path());
+    let (mut broker, url) = serve(tmp.path(), &data);
+    let bundle = std::fs::read(data.join("bundle.pem")).unwrap();
+    let mut adm = admin(&data, &url);
+    let id = "spiffe://example.org/load/worker";
+    adm.create_identity(pb::CreateIdentityRequest {
+        spiffe_id: id.into(),
+        owner: "team".into(),
+        purpose: "crash test".into(),
+        entitlements: Some(pb::Entitlements {
+            kinds: vec!["x509".into(), "jwt".into()],
+            max_ttl_seconds: 3600,
+            audiences: vec!["db".into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // Eight attested workloads, each on its own mTLS connection.
+    let roots = transport::roots_from_pem(&bundle).unwrap();
+    let target = BrokerTarget::parse(&url).unwrap();
+    let mut clients: Vec<BrokerClient<Channel>> = Vec::new();
+    for _ in 0..8 {
+        let token = adm
+            .create_join_token(pb::CreateJoinTokenRequest {
+                id_or_spiffe_id: id.into(),
+                ttl_seconds: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .token;
+        let w = WorkloadClient::new(ClientConfig::new(url.clone(), bundle.clone())).unwrap();
+        let c = w
+            .attest(
+                Evidence::JoinToken(token.into()),
+                SvidOptions::default(),
+                &[],
+            )
+            .await
+            .unwrap();
+        let slot = Arc::new(ClientCertSlot::default());
+        slot.set(
+            c.svid.cert_chain.clone(),
+            c.svid.private_key_der().expose_secret(),
+        )
+        .unwrap();
+        let tls = transport::client_config(roots.clone(), Some(slot)).unwrap();
+        clients.push(BrokerClient::new(
+            transport::channel(&target, tls, Duration::from_secs(5)).unwrap(),
+        ));
+    }
+    let csrs: Vec<Vec<u8>> = (0..16)
+        .map(|_| sigil_pki::csr::request_for(&sigil_pki::EcKey::generate().unwrap()).unwrap())
+        .collect();
+
+    // 64 clients issue as fast as they can; every credential they receive is remembered.
+    let received: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let mut c = clients[i % clients.len()].clone();
+        let received = received.clone();
+        let csr = csrs[i % csrs.len()].clone();
+        tasks.push(tokio::spawn(async move {
+            for n in 0u64.. {
+                let got = if (n + i as u64).is_multiple_of(4) {
+                    c.mint_x509_svid(pb::MintX509SvidRequest {
+                        csr: csr.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|r| ("x509".to_owned(), r.into_inner().svid.unwrap().serial))
+                } else {
+                    c.mint_jwt_svid(pb::MintJwtSvidRequest {
+                        request: Some(pb::JwtRequest {
+                            audiences: vec!["db".into()],
+                            ..Default::default()
+                        }),
+                    })
+                    .await
+                    .map(|r| ("jwt".to_owned(), r.into_inner().svid.unwrap().jti))
+                };
+                match got {
+                    Ok(x) => received.lock().unwrap().push(x),
+                    // The broker is gone: stop.
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    broker.child.kill().expect("kill -9");
+    broker.child.wait().unwrap();
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(20), t)
+            .await
+            .expect("clients notice the broker is gone");
+    }
+    let received = received.lock().unwrap().clone();
+    assert!(
+        received.len() > 200,
+        "the load was real ({} credentials before the kill)",
+        received.len()
+    );
+
+    // Restart on the same files: it opens cleanly, and everything a client got is on record.
+    let (_broker, url) = serve(tmp.path(), &data);
+    let mut adm = admin(&data, &url);
+    let verify = adm
+        .verify_audit(pb::VerifyAuditRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        verify.intact,
+        "audit chain intact after kill -9: {}",
+        verify.reason
+    );
+    let mut audited = BTreeSet::new();
+    let mut from = 1;
+    loop {
+        let page = adm
+            .list_audit(pb::ListAuditRequest {
+                from_sequence: from,
+                limit: 1000,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .entries;
+        for e in &page {
+            let v: serde_json::Value = serde_json::from_str(e).unwrap();
+            if v["decision"] == "allow" {
+                for k in ["serial", "jti"] {
+                    if let Some(s) = v["detail"][k].as_str() {
+                        audited.insert(s.to_owned());
+                    }
+                }
+            }
+        }
+        if page.len() < 1000 {
+            break;
+        }
+        from += 1000;
+    }
+    let mut missing_ledger = 0;
+    for (kind, cid) in &received {
+        assert!(
+            audited.contains(cid),
+            "{kind} {cid} was received by a client but has no audit entry"
+        );
+        match adm
+            .get_credential(pb::GetCredentialRequest {
+                credential_id: cid.clone(),
+            })
+            .await
+        {
+            Ok(r) => assert_eq!(r.into_inner().kind, *kind),
+            Err(_) => missing_ledger += 1,
+        }
+    }
+    assert_eq!(
+        missing_ledger, 0,
+        "every received credential is in the ledger"
+    );
+}
+
+#[test]
+fn a_wrong_master_key_refuses_to_start_and_says_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = init(tmp.path());
+    let out = Command::new(SIGIL)
+        .args(["serve", "--data-dir", data.to_str().unwrap()])
+        .env(
+            "SIGIL_MASTER_KEY",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        )
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("error: the master key does not match the data in"),
+        "{err}"
+    );
+    // A group-readable key file is refused too.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        data.join("master.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let out = sigil(&["serve", "--data-dir", data.to_str().unwrap()], tmp.path());
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("is readable by group or others (mode 644); run `chmod 600"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // And init refuses to overwrite.
+    let out = sigil(
+        &[
+            "init",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--trust-domain",
+            "example.org",
+        ],
+        tmp.path(),
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to overwrite"));
+}
+
+#[test]
+fn sigil_dev_prints_a_fetch_command_that_works_as_printed() {
+    let tmp = tempfile::tempdir().unwrap();
+    for round in 0..2 {
+        // Second round: an existing dev dir is reused, with a fresh join token.
+        let mut dev = Proc::spawn(
+            &[
+                "dev",
+                "--listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+            ],
+            tmp.path(),
+            &[],
+        );
+        let fetch = dev.wait_for(" fetch --broker ");
+        let list = dev.wait_for(" identity list ");
+        let out_dir = format!("demo-creds-{round}");
+        let fetch = fetch
+            .trim()
+            .replace("./demo-creds", &format!("./{out_dir}"));
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(&fetch)
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "`{fetch}` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("spiffe://demo.sigil.test/demo/web"));
+        for f in ["svid.pem", "svid.key", "bundle.pem", "jwt-demo-api.txt"] {
+            assert!(tmp.path().join(&out_dir).join(f).exists(), "{f} written");
+        }
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(list.trim())
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "`{}`: {}",
+            list.trim(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("spiffe://demo.sigil.test/demo/web"));
+        assert!(
+            dev.sigterm().success(),
+            "sigil dev exits cleanly on SIGTERM"
+        );
+    }
+}
