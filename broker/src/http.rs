@@ -21,10 +21,18 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .with_state(broker)
 }
 
+/// Ready when the store answers and its last commit did not fail: a broker that cannot
+/// record issuance cannot issue.
 async fn ready(State(b): State<Arc<Broker>>) -> impl IntoResponse {
+    if let Err(reason) = b.store().health() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: the store cannot commit ({reason})\n"),
+        );
+    }
     match b.store().meta().await {
-        Ok(_) => (StatusCode::OK, "ready\n"),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n"),
+        Ok(_) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
     }
 }
 

@@ -25,7 +25,7 @@ use crate::keys::{self, KeyError, Keys};
 use crate::model::{CredentialKind, LedgerRecord};
 use crate::registry::Registry;
 use crate::seal::{MasterKey, SealError, Sealer};
-use crate::store::redb::RedbStore;
+use crate::store::redb::{FaultSwitch, RedbStore};
 use crate::store::{Change, Op, Store, StoreError};
 
 /// Why the broker did not start.
@@ -62,12 +62,15 @@ pub enum StartError {
 pub struct StartOptions {
     /// The clock.
     pub clock: Arc<dyn Clock>,
+    /// Makes store writes fail on demand (tests and chaos drills).
+    pub store_faults: Option<FaultSwitch>,
 }
 
 impl Default for StartOptions {
     fn default() -> Self {
         StartOptions {
             clock: Arc::new(SystemClock),
+            store_faults: None,
         }
     }
 }
@@ -125,7 +128,8 @@ pub async fn start(
     drop(master);
     let path = cfg.store_path();
     let s2 = sealer.clone();
-    let store = tokio::task::spawn_blocking(move || RedbStore::open(&path, s2))
+    let faults = opts.store_faults.clone();
+    let store = tokio::task::spawn_blocking(move || RedbStore::open_with_faults(&path, s2, faults))
         .await
         .map_err(|e| StartError::Other(format!("opening the store: {e}")))??;
     let store: Arc<dyn Store> = Arc::new(store);

@@ -17,6 +17,7 @@ use serde_json::Value;
 use sigil_broker::clock::{Clock, SystemClock};
 use sigil_broker::seal::MasterKey;
 use sigil_broker::server::{RunningBroker, StartOptions};
+use sigil_broker::store::redb::FaultSwitch;
 use sigil_proto::v1 as pb;
 use sigil_proto::v1::admin_client::AdminClient;
 use sigil_sdk::{ClientConfig, Credentials, Evidence, JwtRequest, SvidOptions, WorkloadClient};
@@ -36,6 +37,8 @@ pub struct TestBroker {
     pub master: MasterKey,
     /// The clock it runs on.
     pub clock: Arc<dyn Clock>,
+    /// Flip to make the store's disk writes fail.
+    pub faults: FaultSwitch,
     running: Option<RunningBroker>,
     /// `https://127.0.0.1:PORT`.
     pub url: String,
@@ -74,6 +77,7 @@ impl TestBroker {
             data,
             master,
             clock,
+            faults: FaultSwitch::default(),
             running: None,
             url: String::new(),
             bundle_pem,
@@ -93,6 +97,7 @@ impl TestBroker {
             master,
             StartOptions {
                 clock: self.clock.clone(),
+                store_faults: Some(self.faults.clone()),
             },
         )
         .await?;
@@ -225,6 +230,29 @@ impl TestBroker {
             .filter(|e| e["action"] == action)
             .collect()
     }
+}
+
+/// `GET path` over plain HTTP/1.1 on loopback; returns the status code and the body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.expect("read");
+    let status = buf
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// The bytes of every file under `dir`, by relative path, to show that something changed

@@ -13,7 +13,7 @@ use sigil_broker::clock::ManualClock;
 use sigil_pki::{EcKey, SpiffeBundle, VerifyOptions, certs_from_pem};
 use sigil_proto::v1 as pb;
 use sigil_sdk::{ErrorKind, Evidence, JwtRequest, SvidOptions};
-use sigil_tests::{TD, TestBroker, changed_files, openssl, raw, snapshot};
+use sigil_tests::{TD, TestBroker, changed_files, http_get, openssl, raw, snapshot};
 use tonic::Code;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -913,4 +913,79 @@ async fn state_survives_a_restart_and_a_wrong_master_key_changes_nothing() {
     b.boot_with(b.master.clone())
         .await
         .expect("the right key still opens it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_store_cannot_commit_nothing_is_issued() {
+    let mut b = TestBroker::start().await;
+    b.identity("payments/api", |_| {}).await;
+    let (w, _) = b.attested(APP, &[]).await;
+    let token = b.join_token(APP).await;
+    let minted_before = b.audit_for("jwt.mint").await.len();
+    let http = b.running().http_addr.unwrap();
+    assert_eq!(http_get(http, "/readyz").await.0, 200);
+
+    b.faults.fail_writes(true);
+    let e = w
+        .fetch_jwt_svid(&JwtRequest::audience("db"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(Code::Unavailable));
+    assert_eq!(e.kind(), ErrorKind::Retryable);
+    assert!(
+        e.message()
+            .contains("could not record this durably, so nothing was issued"),
+        "{e}"
+    );
+    let e = b
+        .workload()
+        .attest(
+            Evidence::JoinToken(token.clone().into()),
+            SvidOptions::default(),
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(Code::Unavailable), "{e}");
+    let e = w.renew_x509_svid().await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::Unavailable));
+
+    // The disk is back, but a store that failed a write stays refused until restarted; the
+    // broker says so to load balancers.
+    b.faults.fail_writes(false);
+    assert_eq!(
+        w.fetch_jwt_svid(&JwtRequest::audience("db"))
+            .await
+            .unwrap_err()
+            .code(),
+        Some(Code::Unavailable)
+    );
+    assert_eq!(http_get(http, "/readyz").await.0, 503);
+
+    b.restart().await;
+    let verify = b
+        .admin()
+        .verify_audit(pb::VerifyAuditRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(verify.intact, "{}", verify.reason);
+    assert_eq!(
+        b.audit_for("jwt.mint")
+            .await
+            .iter()
+            .filter(|e| e["decision"] == "allow")
+            .count(),
+        minted_before,
+        "no issuance was recorded"
+    );
+    // The join token was not spent by the failed attempt.
+    b.workload()
+        .attest(
+            Evidence::JoinToken(token.into()),
+            SvidOptions::default(),
+            &[],
+        )
+        .await
+        .expect("token still works");
 }

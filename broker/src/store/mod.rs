@@ -178,6 +178,10 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
 
+    /// `Err(reason)` when the last commit failed for a storage reason (the broker cannot issue
+    /// until that clears); `Ok` otherwise. Cheap: for readiness checks.
+    fn health(&self) -> Result<(), String>;
+
     /// Flushes and stops the writer; later commits fail with [`StoreError::Closed`].
     async fn close(&self);
 }

@@ -8,16 +8,19 @@
 //! Ledger keys are credential ids that start with the issue time and audit keys are sequence
 //! numbers, so inserts land at the right edge of their B-trees.
 
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use arc_swap::ArcSwapOption;
 
 use async_trait::async_trait;
+use redb::backends::FileBackend;
 use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
-    WriteTransaction,
+    BackendError, Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    StorageBackend, TableDefinition, WriteTransaction,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -40,6 +43,80 @@ const KEY_CHECK_PLAINTEXT: &[u8] = b"sigil master key check v1";
 /// Most changes folded into one transaction.
 const MAX_BATCH: usize = 2048;
 
+/// Makes the store's disk writes fail while on: for testing that issuance fails closed, and for
+/// chaos drills. Off unless flipped.
+///
+/// After a failed write redb refuses every later operation until the database is reopened, so
+/// a broker that hit a disk error keeps refusing (and `/readyz` reports it) until restarted.
+#[derive(Debug, Clone, Default)]
+pub struct FaultSwitch(Arc<AtomicBool>);
+
+impl FaultSwitch {
+    /// Turns write failures on or off.
+    pub fn fail_writes(&self, on: bool) {
+        self.0.store(on, Ordering::SeqCst);
+    }
+
+    fn check(&self) -> std::io::Result<()> {
+        if self.0.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other(
+                "injected write failure (FaultSwitch)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// redb's file backend with a [`FaultSwitch`] in front of every write.
+#[derive(Debug)]
+struct FaultyBackend {
+    inner: FileBackend,
+    faults: FaultSwitch,
+}
+
+impl StorageBackend for FaultyBackend {
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.faults.check()?;
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.faults.check()?;
+        self.inner.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.faults.check()?;
+        self.inner.write(offset, data)
+    }
+    fn close(&self) -> std::io::Result<()> {
+        self.inner.close()
+    }
+    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.inner.try_lock_range(start, end)
+    }
+    fn try_lock_shared_range(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> Result<bool, BackendError> {
+        self.inner.try_lock_shared_range(start, end)
+    }
+    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.inner.lock_range(start, end)
+    }
+    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.inner.lock_shared_range(start, end)
+    }
+    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.inner.unlock_range(start, end)
+    }
+}
+
 /// The redb-backed [`Store`].
 pub struct RedbStore {
     db: Arc<Database>,
@@ -47,6 +124,8 @@ pub struct RedbStore {
     /// `None` once closed; dropping the last sender lets the writer drain and exit.
     tx: ArcSwapOption<mpsc::UnboundedSender<Job>>,
     writer: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// The last commit failure, cleared by the next successful commit.
+    failure: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -138,6 +217,15 @@ impl RedbStore {
     /// Opens an existing store, checking the schema version and that `sealer`'s master key is
     /// the one the store was created with. On any refusal the file is left as it was.
     pub fn open(path: &Path, sealer: Arc<Sealer>) -> Result<Self, StoreError> {
+        Self::open_with_faults(path, sealer, None)
+    }
+
+    /// [`RedbStore::open`], with writes going through `faults` when given.
+    pub fn open_with_faults(
+        path: &Path,
+        sealer: Arc<Sealer>,
+        faults: Option<FaultSwitch>,
+    ) -> Result<Self, StoreError> {
         if !path.exists() {
             return Err(StoreError::Incompatible(format!(
                 "{} does not exist (run `sigil init` first)",
@@ -153,9 +241,22 @@ impl RedbStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(unavailable(e)),
         }
-        let db = Database::builder()
-            .open(path)
-            .map_err(|e| open_error(path, e))?;
+        let db = match faults {
+            None => Database::builder()
+                .open(path)
+                .map_err(|e| open_error(path, e))?,
+            Some(faults) => {
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(path)
+                    .map_err(unavailable)?;
+                let inner = FileBackend::new(file).map_err(|e| open_error(path, e))?;
+                Database::builder()
+                    .create_with_backend(FaultyBackend { inner, faults })
+                    .map_err(|e| open_error(path, e))?
+            }
+        };
         let (meta_bytes, check) = {
             let r = db.begin_read().map_err(unavailable)?;
             let m = r.open_table(META).map_err(|e| corrupt("meta table", e))?;
@@ -205,15 +306,18 @@ impl RedbStore {
         let db = Arc::new(db);
         let (tx, rx) = mpsc::unbounded_channel();
         let wdb = db.clone();
+        let failure = Arc::new(std::sync::Mutex::new(None));
+        let wfailure = failure.clone();
         let writer = std::thread::Builder::new()
             .name("sigil-store-writer".into())
-            .spawn(move || writer_loop(&wdb, &sealer, head, rx))
+            .spawn(move || writer_loop(&wdb, &sealer, head, rx, &wfailure))
             .ok();
         RedbStore {
             db,
             path: path.to_owned(),
             tx: ArcSwapOption::from_pointee(tx),
             writer: std::sync::Mutex::new(writer),
+            failure,
         }
     }
 
@@ -234,6 +338,7 @@ fn writer_loop(
     sealer: &Sealer,
     mut head: ChainHead,
     mut rx: mpsc::UnboundedReceiver<Job>,
+    failure: &std::sync::Mutex<Option<String>>,
 ) {
     let mut jobs: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
@@ -250,11 +355,17 @@ fn writer_loop(
         match apply_batch(db, sealer, &mut next_head, &jobs) {
             Ok(results) => {
                 head = next_head;
+                if let Ok(mut f) = failure.lock() {
+                    f.take();
+                }
                 for (job, result) in jobs.drain(..).zip(results) {
                     let _ = job.reply.send(result.map_err(StoreError::from));
                 }
             }
             Err(e) => {
+                if let Ok(mut f) = failure.lock() {
+                    *f = Some(e.to_string());
+                }
                 tracing::error!(error = %e, batch_size, "store commit failed; every change in the batch was refused");
                 for job in jobs.drain(..) {
                     let _ = job.reply.send(Err(StoreError::Unavailable(e.to_string())));
@@ -570,6 +681,13 @@ impl Store for RedbStore {
             Ok(out)
         })
         .await
+    }
+
+    fn health(&self) -> Result<(), String> {
+        match self.failure.lock() {
+            Ok(f) => f.clone().map_or(Ok(()), Err),
+            Err(_) => Err("store writer panicked".into()),
+        }
     }
 
     async fn close(&self) {
