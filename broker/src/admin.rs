@@ -72,6 +72,12 @@ impl Broker {
                 "the admin API needs an operator credential; a workload SVID is not one".into(),
             ));
         }
+        if let Some(r) = self.revocations.get(&peer.serial) {
+            return Err(BrokerError::Unauthenticated(format!(
+                "operator credential was revoked: {}",
+                r.reason
+            )));
+        }
         if peer.not_after <= self.clock.unix() {
             return Err(BrokerError::Unauthenticated(format!(
                 "operator credential expired at {}",
@@ -139,7 +145,6 @@ impl Broker {
                 audit: vec![draft],
             })
             .await?;
-        self.registry.upsert(rec.clone());
         Ok(rec)
     }
 
@@ -252,6 +257,7 @@ impl Broker {
             }
         };
         next.status_reason = reason.trim().to_owned();
+        next.status_since = self.clock.unix();
         let draft = AuditDraft::new(
             self.now_nanos(),
             op.actor(),
@@ -290,7 +296,6 @@ impl Broker {
                 audit: vec![draft],
             })
             .await?;
-        self.registry.upsert(next.clone());
         Ok(next)
     }
 

@@ -84,6 +84,8 @@ pub struct MintContext<'a> {
     pub method: &'static str,
     /// Generation of the certificate the caller presented (renewal), if any.
     pub presented_generation: Option<u64>,
+    /// When fresh evidence was issued (join tokens), if the method has that notion.
+    pub evidence_issued_at: Option<i64>,
     /// What is asked for.
     pub ask: Ask<'a>,
     /// Requested lifetime (`None`: the default).
@@ -214,9 +216,14 @@ impl Gate for IdentityProof {
                     why(&rec.status_reason)
                 ));
             }
+            // Only fresh evidence, issued after the compromise, restores the identity.
+            IdentityStatus::Compromised
+                if ctx
+                    .evidence_issued_at
+                    .is_some_and(|t| t >= rec.status_since) => {}
             IdentityStatus::Compromised => {
                 return Err(format!(
-                    "identity {} is marked compromised{}; it must attest again with fresh evidence",
+                    "identity {} is marked compromised{}; it must attest again with evidence issued after the compromise (e.g. a new join token)",
                     rec.spiffe_id,
                     why(&rec.status_reason)
                 ));
@@ -347,6 +354,7 @@ mod tests {
             },
             status: IdentityStatus::Active,
             status_reason: String::new(),
+            status_since: 0,
             expires_at: 2_000,
             generation: 4,
             created_at: 0,
@@ -362,6 +370,7 @@ mod tests {
             identity: r,
             method: "join_token",
             presented_generation: None,
+            evidence_issued_at: None,
             ask,
             requested_ttl: ttl.map(Duration::from_secs),
             default_ttl: Duration::from_secs(300),

@@ -1,6 +1,11 @@
-//! [`Broker`]: the state one request flows through (store, registry, keys, gates, clock) and
-//! the context a request carries. Workload operations live in [`crate::issue`], operator
-//! operations in [`crate::admin`].
+//! [`Broker`]: the state one request flows through (store, registry, keys, revocations, gates,
+//! clock) and the context a request carries. Workload operations live in [`crate::issue`],
+//! operator operations in [`crate::admin`], revocation in [`crate::revoke`], rotation in
+//! [`crate::rotate`].
+//!
+//! The in-memory views (registry, revocation set, key ring) and the watch hub are projections
+//! of the store: [`Broker`] is the store's [`CommitObserver`], so they change in commit order,
+//! before the committer hears back.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,10 +17,12 @@ use crate::audit::AuditDraft;
 use crate::authz::GateChain;
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::hub::{Hub, HubEvent, RevocationSet, Target};
 use crate::keys::Keys;
+use crate::model::{CredentialKind, KeyRecord};
 use crate::registry::Registry;
 use crate::seal::Sealer;
-use crate::store::{Change, Store};
+use crate::store::{Change, CommitObserver, Op, Store};
 
 /// The broker's state. Cheap to share behind an `Arc`.
 #[derive(Debug)]
@@ -23,11 +30,17 @@ pub struct Broker {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) registry: Registry,
     pub(crate) keys: Keys,
+    pub(crate) revocations: RevocationSet,
+    pub(crate) hub: Hub,
     pub(crate) gates: GateChain,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) cfg: Config,
     pub(crate) td: TrustDomain,
     pub(crate) sealer: Arc<Sealer>,
+    /// Serializes key changes (rotation, emergency revocation) on this broker.
+    pub(crate) key_lock: tokio::sync::Mutex<()>,
+    /// Cancelled at shutdown; long-lived streams end on it.
+    pub(crate) shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// What the transport knows about a request.
@@ -52,29 +65,53 @@ impl RequestContext {
     }
 }
 
+/// The parts a [`Broker`] is assembled from.
+#[derive(Debug)]
+pub struct BrokerParts {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// Identity records.
+    pub registry: Registry,
+    /// Keys.
+    pub keys: Keys,
+    /// Live revocations.
+    pub revocations: RevocationSet,
+    /// The gates.
+    pub gates: GateChain,
+    /// The clock.
+    pub clock: Arc<dyn Clock>,
+    /// Settings.
+    pub cfg: Config,
+    /// Trust domain.
+    pub td: TrustDomain,
+    /// Sealing.
+    pub sealer: Arc<Sealer>,
+    /// Cancelled at shutdown.
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
 impl Broker {
-    /// Assembles a broker from its parts (see `server::start`).
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        store: Arc<dyn Store>,
-        registry: Registry,
-        keys: Keys,
-        gates: GateChain,
-        clock: Arc<dyn Clock>,
-        cfg: Config,
-        td: TrustDomain,
-        sealer: Arc<Sealer>,
-    ) -> Self {
-        Broker {
-            store,
-            registry,
-            keys,
-            gates,
-            clock,
-            cfg,
-            td,
-            sealer,
-        }
+    /// Assembles a broker and registers it as the store's commit observer.
+    pub fn new(p: BrokerParts) -> Arc<Self> {
+        let start = u64::try_from(crate::clock::unix_nanos(p.clock.now()) / 1000).unwrap_or(0);
+        let broker = Arc::new(Broker {
+            store: p.store,
+            registry: p.registry,
+            keys: p.keys,
+            revocations: p.revocations,
+            hub: Hub::new(start),
+            gates: p.gates,
+            clock: p.clock,
+            cfg: p.cfg,
+            td: p.td,
+            sealer: p.sealer,
+            key_lock: tokio::sync::Mutex::new(()),
+            shutdown: p.shutdown,
+        });
+        let weak: std::sync::Weak<dyn CommitObserver> =
+            Arc::downgrade(&broker) as std::sync::Weak<Broker>;
+        broker.store.set_observer(weak);
+        broker
     }
 
     /// The trust domain.
@@ -90,6 +127,21 @@ impl Broker {
     /// The registry.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// Live revocations.
+    pub fn revocations(&self) -> &RevocationSet {
+        &self.revocations
+    }
+
+    /// Cancelled when the broker shuts down.
+    pub fn shutdown_token(&self) -> &tokio_util::sync::CancellationToken {
+        &self.shutdown
+    }
+
+    /// The watch hub.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
     }
 
     /// The store.
@@ -117,6 +169,103 @@ impl Broker {
     pub(crate) async fn audit_only(&self, drafts: Vec<AuditDraft>) {
         if let Err(e) = self.store.commit(Change::audit_only(drafts)).await {
             tracing::error!(error = %e, "could not record a denial in the audit log");
+        }
+    }
+
+    fn keys_changed(&self, changed: Vec<KeyRecord>) {
+        let old = self.keys.current();
+        let mut records = old.records.clone();
+        for k in changed {
+            match records.iter_mut().find(|r| r.id == k.id) {
+                Some(r) => *r = k,
+                None => records.push(k),
+            }
+        }
+        match crate::keys::load(&self.td, &records, &self.sealer) {
+            Ok(ring) => {
+                let newly_revoked: Vec<String> = ring
+                    .revoked_keys
+                    .iter()
+                    .filter(|k| !old.revoked_keys.contains(k))
+                    .cloned()
+                    .collect();
+                let bundle_changed = ring.bundle != old.bundle;
+                self.keys.set(ring);
+                if bundle_changed {
+                    self.hub.publish(HubEvent::Bundle);
+                }
+                if !newly_revoked.is_empty() {
+                    self.hub.publish(HubEvent::KeysRevoked(newly_revoked));
+                    self.hub.publish(HubEvent::RenewNow {
+                        target: Target::All,
+                        reason: "a signing key was revoked".into(),
+                    });
+                }
+            }
+            // The records are durable; a restart rebuilds the ring. Keep serving the old one.
+            Err(e) => {
+                tracing::error!(error = %e, "could not rebuild the key ring after a key change")
+            }
+        }
+    }
+}
+
+impl CommitObserver for Broker {
+    fn committed(&self, ops: &[&Op]) {
+        let mut revoked = Vec::new();
+        let mut floors = Vec::new();
+        let mut keys = Vec::new();
+        for op in ops {
+            match op {
+                Op::CreateIdentity(r) => self.registry.upsert(r.clone()),
+                Op::UpdateIdentity { record, .. } => {
+                    let before = self.registry.get(&record.id).map(|r| r.generation);
+                    self.registry.upsert(record.clone());
+                    if before.is_some_and(|g| g < record.generation) {
+                        floors.push((record.spiffe_id.to_string(), record.generation));
+                    }
+                }
+                Op::PutRevocation(r) => {
+                    self.revocations.insert(r.clone());
+                    revoked.push(r.clone());
+                }
+                Op::PruneRevocations { expired_before } => {
+                    let gone = self.revocations.prune(*expired_before);
+                    if !gone.is_empty() {
+                        self.hub.publish(HubEvent::Expired(gone));
+                    }
+                }
+                Op::PutKey(k) => keys.push(k.clone()),
+                _ => {}
+            }
+        }
+        if !keys.is_empty() {
+            self.keys_changed(keys);
+        }
+        if !revoked.is_empty() {
+            let serials: Vec<String> = revoked
+                .iter()
+                .filter(|r| r.kind == CredentialKind::X509)
+                .map(|r| r.credential_id.clone())
+                .collect();
+            metrics::counter!("sigil_revocations_total").increment(revoked.len() as u64);
+            self.hub.publish(HubEvent::Revoked(revoked));
+            for s in serials {
+                self.hub.publish(HubEvent::RenewNow {
+                    target: Target::Serial(s),
+                    reason: "your certificate was revoked".into(),
+                });
+            }
+        }
+        if !floors.is_empty() {
+            let ids: Vec<String> = floors.iter().map(|(id, _)| id.clone()).collect();
+            self.hub.publish(HubEvent::Floors(floors));
+            for id in ids {
+                self.hub.publish(HubEvent::RenewNow {
+                    target: Target::SpiffeId(id),
+                    reason: "your identity's credentials were revoked".into(),
+                });
+            }
         }
     }
 }

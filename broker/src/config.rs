@@ -69,6 +69,43 @@ pub struct Config {
     pub issuance: Issuance,
     /// Request limits.
     pub limits: Limits,
+    /// Key rotation and revocation housekeeping.
+    pub rotation: Rotation,
+}
+
+/// Key rotation schedule.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Rotation {
+    /// How long a JWT key signs before the next one takes over.
+    #[serde(with = "dur")]
+    pub jwt_key_lifetime: Duration,
+    /// Validity of a new signing intermediate.
+    #[serde(with = "dur")]
+    pub x509_ca_ttl: Duration,
+    /// How long an intermediate signs before the next one takes over (at most half its TTL,
+    /// so nothing it signed can outlive it).
+    #[serde(with = "dur")]
+    pub x509_ca_rotate_after: Duration,
+    /// How long the next key is published before it signs, so verifiers have it first
+    /// (at least the bundle refresh hint, 5m).
+    #[serde(with = "dur")]
+    pub prepare: Duration,
+    /// How often the schedule is checked and expired revocations are pruned.
+    #[serde(with = "dur")]
+    pub check_interval: Duration,
+}
+
+impl Default for Rotation {
+    fn default() -> Self {
+        Rotation {
+            jwt_key_lifetime: Duration::from_secs(7 * 86400),
+            x509_ca_ttl: Duration::from_secs(30 * 86400),
+            x509_ca_rotate_after: Duration::from_secs(15 * 86400),
+            prepare: Duration::from_secs(600),
+            check_interval: Duration::from_secs(30),
+        }
+    }
 }
 
 /// Issuance defaults and ceilings.
@@ -167,6 +204,7 @@ impl Default for Config {
             master_key_file: None,
             issuance: Issuance::default(),
             limits: Limits::default(),
+            rotation: Rotation::default(),
         }
     }
 }
@@ -231,6 +269,17 @@ impl Config {
                     "issuance.{name} must be at least 1s"
                 )));
             }
+        }
+        let r = &self.rotation;
+        if r.x509_ca_rotate_after * 2 > r.x509_ca_ttl {
+            return Err(ConfigError::Invalid(
+                "rotation.x509_ca_rotate_after must be at most half of rotation.x509_ca_ttl".into(),
+            ));
+        }
+        if r.check_interval < Duration::from_millis(100) {
+            return Err(ConfigError::Invalid(
+                "rotation.check_interval must be at least 100ms".into(),
+            ));
         }
         if self.limits.max_request_bytes < 1024 {
             return Err(ConfigError::Invalid(

@@ -158,7 +158,8 @@ async fn init_inner(opts: &InitOptions, clock: &dyn Clock) -> Result<InitReport,
     )
     .map_err(failed)?;
 
-    let (ring, key_records) = keys::generate(td, now, &sealer).map_err(failed)?;
+    let key_records = keys::generate(td, now, &sealer, cfg.rotation.x509_ca_ttl).map_err(failed)?;
+    let ring = keys::load(td, &key_records, &sealer).map_err(failed)?;
     let meta = StoreMeta {
         schema_version: SCHEMA_VERSION,
         trust_domain: td.clone(),

@@ -19,7 +19,7 @@ use crate::clock::unix_secs;
 use crate::error::BrokerError;
 use crate::keys::KeyRing;
 use crate::model::{CredentialKind, IdentityStatus, LedgerRecord};
-use crate::store::{Change, Op, StoreError};
+use crate::store::{Change, Conflict, Op, StoreError};
 
 /// Evidence presented to [`Broker::attest`].
 #[derive(Debug)]
@@ -106,6 +106,9 @@ fn ttl_secs(d: Duration) -> u64 {
     d.as_secs()
 }
 
+/// How often an issuance is re-run when its identity changed between the gates and the commit.
+const STALE_RETRIES: usize = 3;
+
 impl Broker {
     /// Attests with `evidence` and mints the first X.509-SVID (and any JWT-SVIDs asked for).
     pub async fn attest(
@@ -115,8 +118,6 @@ impl Broker {
         jwts: Vec<JwtAsk>,
         ctx: &RequestContext,
     ) -> Result<Attestation, BrokerError> {
-        let now = self.clock.now();
-        let now_s = unix_secs(now);
         self.check_x509_ask(&x509)?;
         if jwts.len() > self.cfg.limits.max_jwts_per_request {
             return Err(BrokerError::invalid(
@@ -130,114 +131,151 @@ impl Broker {
         for (i, j) in jwts.iter().enumerate() {
             self.check_jwt_ask(j, &format!("jwts[{i}]"))?;
         }
-        let attested = match evidence {
-            Evidence::JoinToken(t) => {
-                attest::join_token::attest(self.store.as_ref(), &self.registry, &t, now_s).await
-            }
-        };
-        let attested = match attested {
-            Ok(a) => a,
-            Err(e) => return Err(self.attestation_failed(e, "attest", ctx).await),
-        };
+        let csr = VerifiedCsr::from_der(&x509.csr_der)
+            .map_err(|e| BrokerError::invalid("csr", e.to_string()))?;
+        for _ in 0..STALE_RETRIES {
+            let now = self.clock.now();
+            let now_s = unix_secs(now);
+            let attested = match &evidence {
+                Evidence::JoinToken(t) => {
+                    attest::join_token::attest(self.store.as_ref(), &self.registry, t, now_s).await
+                }
+            };
+            let attested = match attested {
+                Ok(a) => a,
+                Err(e) => return Err(self.attestation_failed(e, "attest", ctx).await),
+            };
 
-        let x509_grant = self
-            .run_gates(
-                &attested,
-                Ask::X509 {
-                    dns_names: &x509.dns_names,
-                },
-                x509.ttl,
-                self.cfg.issuance.default_x509_ttl,
-                "x509.mint",
-                ctx,
-            )
-            .await?;
-        let mut jwt_grants = Vec::with_capacity(jwts.len());
-        for j in &jwts {
-            let g = self
+            let x509_grant = self
                 .run_gates(
                     &attested,
-                    Ask::Jwt {
-                        audiences: &j.audiences,
-                        scopes: &j.scopes,
+                    Ask::X509 {
+                        dns_names: &x509.dns_names,
                     },
-                    j.ttl,
-                    self.cfg.issuance.default_jwt_ttl,
-                    "jwt.mint",
+                    x509.ttl,
+                    self.cfg.issuance.default_x509_ttl,
+                    "x509.mint",
                     ctx,
                 )
                 .await?;
-            jwt_grants.push(g);
-        }
-        let csr = VerifiedCsr::from_der(&x509.csr_der)
-            .map_err(|e| BrokerError::invalid("csr", e.to_string()))?;
-
-        let ring = self.keys.current();
-        let x = self.sign_x509(
-            &ring,
-            &attested,
-            &csr,
-            &x509.dns_names,
-            x509_grant,
-            ctx,
-            now,
-        )?;
-        let mut minted_jwts = Vec::with_capacity(jwts.len());
-        for (j, (grant, trail)) in jwts.iter().zip(jwt_grants) {
-            minted_jwts.push(self.sign_jwt(&ring, &attested, j, (grant, trail), ctx, now)?);
-        }
-
-        let mut change = Change::default();
-        if let Some(h) = &attested.consume_join_token {
-            change.ops.push(Op::ConsumeJoinToken {
-                hash: h.clone(),
-                now: now_s,
-            });
-        }
-        change.audit.push(
-            AuditDraft::new(
-                self.now_nanos(),
-                &attested.actor,
-                "attest",
-                &attested.identity.id,
-                Decision::Allow,
-                "evidence accepted",
-                &ctx.request_id,
-            )
-            .with("method", attested.method)
-            .with("spiffe_id", attested.identity.spiffe_id.as_str()),
-        );
-        change.ops.push(Op::AppendLedger(x.ledger));
-        change.audit.push(x.audit);
-        let mut issued_jwts = Vec::with_capacity(minted_jwts.len());
-        for m in minted_jwts {
-            change.ops.push(Op::AppendLedger(m.ledger));
-            change.audit.push(m.audit);
-            issued_jwts.push(m.issued);
-        }
-        match self.store.commit(change).await {
-            Ok(_) => {
-                metrics::counter!("sigil_issuance_total", "kind" => "x509", "result" => "issued")
-                    .increment(1);
-                metrics::counter!("sigil_issuance_total", "kind" => "jwt", "result" => "issued")
-                    .increment(issued_jwts.len() as u64);
-                Ok(Attestation {
-                    x509: x.issued,
-                    jwts: issued_jwts,
-                })
+            let mut jwt_grants = Vec::with_capacity(jwts.len());
+            for j in &jwts {
+                let g = self
+                    .run_gates(
+                        &attested,
+                        Ask::Jwt {
+                            audiences: &j.audiences,
+                            scopes: &j.scopes,
+                        },
+                        j.ttl,
+                        self.cfg.issuance.default_jwt_ttl,
+                        "jwt.mint",
+                        ctx,
+                    )
+                    .await?;
+                jwt_grants.push(g);
             }
-            // A concurrent use of the same join token won the race: nothing was issued here.
-            Err(StoreError::Conflict(c)) => {
-                let e = AttestError::Failed {
-                    method: attested.method,
-                    actor: attested.actor.clone(),
-                    identity_id: Some(attested.identity.id.clone()),
-                    detail: c.to_string(),
-                };
-                Err(self.attestation_failed(e, "attest", ctx).await)
+
+            let ring = self.keys.current();
+            let x = self.sign_x509(
+                &ring,
+                &attested,
+                &csr,
+                &x509.dns_names,
+                x509_grant,
+                ctx,
+                now,
+            )?;
+            let mut minted_jwts = Vec::with_capacity(jwts.len());
+            for (j, (grant, trail)) in jwts.iter().zip(jwt_grants) {
+                minted_jwts.push(self.sign_jwt(&ring, &attested, j, (grant, trail), ctx, now)?);
             }
-            Err(e) => Err(self.commit_failed(e, "attest")),
+
+            let mut change = Change::default();
+            if let Some(h) = &attested.consume_join_token {
+                change.ops.push(Op::ConsumeJoinToken {
+                    hash: h.clone(),
+                    now: now_s,
+                });
+            }
+            let id = &attested.identity;
+            if id.status == IdentityStatus::Compromised {
+                // Fresh evidence (gate 1 checked it postdates the compromise) restores it.
+                let mut restored = (**id).clone();
+                restored.status = IdentityStatus::Active;
+                restored.status_since = now_s;
+                restored.status_reason =
+                    format!("restored by a fresh {} attestation", attested.method);
+                restored.revision += 1;
+                restored.updated_at = now_s;
+                restored.updated_by = attested.actor.clone();
+                change.ops.push(Op::UpdateIdentity {
+                    record: restored,
+                    expected_revision: id.revision,
+                });
+                change.audit.push(
+                    AuditDraft::new(
+                        self.now_nanos(),
+                        &attested.actor,
+                        "identity.restore",
+                        &id.id,
+                        Decision::Allow,
+                        "compromised identity restored by fresh attestation",
+                        &ctx.request_id,
+                    )
+                    .with("method", attested.method),
+                );
+            } else {
+                change.ops.push(Op::AssertIdentityRevision {
+                    id: id.id.clone(),
+                    revision: id.revision,
+                });
+            }
+            change.audit.push(
+                AuditDraft::new(
+                    self.now_nanos(),
+                    &attested.actor,
+                    "attest",
+                    &id.id,
+                    Decision::Allow,
+                    "evidence accepted",
+                    &ctx.request_id,
+                )
+                .with("method", attested.method)
+                .with("spiffe_id", id.spiffe_id.as_str()),
+            );
+            change.ops.push(Op::AppendLedger(x.ledger));
+            change.audit.push(x.audit);
+            let mut issued_jwts = Vec::with_capacity(minted_jwts.len());
+            for m in minted_jwts {
+                change.ops.push(Op::AppendLedger(m.ledger));
+                change.audit.push(m.audit);
+                issued_jwts.push(m.issued);
+            }
+            match self.store.commit(change).await {
+                Ok(_) => {
+                    metrics::counter!("sigil_issuance_total", "kind" => "x509", "result" => "issued").increment(1);
+                    metrics::counter!("sigil_issuance_total", "kind" => "jwt", "result" => "issued").increment(issued_jwts.len() as u64);
+                    return Ok(Attestation {
+                        x509: x.issued,
+                        jwts: issued_jwts,
+                    });
+                }
+                Err(StoreError::Conflict(Conflict::StaleRevision { .. })) => continue,
+                // A concurrent use of the same join token won the race: nothing was issued here.
+                Err(StoreError::Conflict(c)) => {
+                    let e = AttestError::Failed {
+                        method: attested.method,
+                        actor: attested.actor.clone(),
+                        identity_id: Some(id.id.clone()),
+                        detail: c.to_string(),
+                    };
+                    return Err(self.attestation_failed(e, "attest", ctx).await);
+                }
+                Err(e) => return Err(self.commit_failed(e, "attest")),
+            }
         }
+        Err(self.kept_changing())
     }
 
     /// Renews the caller's X.509-SVID; the caller proves itself with its current one (mTLS).
@@ -246,36 +284,36 @@ impl Broker {
         ask: X509Ask,
         ctx: &RequestContext,
     ) -> Result<IssuedX509, BrokerError> {
-        let now = self.clock.now();
         self.check_x509_ask(&ask)?;
-        let attested = self.attest_peer(ctx, "x509.mint").await?;
-        let grant = self
-            .run_gates(
-                &attested,
-                Ask::X509 {
-                    dns_names: &ask.dns_names,
-                },
-                ask.ttl,
-                self.cfg.issuance.default_x509_ttl,
-                "x509.mint",
-                ctx,
-            )
-            .await?;
         let csr = VerifiedCsr::from_der(&ask.csr_der)
             .map_err(|e| BrokerError::invalid("csr", e.to_string()))?;
-        let ring = self.keys.current();
-        let m = self.sign_x509(&ring, &attested, &csr, &ask.dns_names, grant, ctx, now)?;
-        let change = Change {
-            ops: vec![Op::AppendLedger(m.ledger)],
-            audit: vec![m.audit],
-        };
-        self.store
-            .commit(change)
-            .await
-            .map_err(|e| self.commit_failed(e, "x509.mint"))?;
-        metrics::counter!("sigil_issuance_total", "kind" => "x509", "result" => "issued")
-            .increment(1);
-        Ok(m.issued)
+        for _ in 0..STALE_RETRIES {
+            let now = self.clock.now();
+            let attested = self.attest_peer(ctx, "x509.mint").await?;
+            let grant = self
+                .run_gates(
+                    &attested,
+                    Ask::X509 {
+                        dns_names: &ask.dns_names,
+                    },
+                    ask.ttl,
+                    self.cfg.issuance.default_x509_ttl,
+                    "x509.mint",
+                    ctx,
+                )
+                .await?;
+            let ring = self.keys.current();
+            let m = self.sign_x509(&ring, &attested, &csr, &ask.dns_names, grant, ctx, now)?;
+            if self
+                .commit_issuance(&attested, m.ledger, m.audit, "x509.mint")
+                .await?
+            {
+                metrics::counter!("sigil_issuance_total", "kind" => "x509", "result" => "issued")
+                    .increment(1);
+                return Ok(m.issued);
+            }
+        }
+        Err(self.kept_changing())
     }
 
     /// Mints a JWT-SVID for the caller (mTLS).
@@ -284,35 +322,68 @@ impl Broker {
         ask: JwtAsk,
         ctx: &RequestContext,
     ) -> Result<IssuedJwt, BrokerError> {
-        let now = self.clock.now();
         self.check_jwt_ask(&ask, "request")?;
-        let attested = self.attest_peer(ctx, "jwt.mint").await?;
-        let grant = self
-            .run_gates(
-                &attested,
-                Ask::Jwt {
-                    audiences: &ask.audiences,
-                    scopes: &ask.scopes,
-                },
-                ask.ttl,
-                self.cfg.issuance.default_jwt_ttl,
-                "jwt.mint",
-                ctx,
-            )
-            .await?;
-        let ring = self.keys.current();
-        let m = self.sign_jwt(&ring, &attested, &ask, grant, ctx, now)?;
+        for _ in 0..STALE_RETRIES {
+            let now = self.clock.now();
+            let attested = self.attest_peer(ctx, "jwt.mint").await?;
+            let grant = self
+                .run_gates(
+                    &attested,
+                    Ask::Jwt {
+                        audiences: &ask.audiences,
+                        scopes: &ask.scopes,
+                    },
+                    ask.ttl,
+                    self.cfg.issuance.default_jwt_ttl,
+                    "jwt.mint",
+                    ctx,
+                )
+                .await?;
+            let ring = self.keys.current();
+            let m = self.sign_jwt(&ring, &attested, &ask, grant, ctx, now)?;
+            if self
+                .commit_issuance(&attested, m.ledger, m.audit, "jwt.mint")
+                .await?
+            {
+                metrics::counter!("sigil_issuance_total", "kind" => "jwt", "result" => "issued")
+                    .increment(1);
+                return Ok(m.issued);
+            }
+        }
+        Err(self.kept_changing())
+    }
+
+    /// Commits one issuance with its audit entry, asserting the identity is as the gates saw
+    /// it. `Ok(false)`: it changed meanwhile; run the gates again.
+    async fn commit_issuance(
+        &self,
+        attested: &Attested,
+        ledger: LedgerRecord,
+        audit: AuditDraft,
+        action: &str,
+    ) -> Result<bool, BrokerError> {
+        let id = &attested.identity;
         let change = Change {
-            ops: vec![Op::AppendLedger(m.ledger)],
-            audit: vec![m.audit],
+            ops: vec![
+                Op::AssertIdentityRevision {
+                    id: id.id.clone(),
+                    revision: id.revision,
+                },
+                Op::AppendLedger(ledger),
+            ],
+            audit: vec![audit],
         };
-        self.store
-            .commit(change)
-            .await
-            .map_err(|e| self.commit_failed(e, "jwt.mint"))?;
-        metrics::counter!("sigil_issuance_total", "kind" => "jwt", "result" => "issued")
-            .increment(1);
-        Ok(m.issued)
+        match self.store.commit(change).await {
+            Ok(_) => Ok(true),
+            Err(StoreError::Conflict(Conflict::StaleRevision { .. })) => Ok(false),
+            Err(e) => Err(self.commit_failed(e, action)),
+        }
+    }
+
+    fn kept_changing(&self) -> BrokerError {
+        BrokerError::Unavailable(
+            "the identity kept changing while this credential was being issued; retry".into(),
+        )
     }
 
     fn check_x509_ask(&self, ask: &X509Ask) -> Result<(), BrokerError> {
@@ -368,7 +439,7 @@ impl Broker {
         Ok(())
     }
 
-    async fn attest_peer(
+    pub(crate) async fn attest_peer(
         &self,
         ctx: &RequestContext,
         action: &str,
@@ -379,9 +450,7 @@ impl Broker {
                     .into(),
             ));
         };
-        match attest::x509::attest(self.store.as_ref(), &self.registry, peer, self.clock.unix())
-            .await
-        {
+        match attest::x509::attest(self, peer, self.clock.unix()).await {
             Ok(a) => Ok(a),
             Err(e) => Err(self.attestation_failed(e, action, ctx).await),
         }
@@ -440,6 +509,7 @@ impl Broker {
             identity: &attested.identity,
             method: attested.method,
             presented_generation: attested.presented_generation,
+            evidence_issued_at: attested.evidence_issued_at,
             ask,
             requested_ttl: ttl,
             default_ttl,

@@ -9,7 +9,10 @@
 //! - [`authz`]: gate 1 (identity proof), gate 2 (entitlement scope), and the slot for gate 3.
 //! - [`issue`]: signing and the single durable commit of ledger + audit; [`admin`]: operator
 //!   changes to identities and join tokens.
-//! - [`keys`]: CA and JWT keys in memory; [`seal`]: the master key and sealing at rest.
+//! - [`revoke`]: revoking credentials and identities, leak response, introspection;
+//!   [`hub`]: the revocation set and the fan-out to `Watch` streams.
+//! - [`keys`]: CA and JWT keys in memory; [`rotate`]: their rotation schedule;
+//!   [`seal`]: the master key and sealing at rest.
 //! - [`store`]: the [`store::Store`] trait and its redb backend (group-committing writer).
 //! - [`audit`]: hash-chained audit entries; [`model`]: the records.
 //! - [`http`]: health and bundle over HTTP.
@@ -30,11 +33,14 @@ pub mod dev;
 pub mod error;
 pub mod fsutil;
 pub mod http;
+pub mod hub;
 pub mod init;
 pub mod issue;
 pub mod keys;
 pub mod model;
 pub mod registry;
+pub mod revoke;
+pub mod rotate;
 pub mod seal;
 pub mod server;
 pub mod store;

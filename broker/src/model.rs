@@ -185,6 +185,9 @@ pub struct IdentityRecord {
     /// Why it is in that state (set by whoever changed it).
     #[serde(default)]
     pub status_reason: String,
+    /// Unix seconds when it entered that state.
+    #[serde(default)]
+    pub status_since: i64,
     /// Unix seconds after which it stops minting until recertified.
     pub expires_at: i64,
     /// Bumped to revoke every credential minted before.
@@ -242,8 +245,31 @@ pub enum KeyState {
     Current,
     /// Published until everything it signed has expired.
     Previous,
-    /// Neither published nor signing.
+    /// Neither published nor signing: everything it signed has expired.
     Retired,
+    /// Withdrawn in an emergency: unpublished, and everything it signed is invalid.
+    Revoked,
+}
+
+impl KeyState {
+    /// The lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Next => "next",
+            KeyState::Current => "current",
+            KeyState::Previous => "previous",
+            KeyState::Retired => "retired",
+            KeyState::Revoked => "revoked",
+        }
+    }
+
+    /// Whether verifiers should see it in the bundle.
+    pub fn is_published(self) -> bool {
+        matches!(
+            self,
+            KeyState::Next | KeyState::Current | KeyState::Previous
+        )
+    }
 }
 
 /// A signing key: its public half in the clear, its private half sealed.
@@ -265,6 +291,22 @@ pub struct KeyRecord {
     pub created_at: i64,
     /// Unix seconds after which nothing it signed is valid.
     pub not_after: i64,
+    /// Unix seconds when it started signing.
+    #[serde(default)]
+    pub activated_at: Option<i64>,
+    /// Unix seconds when a previous key leaves the bundle (everything it signed has expired).
+    #[serde(default)]
+    pub retire_at: Option<i64>,
+    /// Unix nanoseconds of the last change; the bundle sequence is the newest of these.
+    #[serde(default)]
+    pub changed_at: i64,
+    /// For CA keys: the subject key identifier (hex), which leaves carry as their authority
+    /// key identifier.
+    #[serde(default)]
+    pub ski: Option<String>,
+    /// Why it was revoked.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub revoked_reason: String,
 }
 
 impl fmt::Debug for KeyRecord {
@@ -309,6 +351,29 @@ pub struct LedgerRecord {
     pub signing_key_id: String,
     /// How the holder proved what it is (`join_token`, `x509`, `operator`, ...).
     pub attestation: String,
+}
+
+/// A revoked credential. Kept only until the credential would have expired anyway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationRecord {
+    /// Serial (hex) or `jti`.
+    pub credential_id: String,
+    /// Kind.
+    pub kind: CredentialKind,
+    /// Its identity.
+    pub identity_id: String,
+    /// Its SPIFFE ID.
+    pub spiffe_id: String,
+    /// The key that signed it (the CRL it belongs in).
+    pub signing_key_id: String,
+    /// When it expires; the revocation is pruned after this.
+    pub expires_at: i64,
+    /// Unix seconds.
+    pub revoked_at: i64,
+    /// Why.
+    pub reason: String,
+    /// Who.
+    pub revoked_by: String,
 }
 
 /// The store key of a credential: serial bytes (X.509, from hex) or `jti` bytes (JWT, from
@@ -387,6 +452,11 @@ mod tests {
             sealed_private: vec![0xAB; 40],
             created_at: 0,
             not_after: 0,
+            activated_at: None,
+            retire_at: None,
+            changed_at: 0,
+            ski: None,
+            revoked_reason: String::new(),
         };
         assert!(!format!("{k:?}").contains("171"));
         let json = serde_json::to_string(&k).unwrap();

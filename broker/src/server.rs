@@ -136,17 +136,20 @@ pub async fn start(
     let td = store.meta().await?.trust_domain;
     let registry = Registry::new(store.identities().await?);
     let ring = keys::load(&td, &store.keys().await?, &sealer)?;
+    let revocations = crate::hub::RevocationSet::new(store.revocations().await?);
     let cancel = CancellationToken::new();
-    let broker = Arc::new(Broker::new(
+    let broker = Broker::new(crate::broker::BrokerParts {
         store,
         registry,
-        Keys::new(ring),
-        GateChain::standard(),
-        opts.clock,
-        cfg.clone(),
+        keys: Keys::new(ring),
+        revocations,
+        gates: GateChain::standard(),
+        clock: opts.clock,
+        cfg: cfg.clone(),
         td,
         sealer,
-    ));
+        shutdown: cancel.clone(),
+    });
 
     let listener = TcpListener::bind(cfg.listen)
         .await

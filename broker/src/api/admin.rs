@@ -65,6 +65,59 @@ pub fn identity(r: &IdentityRecord) -> pb::Identity {
     }
 }
 
+/// The API form of a ledger record.
+pub fn credential(r: crate::model::LedgerRecord) -> pb::Credential {
+    pb::Credential {
+        credential_id: r.credential_id,
+        kind: r.kind.as_str().into(),
+        identity_id: r.identity_id,
+        spiffe_id: r.spiffe_id,
+        generation: r.generation,
+        audiences: r.audiences,
+        scopes: r.scopes,
+        dns_names: r.dns_names,
+        issued_at: r.issued_at,
+        expires_at: r.expires_at,
+        signing_key_id: r.signing_key_id,
+        attestation: r.attestation,
+    }
+}
+
+fn report(r: crate::revoke::RevocationReport) -> pb::RevocationReport {
+    pb::RevocationReport {
+        identity: Some(identity(&r.identity)),
+        leaked: r.leaked.map(credential),
+        live_credentials: r.live.into_iter().map(credential).collect(),
+        dry_run: r.dry_run,
+        audit_sequence: r.audit_seq.unwrap_or(0),
+    }
+}
+
+fn keys(broker: &Broker) -> pb::ListKeysResponse {
+    let ring = broker.keys().current();
+    let mut recs = ring.records.clone();
+    recs.sort_by_key(|r| (format!("{:?}", r.kind), std::cmp::Reverse(r.changed_at)));
+    pb::ListKeysResponse {
+        keys: recs
+            .into_iter()
+            .map(|r| pb::Key {
+                kind: serde_json::to_value(r.kind)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                state: r.state.as_str().into(),
+                created_at: r.created_at,
+                not_after: r.not_after,
+                activated_at: r.activated_at.unwrap_or(0),
+                retire_at: r.retire_at.unwrap_or(0),
+                ski: r.ski.unwrap_or_default(),
+                id: r.id,
+            })
+            .collect(),
+        bundle_sequence: ring.bundle.sequence,
+    }
+}
+
 fn entitlements(e: pb::Entitlements) -> EntitlementSpec {
     EntitlementSpec {
         kinds: e.kinds,
@@ -235,20 +288,119 @@ impl pb::admin_server::Admin for AdminApi {
             .credential(&req.get_ref().credential_id)
             .await
             .map_err(|e| status(e, &ctx))?;
-        Ok(Response::new(pb::Credential {
-            credential_id: r.credential_id,
-            kind: r.kind.as_str().into(),
-            identity_id: r.identity_id,
-            spiffe_id: r.spiffe_id,
-            generation: r.generation,
-            audiences: r.audiences,
-            scopes: r.scopes,
-            dns_names: r.dns_names,
-            issued_at: r.issued_at,
-            expires_at: r.expires_at,
-            signing_key_id: r.signing_key_id,
-            attestation: r.attestation,
+        Ok(Response::new(credential(r)))
+    }
+
+    async fn revoke_credential(
+        &self,
+        req: Request<pb::RevokeCredentialRequest>,
+    ) -> Result<Response<pb::RevokeCredentialResponse>, Status> {
+        let ctx = context(&req);
+        let op = self
+            .broker
+            .authorize_operator(&ctx)
+            .map_err(|e| status(e, &ctx))?;
+        let r = req.into_inner();
+        let rec = self
+            .broker
+            .revoke_credential(&op, &r.credential_id, &r.reason, &ctx)
+            .await
+            .map_err(|e| status(e, &ctx))?;
+        Ok(Response::new(pb::RevokeCredentialResponse {
+            credential: Some(credential(rec)),
         }))
+    }
+
+    async fn revoke_identity(
+        &self,
+        req: Request<pb::RevokeIdentityRequest>,
+    ) -> Result<Response<pb::RevocationReport>, Status> {
+        let ctx = context(&req);
+        let op = self
+            .broker
+            .authorize_operator(&ctx)
+            .map_err(|e| status(e, &ctx))?;
+        let r = req.into_inner();
+        let rep = self
+            .broker
+            .revoke_identity(
+                &op,
+                &r.id_or_spiffe_id,
+                &r.reason,
+                r.suspend,
+                r.dry_run,
+                &ctx,
+            )
+            .await
+            .map_err(|e| status(e, &ctx))?;
+        Ok(Response::new(report(rep)))
+    }
+
+    async fn report_leak(
+        &self,
+        req: Request<pb::ReportLeakRequest>,
+    ) -> Result<Response<pb::RevocationReport>, Status> {
+        let ctx = context(&req);
+        let op = self
+            .broker
+            .authorize_operator(&ctx)
+            .map_err(|e| status(e, &ctx))?;
+        let r = req.into_inner();
+        let rep = self
+            .broker
+            .report_leak(&op, &r.material, &r.reason, r.dry_run, &ctx)
+            .await
+            .map_err(|e| status(e, &ctx))?;
+        Ok(Response::new(report(rep)))
+    }
+
+    async fn revoke_key(
+        &self,
+        req: Request<pb::RevokeKeyRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let ctx = context(&req);
+        let op = self
+            .broker
+            .authorize_operator(&ctx)
+            .map_err(|e| status(e, &ctx))?;
+        let r = req.into_inner();
+        self.broker
+            .revoke_key(&op, &r.key_id, &r.reason, &ctx)
+            .await
+            .map_err(|e| status(e, &ctx))?;
+        Ok(Response::new(keys(&self.broker)))
+    }
+
+    async fn rotate(
+        &self,
+        req: Request<pb::RotateRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let ctx = context(&req);
+        let op = self
+            .broker
+            .authorize_operator(&ctx)
+            .map_err(|e| status(e, &ctx))?;
+        let r = req.into_inner();
+        let kind = r
+            .kind
+            .parse()
+            .map_err(|e: String| status(BrokerError::invalid("kind", e), &ctx))?;
+        self.broker
+            .rotate(&op, kind, r.now, &ctx)
+            .await
+            .map_err(|e| status(e, &ctx))?;
+        Ok(Response::new(keys(&self.broker)))
+    }
+
+    async fn list_keys(
+        &self,
+        req: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let ctx = context(&req);
+        self.broker
+            .authorize_operator(&ctx)
+            .map_err(|e| status(e, &ctx))?;
+        Ok(Response::new(keys(&self.broker)))
     }
 
     async fn list_audit(

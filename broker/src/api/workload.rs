@@ -1,17 +1,22 @@
 //! The workload-facing `sigil.v1.Broker` service.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
 use sigil_pki::SecretString;
 use sigil_proto::v1 as pb;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::{context, status, ttl};
 use crate::authz::Grant;
 use crate::broker::Broker;
 use crate::error::BrokerError;
+use crate::hub::{HubEvent, Sequenced, Target};
 use crate::issue::{Evidence, IssuedJwt, IssuedX509, JwtAsk, X509Ask};
 use crate::keys::KeyRing;
+use crate::model::{IdentityStatus, RevocationRecord};
 
 /// Implements `sigil.v1.Broker`.
 #[derive(Debug, Clone)]
@@ -80,8 +85,225 @@ fn jwt_ask(r: pb::JwtRequest) -> JwtAsk {
     }
 }
 
+fn revoked(r: &RevocationRecord) -> pb::RevokedCredential {
+    pb::RevokedCredential {
+        credential_id: r.credential_id.clone(),
+        kind: r.kind.as_str().into(),
+        spiffe_id: r.spiffe_id.clone(),
+        expires_at: r.expires_at,
+        reason: r.reason.clone(),
+    }
+}
+
+/// The full revocation state, for a watcher that starts fresh or fell behind.
+fn revocation_snapshot(broker: &Broker, seq: u64) -> pb::WatchEvent {
+    let floors = broker
+        .registry()
+        .list()
+        .iter()
+        .filter(|r| r.generation > 1 || r.status == IdentityStatus::Retired)
+        .map(|r| pb::GenerationFloor {
+            spiffe_id: r.spiffe_id.to_string(),
+            min_generation: r.generation,
+        })
+        .collect();
+    pb::WatchEvent {
+        sequence: seq,
+        kind: Some(pb::watch_event::Kind::Revocations(pb::Revocations {
+            snapshot: true,
+            credentials: broker
+                .revocations()
+                .snapshot()
+                .iter()
+                .map(revoked)
+                .collect(),
+            floors,
+            revoked_keys: broker.keys().current().revoked_keys.clone(),
+            expired: Vec::new(),
+        })),
+    }
+}
+
+/// What one watcher is sent for a hub event (directives only reach their addressee).
+fn watch_event(
+    broker: &Broker,
+    ev: &Sequenced,
+    peer: Option<&crate::attest::x509::PeerCert>,
+) -> Option<pb::WatchEvent> {
+    use pb::watch_event::Kind;
+    let additions = |r: pb::Revocations| Some(Kind::Revocations(r));
+    let kind = match &ev.event {
+        HubEvent::Bundle => Some(Kind::Bundle(bundle(&broker.keys().current()))),
+        HubEvent::Revoked(recs) => additions(pb::Revocations {
+            credentials: recs.iter().map(revoked).collect(),
+            ..Default::default()
+        }),
+        HubEvent::Expired(ids) => additions(pb::Revocations {
+            expired: ids.clone(),
+            ..Default::default()
+        }),
+        HubEvent::Floors(f) => additions(pb::Revocations {
+            floors: f
+                .iter()
+                .map(|(id, g)| pb::GenerationFloor {
+                    spiffe_id: id.clone(),
+                    min_generation: *g,
+                })
+                .collect(),
+            ..Default::default()
+        }),
+        HubEvent::KeysRevoked(k) => additions(pb::Revocations {
+            revoked_keys: k.clone(),
+            ..Default::default()
+        }),
+        HubEvent::RenewNow { target, reason } => {
+            let addressed = match (target, peer) {
+                (Target::All, Some(_)) => true,
+                (Target::Serial(s), Some(p)) => p.serial_hex() == *s,
+                (Target::SpiffeId(id), Some(p)) => {
+                    p.spiffe_id.as_ref().is_some_and(|x| x.as_str() == id)
+                }
+                (_, None) => false,
+            };
+            addressed.then(|| {
+                Kind::RenewNow(pb::RenewNow {
+                    reason: reason.clone(),
+                })
+            })
+        }
+    };
+    kind.map(|k| pb::WatchEvent {
+        sequence: ev.seq,
+        kind: Some(k),
+    })
+}
+
+/// Streams trust changes to one watcher until it goes away or the broker shuts down.
+async fn run_watch(
+    broker: Arc<Broker>,
+    since: u64,
+    peer: Option<Arc<crate::attest::x509::PeerCert>>,
+    tx: mpsc::Sender<Result<pb::WatchEvent, Status>>,
+) {
+    let (mut rx, replay) = broker.hub().subscribe(since);
+    metrics::gauge!("sigil_watch_streams").increment(1.0);
+    let snapshot = |b: &Broker| {
+        let seq = b.hub().sequence();
+        [
+            pb::WatchEvent {
+                sequence: seq,
+                kind: Some(pb::watch_event::Kind::Bundle(bundle(&b.keys().current()))),
+            },
+            revocation_snapshot(b, seq),
+        ]
+    };
+    let initial: Vec<pb::WatchEvent> = match replay {
+        Some(events) => events
+            .iter()
+            .filter_map(|e| watch_event(&broker, e, peer.as_deref()))
+            .collect(),
+        None => snapshot(&broker).into(),
+    };
+    'outer: {
+        for m in initial {
+            if tx.send(Ok(m)).await.is_err() {
+                break 'outer;
+            }
+        }
+        loop {
+            let next = tokio::select! {
+                _ = broker.shutdown_token().cancelled() => break,
+                _ = tx.closed() => break,
+                r = rx.recv() => r,
+            };
+            let out: Vec<pb::WatchEvent> = match next {
+                Ok(ev) => watch_event(&broker, &ev, peer.as_deref())
+                    .into_iter()
+                    .collect(),
+                // Too slow to keep up: start it over from a snapshot.
+                Err(broadcast::error::RecvError::Lagged(_)) => snapshot(&broker).into(),
+                Err(broadcast::error::RecvError::Closed) => break,
+            };
+            for m in out {
+                if tx.send(Ok(m)).await.is_err() {
+                    break 'outer;
+                }
+            }
+        }
+    }
+    metrics::gauge!("sigil_watch_streams").decrement(1.0);
+}
+
 #[tonic::async_trait]
 impl pb::broker_server::Broker for WorkloadApi {
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let ctx = context(&req);
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(run_watch(
+            self.broker.clone(),
+            req.get_ref().since_sequence,
+            ctx.peer.clone(),
+            tx,
+        ));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn introspect(
+        &self,
+        req: Request<pb::IntrospectRequest>,
+    ) -> Result<Response<pb::IntrospectResponse>, Status> {
+        let ctx = context(&req);
+        // Any current Sigil credential may introspect; operators also learn why a credential
+        // is inactive (RFC 7662 tells others nothing about inactive tokens).
+        let operator = self.broker.authorize_operator(&ctx).is_ok();
+        if !operator {
+            self.broker
+                .attest_peer(&ctx, "introspect")
+                .await
+                .map_err(|e| status(e, &ctx))?;
+        }
+        let r = match req.into_inner().subject {
+            Some(pb::introspect_request::Subject::Token(t)) => {
+                self.broker.introspect_token(t.trim())
+            }
+            Some(pb::introspect_request::Subject::Certificate(c)) => {
+                self.broker.introspect_certificate(&c).await
+            }
+            None => {
+                return Err(status(
+                    BrokerError::invalid("subject", "give a token or a certificate"),
+                    &ctx,
+                ));
+            }
+        };
+        if !r.active {
+            return Ok(Response::new(pb::IntrospectResponse {
+                active: false,
+                reason: if operator { r.reason } else { String::new() },
+                ..Default::default()
+            }));
+        }
+        Ok(Response::new(pb::IntrospectResponse {
+            active: true,
+            sub: r.sub,
+            aud: r.aud,
+            exp: r.exp,
+            iat: r.iat,
+            jti: r.id,
+            scope: r.scopes.join(" "),
+            token_type: r.kind,
+            generation: r.generation,
+            reason: String::new(),
+        }))
+    }
+
     async fn attest(
         &self,
         req: Request<pb::AttestRequest>,

@@ -102,6 +102,7 @@ pub async fn attest(
         actor,
         consume_join_token: Some(h),
         presented_generation: None,
+        evidence_issued_at: Some(rec.created_at),
     })
 }
 

@@ -25,6 +25,9 @@ pub struct Attested {
     pub consume_join_token: Option<String>,
     /// Generation of the presented certificate (renewal).
     pub presented_generation: Option<u64>,
+    /// When fresh evidence (a join token) was issued: a compromised identity is restored only
+    /// by evidence newer than the compromise.
+    pub evidence_issued_at: Option<i64>,
 }
 
 /// Why attestation failed. `detail` is for the audit log only; callers learn just the method.

@@ -9,8 +9,8 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::{AttestError, Attested};
+use crate::broker::Broker;
 use crate::model::CredentialKind;
-use crate::registry::Registry;
 use crate::store::Store;
 
 /// Which of the broker's anchors issued a client certificate.
@@ -33,6 +33,8 @@ pub struct PeerCert {
     pub not_after: i64,
     /// Which anchor.
     pub issuer: PeerIssuer,
+    /// The issuing CA's key identifier (the leaf's authority key identifier), hex.
+    pub issuer_key_id: Option<String>,
     ledger: OnceCell<Option<(String, u64)>>,
 }
 
@@ -58,11 +60,22 @@ impl PeerCert {
         } else {
             PeerIssuer::Workload
         };
+        let issuer_key_id = c
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(a) => a
+                    .key_identifier
+                    .as_ref()
+                    .map(|k| sigil_pki::ids::to_hex(k.0)),
+                _ => None,
+            });
         Some(PeerCert {
             spiffe_id,
             serial: c.raw_serial().to_vec(),
             not_after: c.validity().not_after.timestamp(),
             issuer,
+            issuer_key_id,
             ledger: OnceCell::new(),
         })
     }
@@ -91,10 +104,10 @@ impl PeerCert {
     }
 }
 
-/// Attests the caller of an mTLS request by its certificate.
+/// Attests the caller of an mTLS request by its certificate: a current Sigil certificate,
+/// not revoked, from a CA that is not revoked, of a known identity.
 pub async fn attest(
-    store: &dyn Store,
-    registry: &Registry,
+    broker: &Broker,
     peer: &Arc<PeerCert>,
     now: i64,
 ) -> Result<Attested, AttestError> {
@@ -124,16 +137,36 @@ pub async fn attest(
             ),
         ));
     }
+    if let Some(r) = broker.revocations().get(&peer.serial) {
+        return Err(fail(
+            Some(r.identity_id),
+            format!(
+                "certificate {} was revoked: {}",
+                peer.serial_hex(),
+                r.reason
+            ),
+        ));
+    }
+    if peer
+        .issuer_key_id
+        .as_deref()
+        .is_some_and(|k| broker.keys().current().is_revoked(k))
+    {
+        return Err(fail(
+            None,
+            "the CA that signed the certificate was revoked".into(),
+        ));
+    }
     let Some(id) = &peer.spiffe_id else {
         return Err(fail(
             None,
             "client certificate has no single SPIFFE ID URI SAN".into(),
         ));
     };
-    let Some(identity) = registry.by_spiffe_id(id.as_str()) else {
+    let Some(identity) = broker.registry().by_spiffe_id(id.as_str()) else {
         return Err(fail(None, format!("no identity has SPIFFE ID {id}")));
     };
-    let Some((identity_id, generation)) = peer.ledger_entry(store).await? else {
+    let Some((identity_id, generation)) = peer.ledger_entry(broker.store().as_ref()).await? else {
         return Err(fail(
             Some(identity.id.clone()),
             format!(
@@ -157,5 +190,6 @@ pub async fn attest(
         actor,
         consume_join_token: None,
         presented_generation: Some(generation),
+        evidence_issued_at: None,
     })
 }

@@ -9,13 +9,14 @@
 //! trait.
 
 use std::fmt;
+use std::sync::Weak;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sigil_pki::TrustDomain;
 
 use crate::audit::AuditDraft;
-use crate::model::{IdentityRecord, JoinTokenRecord, KeyRecord, LedgerRecord};
+use crate::model::{IdentityRecord, JoinTokenRecord, KeyRecord, LedgerRecord, RevocationRecord};
 
 pub mod redb;
 
@@ -56,10 +57,25 @@ pub enum Op {
         /// Unix seconds.
         now: i64,
     },
+    /// Fails unless the identity's stored revision is `revision`: the state the gates judged
+    /// is still the state at commit (no suspend, retire or leak slipped in between).
+    AssertIdentityRevision {
+        /// Identity id.
+        id: String,
+        /// The revision the caller evaluated.
+        revision: u64,
+    },
     /// Adds or replaces a signing key.
     PutKey(KeyRecord),
     /// Records an issued credential.
     AppendLedger(LedgerRecord),
+    /// Records a revoked credential.
+    PutRevocation(RevocationRecord),
+    /// Drops revocations of credentials that expired before `expired_before` (Unix seconds).
+    PruneRevocations {
+        /// Cut-off.
+        expired_before: i64,
+    },
 }
 
 /// An atomic unit of writes with the audit entries that describe it.
@@ -146,6 +162,14 @@ pub enum StoreError {
     Closed,
 }
 
+/// Told about every committed change, in commit order, before the committer hears back: the
+/// broker's in-memory views (registry, revocations, keys, watch streams) follow the store this
+/// way.
+pub trait CommitObserver: Send + Sync {
+    /// `ops` of the changes that just became durable.
+    fn committed(&self, ops: &[&Op]);
+}
+
 /// Everything the broker persists.
 #[async_trait]
 pub trait Store: Send + Sync + fmt::Debug + 'static {
@@ -171,12 +195,26 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Number of ledger records.
     async fn ledger_len(&self) -> Result<u64, StoreError>;
 
+    /// Ledger records issued at or after `since` (Unix seconds), optionally of one identity,
+    /// oldest first.
+    async fn ledger_since(
+        &self,
+        since: i64,
+        identity_id: Option<String>,
+    ) -> Result<Vec<LedgerRecord>, StoreError>;
+
+    /// Every stored revocation.
+    async fn revocations(&self) -> Result<Vec<RevocationRecord>, StoreError>;
+
     /// Raw audit entries (stored JSON) with sequence numbers from `from_seq`, at most `limit`.
     async fn audit_entries(
         &self,
         from_seq: u64,
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+
+    /// Registers the observer of committed changes (held weakly).
+    fn set_observer(&self, observer: Weak<dyn CommitObserver>);
 
     /// `Err(reason)` when the last commit failed for a storage reason (the broker cannot issue
     /// until that clears); `Ok` otherwise. Cheap: for readiness checks.

@@ -24,9 +24,11 @@ use redb::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Change, Committed, Conflict, Op, SCHEMA_VERSION, Store, StoreError, StoreMeta};
+use super::{
+    Change, CommitObserver, Committed, Conflict, Op, SCHEMA_VERSION, Store, StoreError, StoreMeta,
+};
 use crate::audit::ChainHead;
-use crate::model::{IdentityRecord, JoinTokenRecord, KeyRecord, LedgerRecord};
+use crate::model::{IdentityRecord, JoinTokenRecord, KeyRecord, LedgerRecord, RevocationRecord};
 use crate::seal::Sealer;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -36,6 +38,9 @@ const JOIN_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("join_tok
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
 const LEDGER: TableDefinition<&[u8], &[u8]> = TableDefinition::new("ledger");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+const IDENTITY_REVISIONS: TableDefinition<&str, u64> = TableDefinition::new("identity_revisions");
+/// Keyed by expiry (big-endian seconds) then credential id, so pruning is a range delete.
+const REVOCATIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("revocations");
 
 const META_INFO: &str = "store_meta";
 const META_KEY_CHECK: &str = "key_check";
@@ -126,7 +131,10 @@ pub struct RedbStore {
     writer: std::sync::Mutex<Option<JoinHandle<()>>>,
     /// The last commit failure, cleared by the next successful commit.
     failure: Arc<std::sync::Mutex<Option<String>>>,
+    observer: Observer,
 }
+
+type Observer = Arc<std::sync::RwLock<Option<std::sync::Weak<dyn CommitObserver>>>>;
 
 impl std::fmt::Debug for RedbStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -209,6 +217,8 @@ impl RedbStore {
             txn.open_table(KEYS).map_err(unavailable)?;
             txn.open_table(LEDGER).map_err(unavailable)?;
             txn.open_table(AUDIT).map_err(unavailable)?;
+            txn.open_table(IDENTITY_REVISIONS).map_err(unavailable)?;
+            txn.open_table(REVOCATIONS).map_err(unavailable)?;
         }
         txn.commit().map_err(unavailable)?;
         Ok(Self::start(db, path, sealer, ChainHead::default()))
@@ -308,9 +318,11 @@ impl RedbStore {
         let wdb = db.clone();
         let failure = Arc::new(std::sync::Mutex::new(None));
         let wfailure = failure.clone();
+        let observer: Observer = Arc::default();
+        let wobserver = observer.clone();
         let writer = std::thread::Builder::new()
             .name("sigil-store-writer".into())
-            .spawn(move || writer_loop(&wdb, &sealer, head, rx, &wfailure))
+            .spawn(move || writer_loop(&wdb, &sealer, head, rx, &wfailure, &wobserver))
             .ok();
         RedbStore {
             db,
@@ -318,6 +330,7 @@ impl RedbStore {
             tx: ArcSwapOption::from_pointee(tx),
             writer: std::sync::Mutex::new(writer),
             failure,
+            observer,
         }
     }
 
@@ -339,6 +352,7 @@ fn writer_loop(
     mut head: ChainHead,
     mut rx: mpsc::UnboundedReceiver<Job>,
     failure: &std::sync::Mutex<Option<String>>,
+    observer: &Observer,
 ) {
     let mut jobs: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
@@ -357,6 +371,22 @@ fn writer_loop(
                 head = next_head;
                 if let Ok(mut f) = failure.lock() {
                     f.take();
+                }
+                // In-memory views catch up before anyone hears the commit succeeded.
+                let obs = observer
+                    .read()
+                    .ok()
+                    .and_then(|o| o.as_ref().and_then(std::sync::Weak::upgrade));
+                if let Some(obs) = obs {
+                    let ops: Vec<&Op> = jobs
+                        .iter()
+                        .zip(&results)
+                        .filter(|(_, r)| r.is_ok())
+                        .flat_map(|(j, _)| j.change.ops.iter())
+                        .collect();
+                    if !ops.is_empty() {
+                        obs.committed(&ops);
+                    }
                 }
                 for (job, result) in jobs.drain(..).zip(results) {
                     let _ = job.reply.send(result.map_err(StoreError::from));
@@ -384,6 +414,8 @@ struct Tables<'t> {
     keys: redb::Table<'t, &'static str, &'static [u8]>,
     ledger: redb::Table<'t, &'static [u8], &'static [u8]>,
     audit: redb::Table<'t, u64, &'static [u8]>,
+    revisions: redb::Table<'t, &'static str, u64>,
+    revocations: redb::Table<'t, &'static [u8], &'static [u8]>,
 }
 
 fn apply_batch(
@@ -404,6 +436,8 @@ fn apply_batch(
             keys: txn.open_table(KEYS).map_err(unavailable)?,
             ledger: txn.open_table(LEDGER).map_err(unavailable)?,
             audit: txn.open_table(AUDIT).map_err(unavailable)?,
+            revisions: txn.open_table(IDENTITY_REVISIONS).map_err(unavailable)?,
+            revocations: txn.open_table(REVOCATIONS).map_err(unavailable)?,
         };
         for job in jobs {
             match check(&t, &job.change)? {
@@ -488,7 +522,29 @@ fn check(t: &Tables<'_>, change: &Change) -> Result<Result<(), Conflict>, StoreE
                     return Ok(Err(Conflict::JoinTokenExpired));
                 }
             }
-            Op::PutJoinToken(_) | Op::PutKey(_) | Op::AppendLedger(_) => {}
+            Op::AssertIdentityRevision { id, revision } => {
+                let found = t
+                    .revisions
+                    .get(id.as_str())
+                    .map_err(unavailable)?
+                    .map(|g| g.value());
+                match found {
+                    None => return Ok(Err(Conflict::IdentityMissing(id.clone()))),
+                    Some(r) if r != *revision => {
+                        return Ok(Err(Conflict::StaleRevision {
+                            id: id.clone(),
+                            expected: *revision,
+                            found: r,
+                        }));
+                    }
+                    Some(_) => {}
+                }
+            }
+            Op::PutJoinToken(_)
+            | Op::PutKey(_)
+            | Op::AppendLedger(_)
+            | Op::PutRevocation(_)
+            | Op::PruneRevocations { .. } => {}
         }
     }
     Ok(Ok(()))
@@ -503,6 +559,18 @@ fn ledger_key(rec: &LedgerRecord) -> Result<Vec<u8>, StoreError> {
     })
 }
 
+fn revocation_key(rec: &RevocationRecord) -> Result<Vec<u8>, StoreError> {
+    let id = crate::model::credential_key(rec.kind, &rec.credential_id).ok_or_else(|| {
+        StoreError::Unavailable(format!(
+            "revocation has a malformed credential id {:?}",
+            rec.credential_id
+        ))
+    })?;
+    let mut key = rec.expires_at.max(0).to_be_bytes().to_vec();
+    key.extend_from_slice(&id);
+    Ok(key)
+}
+
 fn write(t: &mut Tables<'_>, change: &Change) -> Result<(), StoreError> {
     for op in &change.ops {
         match op {
@@ -513,6 +581,29 @@ fn write(t: &mut Tables<'_>, change: &Change) -> Result<(), StoreError> {
                 t.spiffe
                     .insert(rec.spiffe_id.as_str(), rec.id.as_str())
                     .map_err(unavailable)?;
+                t.revisions
+                    .insert(rec.id.as_str(), rec.revision)
+                    .map_err(unavailable)?;
+            }
+            Op::AssertIdentityRevision { .. } => {}
+            Op::PutRevocation(rec) => {
+                let key = revocation_key(rec)?;
+                t.revocations
+                    .insert(key.as_slice(), to_json(rec).as_slice())
+                    .map_err(unavailable)?;
+            }
+            Op::PruneRevocations { expired_before } => {
+                let end = (*expired_before).max(0).to_be_bytes();
+                let doomed: Vec<Vec<u8>> = t
+                    .revocations
+                    .range::<&[u8]>(..end.as_slice())
+                    .map_err(unavailable)?
+                    .map(|item| item.map(|(k, _)| k.value().to_vec()))
+                    .collect::<Result<_, _>>()
+                    .map_err(unavailable)?;
+                for k in doomed {
+                    t.revocations.remove(k.as_slice()).map_err(unavailable)?;
+                }
             }
             Op::UpdateIdentity { record, .. } => {
                 let old = t
@@ -520,6 +611,9 @@ fn write(t: &mut Tables<'_>, change: &Change) -> Result<(), StoreError> {
                     .insert(record.id.as_str(), to_json(record).as_slice())
                     .map_err(unavailable)?
                     .map(|g| g.value().to_vec());
+                t.revisions
+                    .insert(record.id.as_str(), record.revision)
+                    .map_err(unavailable)?;
                 if let Some(old) = old {
                     let old: IdentityRecord =
                         serde_json::from_slice(&old).map_err(|e| corrupt("identity", e))?;
@@ -681,6 +775,55 @@ impl Store for RedbStore {
             Ok(out)
         })
         .await
+    }
+
+    async fn ledger_since(
+        &self,
+        since: i64,
+        identity_id: Option<String>,
+    ) -> Result<Vec<LedgerRecord>, StoreError> {
+        self.read(move |db| {
+            let r = db.begin_read().map_err(unavailable)?;
+            let t = r.open_table(LEDGER).map_err(unavailable)?;
+            // Ledger keys start with the issue time in big-endian nanoseconds.
+            let start = (since.max(0) as u64)
+                .saturating_mul(1_000_000_000)
+                .to_be_bytes();
+            let mut out = Vec::new();
+            for item in t.range::<&[u8]>(start.as_slice()..).map_err(unavailable)? {
+                let (_, v) = item.map_err(unavailable)?;
+                let rec: LedgerRecord =
+                    serde_json::from_slice(v.value()).map_err(|e| corrupt("ledger record", e))?;
+                if identity_id
+                    .as_deref()
+                    .is_none_or(|id| rec.identity_id == id)
+                {
+                    out.push(rec);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn revocations(&self) -> Result<Vec<RevocationRecord>, StoreError> {
+        self.read(|db| {
+            let r = db.begin_read().map_err(unavailable)?;
+            let t = r.open_table(REVOCATIONS).map_err(unavailable)?;
+            let mut out = Vec::new();
+            for item in t.iter().map_err(unavailable)? {
+                let (_, v) = item.map_err(unavailable)?;
+                out.push(serde_json::from_slice(v.value()).map_err(|e| corrupt("revocation", e))?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    fn set_observer(&self, observer: std::sync::Weak<dyn CommitObserver>) {
+        if let Ok(mut o) = self.observer.write() {
+            *o = Some(observer);
+        }
     }
 
     fn health(&self) -> Result<(), String> {
