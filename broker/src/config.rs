@@ -62,6 +62,11 @@ pub struct Config {
     pub http_listen: Option<SocketAddr>,
     /// DNS names in the broker's own server certificate (loopback IPs are always added).
     pub server_names: Vec<String>,
+    /// The `iss` of JWT-SVIDs and the issuer of OIDC discovery: the public URL of the HTTP
+    /// listener (e.g. `https://sigil.example.org`), for cloud web-identity federation. Unset:
+    /// tokens carry no `iss` and discovery names the URL it was reached at.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_issuer: Option<String>,
     /// Master key file; default `DATA_DIR/master.key`. `SIGIL_MASTER_KEY` takes precedence.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub master_key_file: Option<PathBuf>,
@@ -201,6 +206,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
             http_listen: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
             server_names: vec!["localhost".into()],
+            jwt_issuer: None,
             master_key_file: None,
             issuance: Issuance::default(),
             limits: Limits::default(),

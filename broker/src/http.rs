@@ -1,51 +1,216 @@
-//! The HTTP listener: health and the trust bundle, for load balancers and verifiers that do
-//! not speak gRPC.
+//! The HTTP listener, for load balancers and for verifiers that do not speak gRPC:
+//!
+//! - `/healthz`, `/readyz`;
+//! - `/bundle` (SPIFFE bundle JSON with `spiffe_sequence` and `spiffe_refresh_hint`),
+//!   `/bundle.pem`;
+//! - `/.well-known/openid-configuration` and `/keys` (a plain JWKS), so any JWT library or a
+//!   cloud provider's web-identity federation can verify JWT-SVIDs;
+//! - `/crl/root` (revoked intermediates, signed by the root) and `/crl/<intermediate key id>`
+//!   (revoked leaves), DER, regenerated when the revocation set changes.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use serde_json::json;
+use sigil_pki::RevokedSerial;
 
 use crate::broker::Broker;
+use crate::clock::from_unix;
+use crate::model::{CredentialKind, KeyKind, KeyState};
+
+/// How long a CRL is valid; it is regenerated at half of that, and on every revocation.
+const CRL_VALIDITY: Duration = Duration::from_secs(600);
+
+#[derive(Clone)]
+struct AppState {
+    broker: Arc<Broker>,
+    crls: Arc<Mutex<HashMap<String, CachedCrl>>>,
+}
+
+struct CachedCrl {
+    revocations_version: u64,
+    bundle_sequence: u64,
+    made_at: i64,
+    der: Vec<u8>,
+}
 
 /// The routes.
 pub fn router(broker: Arc<Broker>) -> Router {
+    let state = AppState {
+        broker,
+        crls: Arc::default(),
+    };
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/bundle", get(bundle_json))
         .route("/bundle.pem", get(bundle_pem))
-        .with_state(broker)
+        .route("/.well-known/openid-configuration", get(discovery))
+        .route("/keys", get(jwks))
+        .route("/crl/{id}", get(crl))
+        .with_state(state)
 }
 
 /// Ready when the store answers and its last commit did not fail: a broker that cannot
 /// record issuance cannot issue.
-async fn ready(State(b): State<Arc<Broker>>) -> impl IntoResponse {
-    if let Err(reason) = b.store().health() {
+async fn ready(State(s): State<AppState>) -> impl IntoResponse {
+    if let Err(reason) = s.broker.store().health() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: the store cannot commit ({reason})\n"),
         );
     }
-    match b.store().meta().await {
+    match s.broker.store().meta().await {
         Ok(_) => (StatusCode::OK, "ready\n".to_owned()),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
     }
 }
 
-async fn bundle_json(State(b): State<Arc<Broker>>) -> impl IntoResponse {
+async fn bundle_json(State(s): State<AppState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "application/json")],
-        b.keys().current().bundle_json.clone(),
+        s.broker.keys().current().bundle_json.clone(),
     )
 }
 
-async fn bundle_pem(State(b): State<Arc<Broker>>) -> impl IntoResponse {
+async fn bundle_pem(State(s): State<AppState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "application/x-pem-file")],
-        b.keys().current().bundle.x509_pem(),
+        s.broker.keys().current().bundle.x509_pem(),
     )
+}
+
+fn issuer(s: &AppState, headers: &HeaderMap) -> String {
+    if let Some(i) = &s.broker.config().jwt_issuer {
+        return i.trim_end_matches('/').to_owned();
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
+    format!("http://{host}")
+}
+
+async fn discovery(State(s): State<AppState>, headers: HeaderMap) -> impl IntoResponse {
+    let iss = issuer(&s, &headers);
+    let doc = json!({
+        "issuer": iss,
+        "jwks_uri": format!("{iss}/keys"),
+        "response_types_supported": ["id_token"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["ES256"],
+        "claims_supported": ["sub", "aud", "exp", "iat", "jti", "iss", "scope"],
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        doc.to_string(),
+    )
+}
+
+async fn jwks(State(s): State<AppState>) -> Response {
+    match s.broker.keys().current().bundle.oidc_jwks() {
+        Ok(j) => ([(header::CONTENT_TYPE, "application/jwk-set+json")], j).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+async fn crl(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+    let id = id.trim_end_matches(".crl").to_owned();
+    let b = &s.broker;
+    let now = b.clock().unix();
+    let version = b.revocations().version();
+    let ring = b.keys().current();
+    let sequence = ring.bundle.sequence;
+    if let Ok(cache) = s.crls.lock() {
+        if let Some(c) = cache.get(&id) {
+            if c.revocations_version == version
+                && c.bundle_sequence == sequence
+                && now < c.made_at + CRL_VALIDITY.as_secs() as i64 / 2
+            {
+                return (
+                    [(header::CONTENT_TYPE, "application/pkix-crl")],
+                    c.der.clone(),
+                )
+                    .into_response();
+            }
+        }
+    }
+    // The root's CRL lists revoked intermediates; an intermediate's lists revoked leaves.
+    let (ca, revoked): (&sigil_pki::CertificateAuthority, Vec<RevokedSerial>) = if id == "root" {
+        let revoked = ring
+            .records
+            .iter()
+            .filter(|r| r.kind == KeyKind::IntermediateCa && r.state == KeyState::Revoked)
+            .filter_map(|r| {
+                let cert = r.cert_der.as_ref()?;
+                let (_, c) = x509_parser::parse_x509_certificate(cert).ok()?;
+                Some(RevokedSerial {
+                    serial: c.raw_serial().to_vec(),
+                    revoked_at: from_unix(r.changed_at / 1_000_000_000),
+                })
+            })
+            .collect();
+        (&ring.root, revoked)
+    } else {
+        let Some(int) = ring
+            .intermediates
+            .iter()
+            .find(|i| i.id == id || i.ski == id)
+        else {
+            return (
+                StatusCode::NOT_FOUND,
+                format!("no CRL {id:?}: use /crl/root or /crl/<intermediate key id>\n"),
+            )
+                .into_response();
+        };
+        let Some(ca) = int.ca.as_ref() else {
+            return (
+                StatusCode::GONE,
+                "that intermediate is retired or revoked; see /crl/root\n",
+            )
+                .into_response();
+        };
+        let revoked = b
+            .revocations()
+            .snapshot()
+            .into_iter()
+            .filter(|r| r.kind == CredentialKind::X509 && r.signing_key_id == int.id)
+            .filter_map(|r| {
+                Some(RevokedSerial {
+                    serial: sigil_pki::ids::from_hex(&r.credential_id)?,
+                    revoked_at: from_unix(r.revoked_at),
+                })
+            })
+            .collect();
+        (ca, revoked)
+    };
+    let number = u64::try_from(crate::clock::unix_nanos(b.clock().now())).unwrap_or(0);
+    match ca.crl(
+        &revoked,
+        b.clock().now(),
+        b.clock().now() + CRL_VALIDITY,
+        number,
+    ) {
+        Ok(der) => {
+            if let Ok(mut cache) = s.crls.lock() {
+                cache.insert(
+                    id,
+                    CachedCrl {
+                        revocations_version: version,
+                        bundle_sequence: sequence,
+                        made_at: now,
+                        der: der.clone(),
+                    },
+                );
+            }
+            ([(header::CONTENT_TYPE, "application/pkix-crl")], der).into_response()
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("CRL: {e}\n")).into_response(),
+    }
 }

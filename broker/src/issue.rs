@@ -644,6 +644,7 @@ impl Broker {
         let exp = iat + grant.ttl.as_secs() as i64;
         let jti = ids::jti_to_string(&ids::new_jti(now));
         let claims = JwtSvidClaims {
+            iss: self.cfg.jwt_issuer.clone(),
             sub: id.spiffe_id.clone(),
             aud: ask.audiences.clone(),
             exp,

@@ -136,6 +136,18 @@ impl SpiffeBundle {
         Ok(b)
     }
 
+    /// The JWT keys as a plain JWKS (`use` = `sig`, `alg` = `ES256`), as OIDC discovery serves
+    /// it, for any JWT library or a cloud provider's web-identity federation.
+    pub fn oidc_jwks(&self) -> Result<String, PkiError> {
+        let mut keys = Vec::new();
+        for k in &self.jwt_authorities {
+            let (x, y) = point_xy(&k.public_point)?;
+            keys.push(json!({"kty": "EC", "crv": "P-256", "x": x, "y": y, "kid": k.kid, "use": "sig", "alg": "ES256"}));
+        }
+        serde_json::to_string(&json!({ "keys": keys }))
+            .map_err(|_| PkiError::Internal("JWKS encoding"))
+    }
+
     /// The roots as PEM.
     pub fn x509_pem(&self) -> String {
         certs_to_pem(self.x509_authorities.iter())

@@ -283,6 +283,45 @@ impl CertificateAuthority {
     }
 }
 
+/// One entry of a CRL.
+#[derive(Debug, Clone)]
+pub struct RevokedSerial {
+    /// Serial number bytes.
+    pub serial: Vec<u8>,
+    /// When it was revoked.
+    pub revoked_at: SystemTime,
+}
+
+impl CertificateAuthority {
+    /// A DER CRL signed by this CA listing `revoked`, valid from `now` until `next_update`,
+    /// numbered `number` (must grow with every CRL this CA issues).
+    pub fn crl(
+        &self,
+        revoked: &[RevokedSerial],
+        now: SystemTime,
+        next_update: SystemTime,
+        number: u64,
+    ) -> Result<Vec<u8>, PkiError> {
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: to_odt(now),
+            next_update: to_odt(next_update),
+            crl_number: SerialNumber::from_slice(&number.to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|r| rcgen::RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&r.serial),
+                    revocation_time: to_odt(r.revoked_at),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.der().to_vec())
+    }
+}
+
 /// PEM text for a sequence of DER certificates.
 pub fn certs_to_pem<'a>(certs: impl IntoIterator<Item = &'a CertificateDer<'a>>) -> String {
     certs

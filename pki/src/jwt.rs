@@ -77,6 +77,8 @@ pub enum JwtError {
 /// Claims of a JWT-SVID as minted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JwtSvidClaims {
+    /// Issuer URL (`iss`), when the broker is configured with one (for OIDC federation).
+    pub iss: Option<String>,
     /// The SPIFFE ID.
     pub sub: SpiffeId,
     /// Audiences; at least one.
@@ -95,6 +97,8 @@ pub struct JwtSvidClaims {
 
 #[derive(Serialize)]
 struct WireClaims<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iss: Option<&'a str>,
     sub: &'a str,
     aud: Aud<'a>,
     exp: i64,
@@ -152,6 +156,7 @@ impl JwtSigner {
             return Err(PkiError::Internal("a JWT-SVID needs at least one audience"));
         }
         let wire = WireClaims {
+            iss: claims.iss.as_deref(),
             sub: claims.sub.as_str(),
             aud: if claims.aud.len() == 1 {
                 Aud::One(&claims.aud[0])
@@ -384,9 +389,15 @@ pub fn verify(
             ));
         }
     };
+    let iss = match claims.get("iss") {
+        None => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err(JwtError::WrongClaimType("iss", "must be a string")),
+    };
     Ok(VerifiedJwt {
         kid,
         claims: JwtSvidClaims {
+            iss,
             sub,
             aud,
             exp,
@@ -428,6 +439,7 @@ mod tests {
     fn claims(exp_in: i64) -> JwtSvidClaims {
         let t = 1_800_000_000;
         JwtSvidClaims {
+            iss: Some("https://sigil.example.org".into()),
             sub: "spiffe://example.org/app".parse().unwrap(),
             aud: vec!["db".into()],
             exp: t + exp_in,

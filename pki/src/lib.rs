@@ -22,7 +22,8 @@ pub mod spiffe;
 
 pub use bundle::{JwtAuthority, SpiffeBundle};
 pub use ca::{
-    CaRole, CertificateAuthority, LeafSpec, LeafUsage, MintedLeaf, certs_from_pem, certs_to_pem,
+    CaRole, CertificateAuthority, LeafSpec, LeafUsage, MintedLeaf, RevokedSerial, certs_from_pem,
+    certs_to_pem,
 };
 pub use csr::{CsrError, VerifiedCsr};
 pub use jwt::{JwtError, JwtKeys, JwtSigner, JwtSvidClaims, VerifiedJwt, VerifyOptions};

@@ -65,6 +65,17 @@ pub enum Command {
     /// Manage join tokens (operator).
     #[command(subcommand, name = "join-token")]
     JoinToken(JoinTokenCmd),
+    /// Revoke a credential, or everything an identity holds (operator).
+    #[command(subcommand)]
+    Revoke(RevokeCmd),
+    /// Report a leaked token or certificate: revoke it and everything its identity holds, mark
+    /// the identity compromised and record the incident (operator).
+    Leak(LeakArgs),
+    /// Rotate keys: `jwt`, `x509` (the signing intermediate) or `root` (operator).
+    Rotate(RotateArgs),
+    /// List signing keys, or revoke one in an emergency (operator).
+    #[command(subcommand)]
+    Keys(KeysCmd),
     /// Look up issued credentials in the ledger (operator).
     #[command(subcommand)]
     Credential(CredentialCmd),
@@ -197,6 +208,95 @@ pub enum JoinTokenCmd {
     },
 }
 
+/// `sigil revoke ...`.
+#[derive(Debug, Subcommand)]
+pub enum RevokeCmd {
+    /// Revoke one certificate (serial) or JWT-SVID (jti).
+    Credential {
+        /// Serial (hex) or jti.
+        id: String,
+        /// Why (recorded in the audit log).
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Revoke everything an identity holds (its generation moves on).
+    Identity {
+        /// Identity id or SPIFFE ID.
+        identity: String,
+        /// Why.
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Also suspend it, so it cannot get new credentials until resumed.
+        #[arg(long)]
+        suspend: bool,
+        /// Show what would be revoked; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+/// `sigil leak`.
+#[derive(Debug, Args)]
+pub struct LeakArgs {
+    /// A file holding the leaked JWT or PEM certificate, or `-` for standard input.
+    pub file: String,
+    /// Why (recorded in the incident).
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    /// Show the blast radius; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// `sigil rotate`.
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    /// `jwt`, `x509` or `root`.
+    pub kind: String,
+    /// Finish at once instead of publishing the next key first (verifiers may meet the new
+    /// key before their next bundle refresh; watch streams carry it immediately).
+    #[arg(long)]
+    pub now: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// `sigil keys ...`.
+#[derive(Debug, Subcommand)]
+pub enum KeysCmd {
+    /// List signing keys and their rotation state.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Emergency: withdraw a JWT key or intermediate; a new one takes over at once and
+    /// everything the old one signed stops verifying.
+    Revoke {
+        /// Key id (or a CA's key identifier).
+        key_id: String,
+        /// Why.
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
 /// `sigil credential ...`.
 #[derive(Debug, Subcommand)]
 pub enum CredentialCmd {
@@ -236,6 +336,10 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Identity(c) => operator::identity(c).await,
         Command::JoinToken(c) => operator::join_token(c).await,
         Command::Credential(c) => operator::credential(c).await,
+        Command::Revoke(c) => operator::revoke(c).await,
+        Command::Leak(a) => operator::leak(a).await,
+        Command::Rotate(a) => operator::rotate(a).await,
+        Command::Keys(c) => operator::keys(c).await,
         Command::Audit(c) => operator::audit(c).await,
         Command::Fetch(a) => fetch::run(a).await,
         Command::Bench(a) => crate::bench::run(a).await,

@@ -12,7 +12,10 @@ use sigil_proto::v1 as pb;
 use sigil_proto::v1::admin_client::AdminClient;
 use tonic::transport::Channel;
 
-use super::{AuditCmd, Conn, CredentialCmd, IdentityCmd, JoinTokenCmd};
+use super::{
+    AuditCmd, Conn, CredentialCmd, IdentityCmd, JoinTokenCmd, KeysCmd, LeakArgs, RevokeCmd,
+    RotateArgs,
+};
 use crate::clock::rfc3339;
 use crate::config::{ADMIN_DIR, BROKER_URL_FILE, BUNDLE_FILE};
 
@@ -468,6 +471,224 @@ pub(super) async fn join_token(cmd: JoinTokenCmd) -> Result<()> {
     Ok(())
 }
 
+fn credential_json(r: &pb::Credential) -> serde_json::Value {
+    json!({
+        "credential_id": r.credential_id, "kind": r.kind, "identity_id": r.identity_id, "spiffe_id": r.spiffe_id,
+        "generation": r.generation, "audiences": r.audiences, "scopes": r.scopes, "dns_names": r.dns_names,
+        "issued_at": rfc3339(r.issued_at), "expires_at": rfc3339(r.expires_at), "signing_key_id": r.signing_key_id,
+        "attestation": r.attestation,
+    })
+}
+
+fn print_report(r: &pb::RevocationReport, as_json: bool) {
+    if as_json {
+        let v = json!({
+            "dry_run": r.dry_run,
+            "identity": r.identity.as_ref().map(identity_json),
+            "leaked": r.leaked.as_ref().map(credential_json),
+            "live_credentials": r.live_credentials.iter().map(credential_json).collect::<Vec<_>>(),
+            "audit_sequence": r.audit_sequence,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return;
+    }
+    let id = r.identity.clone().unwrap_or_default();
+    if r.dry_run {
+        println!("DRY RUN: nothing was changed.");
+    }
+    if let Some(l) = &r.leaked {
+        println!(
+            "leaked:      {} {} of {} (expires {})",
+            l.kind,
+            l.credential_id,
+            l.spiffe_id,
+            rfc3339(l.expires_at)
+        );
+    }
+    println!("identity:    {} ({})", id.spiffe_id, id.id);
+    println!(
+        "status:      {}{}",
+        status_name(id.status),
+        if id.status_reason.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", id.status_reason)
+        }
+    );
+    println!("generation:  {}", id.generation);
+    let verb = if r.dry_run { "would revoke" } else { "revoked" };
+    println!(
+        "blast radius: {verb} {} live credential(s)",
+        r.live_credentials.len()
+    );
+    for c in &r.live_credentials {
+        let aud = if c.audiences.is_empty() {
+            String::new()
+        } else {
+            format!(" aud={}", c.audiences.join(","))
+        };
+        println!(
+            "  {:<5} {}{aud} (expires {})",
+            c.kind,
+            c.credential_id,
+            rfc3339(c.expires_at)
+        );
+    }
+    if r.audit_sequence > 0 {
+        println!("audit entry: {}", r.audit_sequence);
+    }
+}
+
+fn print_keys(k: &pb::ListKeysResponse, as_json: bool) {
+    if as_json {
+        let v: Vec<_> = k
+            .keys
+            .iter()
+            .map(|k| json!({"id": k.id, "kind": k.kind, "state": k.state, "created_at": k.created_at, "not_after": k.not_after, "activated_at": k.activated_at, "retire_at": k.retire_at, "ski": k.ski}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"keys": v, "bundle_sequence": k.bundle_sequence}))
+                .unwrap_or_default()
+        );
+        return;
+    }
+    println!(
+        "{:<16} {:<9} {:<44} {:<21} RETIRES",
+        "KIND", "STATE", "ID", "CREATED"
+    );
+    for k in &k.keys {
+        let retire = if k.retire_at > 0 {
+            rfc3339(k.retire_at)
+        } else {
+            "-".into()
+        };
+        println!(
+            "{:<16} {:<9} {:<44} {:<21} {retire}",
+            k.kind,
+            k.state,
+            k.id,
+            rfc3339(k.created_at)
+        );
+    }
+    println!("bundle sequence: {}", k.bundle_sequence);
+}
+
+/// `sigil revoke ...`.
+pub(super) async fn revoke(cmd: RevokeCmd) -> Result<()> {
+    match cmd {
+        RevokeCmd::Credential { id, reason, conn } => {
+            let mut c = conn.connect()?;
+            let r = c
+                .revoke_credential(pb::RevokeCredentialRequest {
+                    credential_id: id,
+                    reason,
+                })
+                .await
+                .map_err(sigil_sdk::SdkError::from)?
+                .into_inner();
+            let cr = r.credential.unwrap_or_default();
+            println!(
+                "revoked {} {} of {} (it would have expired {})",
+                cr.kind,
+                cr.credential_id,
+                cr.spiffe_id,
+                rfc3339(cr.expires_at)
+            );
+        }
+        RevokeCmd::Identity {
+            identity,
+            reason,
+            suspend,
+            dry_run,
+            json,
+            conn,
+        } => {
+            let mut c = conn.connect()?;
+            let r = c
+                .revoke_identity(pb::RevokeIdentityRequest {
+                    id_or_spiffe_id: identity,
+                    reason,
+                    suspend,
+                    dry_run,
+                })
+                .await
+                .map_err(sigil_sdk::SdkError::from)?
+                .into_inner();
+            print_report(&r, json);
+        }
+    }
+    Ok(())
+}
+
+/// `sigil leak`.
+pub(super) async fn leak(a: LeakArgs) -> Result<()> {
+    let material = zeroize::Zeroizing::new(if a.file == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .context("reading the leaked material from standard input")?;
+        s
+    } else {
+        std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file))?
+    });
+    let mut c = a.conn.connect()?;
+    let r = c
+        .report_leak(pb::ReportLeakRequest {
+            material: material.trim().to_owned(),
+            reason: a.reason,
+            dry_run: a.dry_run,
+        })
+        .await
+        .map_err(sigil_sdk::SdkError::from)?
+        .into_inner();
+    print_report(&r, a.json);
+    Ok(())
+}
+
+/// `sigil rotate`.
+pub(super) async fn rotate(a: RotateArgs) -> Result<()> {
+    let mut c = a.conn.connect()?;
+    let r = c
+        .rotate(pb::RotateRequest {
+            kind: a.kind,
+            now: a.now,
+        })
+        .await
+        .map_err(sigil_sdk::SdkError::from)?
+        .into_inner();
+    print_keys(&r, false);
+    Ok(())
+}
+
+/// `sigil keys ...`.
+pub(super) async fn keys(cmd: KeysCmd) -> Result<()> {
+    match cmd {
+        KeysCmd::List { json, conn } => {
+            let r = conn
+                .connect()?
+                .list_keys(pb::ListKeysRequest {})
+                .await
+                .map_err(sigil_sdk::SdkError::from)?
+                .into_inner();
+            print_keys(&r, json);
+        }
+        KeysCmd::Revoke {
+            key_id,
+            reason,
+            conn,
+        } => {
+            let r = conn
+                .connect()?
+                .revoke_key(pb::RevokeKeyRequest { key_id, reason })
+                .await
+                .map_err(sigil_sdk::SdkError::from)?
+                .into_inner();
+            print_keys(&r, false);
+        }
+    }
+    Ok(())
+}
+
 /// `sigil credential ...`.
 pub(super) async fn credential(cmd: CredentialCmd) -> Result<()> {
     match cmd {
@@ -478,13 +699,7 @@ pub(super) async fn credential(cmd: CredentialCmd) -> Result<()> {
                 .await
                 .map_err(sigil_sdk::SdkError::from)?
                 .into_inner();
-            let v = json!({
-                "credential_id": r.credential_id, "kind": r.kind, "identity_id": r.identity_id, "spiffe_id": r.spiffe_id,
-                "generation": r.generation, "audiences": r.audiences, "scopes": r.scopes, "dns_names": r.dns_names,
-                "issued_at": rfc3339(r.issued_at), "expires_at": rfc3339(r.expires_at), "signing_key_id": r.signing_key_id,
-                "attestation": r.attestation,
-            });
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            println!("{}", serde_json::to_string_pretty(&credential_json(&r))?);
         }
     }
     Ok(())
