@@ -322,6 +322,9 @@ pub mod dur {
     /// `d` in its largest whole unit: `90d`, `36h`, `10m`, `45s` (humantime's own format
     /// counts 30.44-day months, which nobody writes).
     pub fn format(d: Duration) -> String {
+        if d.subsec_nanos() != 0 {
+            return format!("{}ms", d.as_millis());
+        }
         let s = d.as_secs();
         match s {
             0 => "0s".into(),
@@ -356,6 +359,8 @@ mod tests {
         assert_eq!(back.issuance.join_token_ttl, Duration::from_secs(600));
         assert!(text.contains("identity_lifetime = \"90d\""), "{text}");
         assert_eq!(dur::format(Duration::from_secs(5400)), "90m");
+        assert_eq!(dur::format(Duration::from_millis(200)), "200ms");
+        assert_eq!(dur::format(Duration::from_millis(1500)), "1500ms");
         let partial = Config::parse(
             "listen = \"127.0.0.1:9000\"\n[issuance]\ndefault_jwt_ttl = \"2m\"\n",
             "t",

@@ -127,19 +127,17 @@ async fn crl(State(s): State<AppState>, Path(id): Path<String>) -> Response {
     let version = b.revocations().version();
     let ring = b.keys().current();
     let sequence = ring.bundle.sequence;
-    if let Ok(cache) = s.crls.lock() {
-        if let Some(c) = cache.get(&id) {
-            if c.revocations_version == version
-                && c.bundle_sequence == sequence
-                && now < c.made_at + CRL_VALIDITY.as_secs() as i64 / 2
-            {
-                return (
-                    [(header::CONTENT_TYPE, "application/pkix-crl")],
-                    c.der.clone(),
-                )
-                    .into_response();
-            }
-        }
+    if let Ok(cache) = s.crls.lock()
+        && let Some(c) = cache.get(&id)
+        && c.revocations_version == version
+        && c.bundle_sequence == sequence
+        && now < c.made_at + CRL_VALIDITY.as_secs() as i64 / 2
+    {
+        return (
+            [(header::CONTENT_TYPE, "application/pkix-crl")],
+            c.der.clone(),
+        )
+            .into_response();
     }
     // The root's CRL lists revoked intermediates; an intermediate's lists revoked leaves.
     let (ca, revoked): (&sigil_pki::CertificateAuthority, Vec<RevokedSerial>) = if id == "root" {

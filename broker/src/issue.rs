@@ -83,6 +83,8 @@ pub struct IssuedJwt {
     pub jti: String,
     /// `exp`.
     pub expires_at: i64,
+    /// `iat`.
+    pub issued_at: i64,
     /// What was granted.
     pub grant: Grant,
 }
@@ -694,6 +696,7 @@ impl Broker {
                 scopes: ask.scopes.clone(),
                 jti,
                 expires_at: exp,
+                issued_at: iat,
                 grant,
             },
             ledger,

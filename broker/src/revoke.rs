@@ -307,10 +307,11 @@ impl Broker {
                 expected_revision: identity.revision,
             }];
             let mut revoked = Vec::new();
-            if let Some(l) = &leaked {
-                if l.expires_at > now && !self.is_revoked(l.kind, &l.credential_id) {
-                    ops.push(Op::PutRevocation(revocation(l, now, reason, actor)));
-                }
+            if let Some(l) = &leaked
+                && l.expires_at > now
+                && !self.is_revoked(l.kind, &l.credential_id)
+            {
+                ops.push(Op::PutRevocation(revocation(l, now, reason, actor)));
             }
             for r in &live {
                 ops.push(Op::PutRevocation(revocation(r, now, reason, actor)));

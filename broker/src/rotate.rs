@@ -100,10 +100,10 @@ pub fn plan(records: &[KeyRecord], now: i64, policy: &Rotation, max_ttl: Duratio
         }
     }
     // A root rotation is started by an operator; the schedule finishes it.
-    if let Some(next) = find(records, KeyKind::RootCa, KeyState::Next) {
-        if now >= next.created_at + prepare {
-            steps.push(Step::Activate(RotateKind::Root, next.id.clone()));
-        }
+    if let Some(next) = find(records, KeyKind::RootCa, KeyState::Next)
+        && now >= next.created_at + prepare
+    {
+        steps.push(Step::Activate(RotateKind::Root, next.id.clone()));
     }
     for r in records.iter().filter(|r| r.state == KeyState::Previous) {
         if r.retire_at.is_some_and(|t| now >= t) {

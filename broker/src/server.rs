@@ -230,6 +230,11 @@ pub async fn start(
         grpc_addr,
         cancel.clone(),
     )));
+    // Key rotation on its schedule, and pruning of revocations that expired anyway.
+    tasks.push(tokio::spawn(crate::rotate::schedule_loop(
+        broker.clone(),
+        cancel.clone(),
+    )));
 
     let url = format!("https://{grpc_addr}\n");
     if let Err(e) =

@@ -3,6 +3,13 @@
 //! Layout:
 //! - [`workload`]: [`WorkloadClient`] — attest with evidence, generate the private key locally,
 //!   fetch X.509-SVIDs, JWT-SVIDs and the bundle, renew over mutual TLS.
+//! - [`source`]: [`Source`] — credentials that renew themselves, follow the watch stream,
+//!   re-attest when they must, and publish changes; [`evidence`]: where re-attestation gets
+//!   its evidence.
+//! - [`tls`]: rustls configs that always present the current SVID and verify SPIFFE peers
+//!   against the current bundle and revocations, with an [`Authorizer`].
+//! - [`verifier`]: [`Verifier`] — offline checks of JWT-SVIDs and X.509 peers for resource
+//!   servers; [`trust`]: the bundle and revocation state they read.
 //! - [`types`]: the credentials handed out ([`X509Svid`], [`JwtSvid`], [`TrustBundle`]).
 //! - [`error`]: [`SdkError`], sorted into retryable, re-attest and fatal.
 //! - [`transport`]: rustls connections that trust only the bundle.
@@ -24,11 +31,22 @@
 
 pub mod admin;
 pub mod error;
+pub mod evidence;
+pub mod source;
+pub mod tls;
 pub mod transport;
+pub mod trust;
 pub mod types;
+pub mod verifier;
+mod watch;
 pub mod workload;
 
 pub use admin::connect_admin;
 pub use error::{ErrorKind, SdkError};
-pub use types::{Credentials, Grant, JwtSvid, TrustBundle, X509Svid};
+pub use evidence::{EvidenceSource, JoinTokenFile, OneTimeEvidence};
+pub use source::{Source, SourceConfig, SourceEvent};
+pub use tls::Authorizer;
+pub use trust::{RevocationView, TrustBundle, TrustState};
+pub use types::{Credentials, Grant, JwtSvid, X509Svid};
+pub use verifier::{Verifier, VerifyError};
 pub use workload::{ClientConfig, Evidence, JwtRequest, SvidOptions, WorkloadClient};

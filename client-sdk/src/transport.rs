@@ -132,6 +132,111 @@ pub fn client_config(
     Ok(Arc::new(cfg))
 }
 
+/// Verifies the broker's certificate (hostname and chain) against whatever roots the trust
+/// state holds now, so the connection follows root rotation.
+#[derive(Debug)]
+struct BrokerVerifier {
+    trust: Arc<crate::trust::TrustState>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    cache: std::sync::Mutex<Option<(usize, Arc<rustls::client::WebPkiServerVerifier>)>>,
+}
+
+impl BrokerVerifier {
+    fn inner(&self) -> Result<Arc<rustls::client::WebPkiServerVerifier>, rustls::Error> {
+        let roots = self.trust.current_roots();
+        let key = Arc::as_ptr(&roots) as usize;
+        let mut cache = self
+            .cache
+            .lock()
+            .map_err(|_| rustls::Error::General("verifier cache poisoned".into()))?;
+        if let Some((k, v)) = cache.as_ref()
+            && *k == key
+        {
+            return Ok(v.clone());
+        }
+        let v = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            roots.roots(),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        *cache = Some((key, v.clone()));
+        Ok(v)
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for BrokerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.inner()?
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A client config for the broker that trusts whatever roots `trust` holds now.
+pub fn dynamic_client_config(
+    trust: Arc<crate::trust::TrustState>,
+    client: Option<Arc<dyn ResolvesClientCert>>,
+) -> Result<Arc<rustls::ClientConfig>, SdkError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = Arc::new(BrokerVerifier {
+        trust,
+        provider: provider.clone(),
+        cache: std::sync::Mutex::new(None),
+    });
+    let b = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| SdkError::fatal(format!("TLS setup: {e}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut cfg = match client {
+        Some(c) => b.with_client_cert_resolver(c),
+        None => b.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
 /// A lazily-connecting channel to `target` over `tls`.
 pub fn channel(
     target: &BrokerTarget,

@@ -4,7 +4,9 @@ use std::fmt;
 use std::sync::Arc;
 
 use rustls_pki_types::CertificateDer;
-use sigil_pki::{SecretBytes, SecretString, SpiffeBundle, SpiffeId, certs_to_pem};
+use sigil_pki::{SecretBytes, SecretString, SpiffeId, certs_to_pem};
+
+use crate::TrustBundle;
 
 /// What the broker granted, when it differs from the request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -27,6 +29,8 @@ pub struct X509Svid {
     pub(crate) private_key: SecretBytes,
     /// Serial, hex.
     pub serial: String,
+    /// notBefore, Unix seconds.
+    pub not_before: i64,
     /// notAfter, Unix seconds.
     pub expires_at: i64,
     /// Identity generation.
@@ -78,6 +82,8 @@ pub struct JwtSvid {
     pub jti: String,
     /// `exp`, Unix seconds.
     pub expires_at: i64,
+    /// `iat`, Unix seconds.
+    pub issued_at: i64,
     /// What was granted.
     pub grant: Grant,
 }
@@ -91,22 +97,6 @@ impl fmt::Debug for JwtSvid {
             .field("expires_at", &self.expires_at)
             .field("token", &"<redacted>")
             .finish()
-    }
-}
-
-/// The trust bundle of the broker's trust domain.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TrustBundle {
-    /// The parsed SPIFFE bundle.
-    pub bundle: SpiffeBundle,
-    /// The SPIFFE bundle JSON, as served.
-    pub json: String,
-}
-
-impl TrustBundle {
-    /// The roots as PEM.
-    pub fn x509_pem(&self) -> String {
-        self.bundle.x509_pem()
     }
 }
 

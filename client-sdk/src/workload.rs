@@ -1,10 +1,10 @@
-//! [`WorkloadClient`]: attest, then fetch and renew credentials over mutual TLS.
+//! [`WorkloadClient`]: attest, then fetch and renew credentials over mutual TLS. For
+//! credentials that renew themselves, wrap it in a [`crate::Source`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use rustls::RootCertStore;
 use rustls_pki_types::{CertificateDer, UnixTime};
 use sigil_pki::{EcKey, SecretString, SpiffeBundle, SpiffeId, TrustDomain};
 use sigil_proto::v1 as pb;
@@ -12,6 +12,7 @@ use tonic::transport::Channel;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::transport::{self, BrokerTarget, ClientCertSlot};
+use crate::trust::TrustState;
 use crate::{Credentials, ErrorKind, Grant, JwtSvid, SdkError, TrustBundle, X509Svid};
 
 type BrokerClient = pb::broker_client::BrokerClient<Channel>;
@@ -21,7 +22,8 @@ type BrokerClient = pb::broker_client::BrokerClient<Channel>;
 pub struct ClientConfig {
     /// `https://host:port`.
     pub broker_url: String,
-    /// PEM roots to trust (the `bundle.pem` an operator handed out).
+    /// PEM roots to trust at first (the `bundle.pem` an operator handed out); the broker's
+    /// bundle replaces them once received.
     pub trust_bundle_pem: Vec<u8>,
     /// Per-call deadline.
     pub timeout: Duration,
@@ -47,7 +49,7 @@ pub enum Evidence {
 }
 
 /// A JWT-SVID wanted.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct JwtRequest {
     /// Audiences (at least one).
     pub audiences: Vec<String>,
@@ -85,14 +87,12 @@ pub struct WorkloadClient {
 #[derive(Debug)]
 struct Inner {
     target: BrokerTarget,
-    roots: Arc<RootCertStore>,
-    root_certs: Vec<CertificateDer<'static>>,
     timeout: Duration,
+    trust: Arc<TrustState>,
     anon: BrokerClient,
     cert_slot: Arc<ClientCertSlot>,
     mtls: ArcSwapOption<BrokerClient>,
     svid: ArcSwapOption<X509Svid>,
-    bundle: ArcSwapOption<TrustBundle>,
     options: std::sync::Mutex<SvidOptions>,
 }
 
@@ -129,25 +129,23 @@ impl WorkloadClient {
     /// Prepares a connection (made lazily on the first call).
     pub fn new(cfg: ClientConfig) -> Result<Self, SdkError> {
         let target = BrokerTarget::parse(&cfg.broker_url)?;
-        let root_certs = sigil_pki::certs_from_pem(&cfg.trust_bundle_pem)
+        let roots = sigil_pki::certs_from_pem(&cfg.trust_bundle_pem)
             .map_err(|e| SdkError::fatal(format!("trust bundle: {e}")))?;
-        let roots = transport::roots_from_der(&root_certs)?;
+        let trust = Arc::new(TrustState::new(roots)?);
         let anon = BrokerClient::new(transport::channel(
             &target,
-            transport::client_config(roots.clone(), None)?,
+            transport::dynamic_client_config(trust.clone(), None)?,
             cfg.timeout,
         )?);
         Ok(WorkloadClient {
             inner: Arc::new(Inner {
                 target,
-                roots,
-                root_certs,
                 timeout: cfg.timeout,
+                trust,
                 anon,
                 cert_slot: Arc::new(ClientCertSlot::default()),
                 mtls: ArcSwapOption::empty(),
                 svid: ArcSwapOption::empty(),
-                bundle: ArcSwapOption::empty(),
                 options: std::sync::Mutex::new(SvidOptions::default()),
             }),
         })
@@ -233,6 +231,32 @@ impl WorkloadClient {
         self.accept_bundle(resp.bundle.ok_or_else(|| bad_reply("no bundle"))?)
     }
 
+    /// Opens the broker's stream of trust changes, resuming after `since` (0: from a
+    /// snapshot). Uses mTLS when this client has an SVID, so directives addressed to it
+    /// arrive too.
+    pub async fn watch(&self, since: u64) -> Result<tonic::Streaming<pb::WatchEvent>, SdkError> {
+        let mut c = self
+            .inner
+            .mtls
+            .load_full()
+            .map(|c| (*c).clone())
+            .unwrap_or_else(|| self.inner.anon.clone());
+        // A stream lives until the broker or this client ends it, not for one call's deadline.
+        let mut req = tonic::Request::new(pb::WatchRequest {
+            since_sequence: since,
+        });
+        req.set_timeout(Duration::from_secs(365 * 86400));
+        Ok(c.watch(req).await?.into_inner())
+    }
+
+    /// Asks the broker whether a credential is valid right now (RFC 7662 semantics).
+    pub async fn introspect_token(&self, token: &str) -> Result<pb::IntrospectResponse, SdkError> {
+        let req = pb::IntrospectRequest {
+            subject: Some(pb::introspect_request::Subject::Token(token.to_owned())),
+        };
+        Ok(self.mtls()?.introspect(req).await?.into_inner())
+    }
+
     /// The current X.509-SVID.
     pub fn x509_svid(&self) -> Option<Arc<X509Svid>> {
         self.inner.svid.load_full()
@@ -240,7 +264,12 @@ impl WorkloadClient {
 
     /// The current bundle.
     pub fn bundle(&self) -> Option<Arc<TrustBundle>> {
-        self.inner.bundle.load_full()
+        self.inner.trust.bundle()
+    }
+
+    /// The trust state (bundle and revocations) this client keeps.
+    pub fn trust(&self) -> &Arc<TrustState> {
+        &self.inner.trust
     }
 
     fn mtls(&self) -> Result<BrokerClient, SdkError> {
@@ -251,23 +280,25 @@ impl WorkloadClient {
             .ok_or_else(|| SdkError::new(ErrorKind::Reattest, "no X.509-SVID yet: attest first"))
     }
 
-    fn accept_bundle(&self, b: pb::Bundle) -> Result<Arc<TrustBundle>, SdkError> {
+    /// Installs a bundle the broker sent (on attestation, fetch or the watch stream).
+    pub(crate) fn accept_bundle(&self, b: pb::Bundle) -> Result<Arc<TrustBundle>, SdkError> {
         let td: TrustDomain = b
             .trust_domain
             .parse()
             .map_err(|_| bad_reply("bad trust domain"))?;
         let bundle = SpiffeBundle::from_json(td, &b.spiffe_bundle_json)
             .map_err(|e| bad_reply(&e.to_string()))?;
-        let tb = Arc::new(TrustBundle {
-            bundle,
-            json: b.spiffe_bundle_json,
-        });
-        self.inner.bundle.store(Some(tb.clone()));
-        Ok(tb)
+        self.inner
+            .trust
+            .set_bundle(TrustBundle::new(bundle, b.spiffe_bundle_json)?);
+        self.inner
+            .trust
+            .bundle()
+            .ok_or_else(|| bad_reply("no bundle"))
     }
 
     /// Checks an SVID before publishing it: the leaf carries our key and one SPIFFE ID, and the
-    /// chain verifies to our roots. A bad reply never replaces a good credential.
+    /// chain verifies to the current roots. A bad reply never replaces a good credential.
     fn accept_svid(&self, s: pb::X509Svid, key: &EcKey) -> Result<Arc<X509Svid>, SdkError> {
         let chain: Vec<CertificateDer<'static>> =
             s.cert_chain.into_iter().map(CertificateDer::from).collect();
@@ -287,15 +318,10 @@ impl WorkloadClient {
             .map_err(|_| bad_reply("bad SPIFFE ID"))?;
         let ee =
             webpki::EndEntityCert::try_from(leaf).map_err(|_| bad_reply("leaf does not parse"))?;
-        let anchors: Vec<_> = self
-            .inner
-            .root_certs
-            .iter()
-            .filter_map(|c| webpki::anchor_from_trusted_cert(c).ok())
-            .collect();
+        let roots = self.inner.trust.current_roots();
         ee.verify_for_usage(
             webpki::ALL_VERIFICATION_ALGS,
-            &anchors,
+            roots.anchors(),
             &chain[1..],
             UnixTime::now(),
             webpki::KeyUsage::client_auth(),
@@ -310,6 +336,7 @@ impl WorkloadClient {
         let pkcs8 = key.to_pkcs8().map_err(|e| SdkError::fatal(e.to_string()))?;
         let svid = Arc::new(X509Svid {
             spiffe_id,
+            not_before: parsed.validity().not_before.timestamp(),
             cert_chain: chain,
             private_key: pkcs8,
             serial: s.serial,
@@ -328,7 +355,7 @@ impl WorkloadClient {
         // A new channel so the next call handshakes with the new certificate; calls in flight
         // finish on the old connection.
         let resolver: Arc<dyn rustls::client::ResolvesClientCert> = self.inner.cert_slot.clone();
-        let tls = transport::client_config(self.inner.roots.clone(), Some(resolver))?;
+        let tls = transport::dynamic_client_config(self.inner.trust.clone(), Some(resolver))?;
         let ch = transport::channel(&self.inner.target, tls, self.inner.timeout)?;
         self.inner.mtls.store(Some(Arc::new(BrokerClient::new(ch))));
         self.inner.svid.store(Some(svid));
@@ -354,6 +381,7 @@ fn jwt_svid(s: pb::JwtSvid) -> Result<JwtSvid, SdkError> {
         scopes: s.scopes,
         jti: s.jti,
         expires_at: s.expires_at,
+        issued_at: s.issued_at,
         grant: grant(s.grant),
     })
 }

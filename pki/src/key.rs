@@ -138,8 +138,7 @@ pub(crate) fn jwk_thumbprint(point: &[u8]) -> Result<String, PkiError> {
     let (x, y) = point_xy(point)?;
     // Members in lexicographic order, no whitespace (RFC 7638 section 3).
     let canonical = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, canonical.as_bytes());
-    Ok(B64URL.encode(digest.as_ref()))
+    Ok(B64URL.encode(crate::ids::sha256(canonical.as_bytes())))
 }
 
 #[cfg(test)]

@@ -54,6 +54,21 @@ impl TestBroker {
 
     /// A new broker on `clock`.
     pub async fn start_with_clock(clock: Arc<dyn Clock>) -> Self {
+        Self::start_configured(clock, |_| {}).await
+    }
+
+    /// A new broker on `clock` whose config `edit` changes before it starts. Set `RUST_LOG`
+    /// to see its logs.
+    pub async fn start_configured(
+        clock: Arc<dyn Clock>,
+        edit: impl FnOnce(&mut sigil_broker::config::Config),
+    ) -> Self {
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .try_init();
+        }
         let dir = tempfile::tempdir().expect("temp dir");
         let data = dir.path().join("data");
         let master = MasterKey::generate();
@@ -64,7 +79,7 @@ impl TestBroker {
                 listen: Some(([127, 0, 0, 1], 0).into()),
                 http_listen: Some(Some(([127, 0, 0, 1], 0).into())),
                 operator: "admin".into(),
-                operator_ttl: Duration::from_secs(86400),
+                operator_ttl: Duration::from_secs(365 * 86400),
                 master_key: Some(master.clone()),
             },
             clock.as_ref(),
@@ -72,6 +87,9 @@ impl TestBroker {
         .await
         .expect("init");
         let bundle_pem = std::fs::read(data.join("bundle.pem")).expect("bundle.pem");
+        let mut cfg = sigil_broker::config::Config::load(&data).expect("config");
+        edit(&mut cfg);
+        std::fs::write(data.join("sigil.toml"), cfg.to_toml()).expect("write config");
         let mut b = TestBroker {
             dir,
             data,
@@ -121,6 +139,24 @@ impl TestBroker {
     pub async fn restart(&mut self) {
         self.stop().await;
         self.boot().await.expect("restart");
+    }
+
+    /// Starts again on the port it had before (clients keep their broker URL).
+    pub async fn start_again_on_same_port(&mut self) {
+        let addr: std::net::SocketAddr = self
+            .url
+            .trim_start_matches("https://")
+            .parse()
+            .expect("url");
+        let mut cfg = sigil_broker::config::Config::load(&self.data).expect("config");
+        cfg.listen = addr;
+        std::fs::write(self.data.join("sigil.toml"), cfg.to_toml()).expect("write config");
+        self.boot().await.expect("restart on the same port");
+    }
+
+    /// The broker's state, for driving it directly (rotation ticks, pruning).
+    pub fn broker(&self) -> Arc<sigil_broker::Broker> {
+        self.running().broker().clone()
     }
 
     /// The running broker.
@@ -234,25 +270,29 @@ impl TestBroker {
 
 /// `GET path` over plain HTTP/1.1 on loopback; returns the status code and the body.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let (status, body) = http_get_bytes(addr, path).await;
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// `GET path` returning the raw body.
+pub async fn http_get_bytes(addr: std::net::SocketAddr, path: &str) -> (u16, Vec<u8>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .expect("write");
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.expect("read");
-    let status = buf
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("read");
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("header end");
+    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+    let status = head
         .split(' ')
         .nth(1)
         .and_then(|c| c.parse().ok())
         .expect("status line");
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    (status, buf[split + 4..].to_vec())
 }
 
 /// The bytes of every file under `dir`, by relative path, to show that something changed
@@ -353,5 +393,99 @@ pub mod openssl {
                 String::from_utf8_lossy(&out.stderr)
             ),
         )
+    }
+}
+
+/// A tiny mTLS resource server built from an SDK [`sigil_sdk::Source`]: for each connection it
+/// reads one line (a JWT-SVID), checks it with the source's [`sigil_sdk::Verifier`] for
+/// audience `svc`, and answers `ok <client SPIFFE ID> <client serial>` or `denied <reason>`.
+pub mod peer {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+
+    use sigil_sdk::{Authorizer, Source};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    /// Serves until the returned handle is aborted.
+    pub async fn serve(
+        source: &Source,
+        clients: Authorizer,
+    ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let cfg = source.server_config(clients).expect("server config");
+        let verifier = source.verifier();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+        let h = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let acceptor = acceptor.clone();
+                let verifier = verifier.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let peer = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| c.to_vec());
+                    let serial = peer
+                        .and_then(|d| {
+                            x509_parser::parse_x509_certificate(&d)
+                                .ok()
+                                .map(|(_, c)| sigil_pki::ids::to_hex(c.raw_serial()))
+                        })
+                        .unwrap_or_default();
+                    let (r, mut w) = tokio::io::split(tls);
+                    let mut line = String::new();
+                    if BufReader::new(r).read_line(&mut line).await.is_err() {
+                        return;
+                    }
+                    let reply = match verifier.verify_jwt(line.trim(), "svc") {
+                        Ok(v) => format!("ok {} {serial}\n", v.claims.sub),
+                        Err(e) => format!("denied {e}\n"),
+                    };
+                    let _ = w.write_all(reply.as_bytes()).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        (addr, h)
+    }
+
+    /// One request: a new TLS connection with `cfg`, send `token`, read the reply line.
+    pub async fn call(
+        addr: SocketAddr,
+        cfg: Arc<rustls::ClientConfig>,
+        token: &str,
+    ) -> Result<String, String> {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let name =
+            rustls_pki_types::ServerName::try_from("peer.invalid").map_err(|e| e.to_string())?;
+        let tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let (r, mut w) = tokio::io::split(tls);
+        w.write_all(format!("{token}\n").as_bytes())
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut line = String::new();
+        BufReader::new(r)
+            .read_line(&mut line)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        if line.is_empty() {
+            return Err("connection closed without a reply (handshake refused)".into());
+        }
+        Ok(line.trim().to_owned())
     }
 }

@@ -59,6 +59,7 @@ fn jwt(s: IssuedJwt) -> pb::JwtSvid {
         jti: s.jti,
         expires_at: s.expires_at,
         grant: Some(grant(&s.grant)),
+        issued_at: s.issued_at,
     }
 }
 

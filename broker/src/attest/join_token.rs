@@ -26,7 +26,7 @@ pub fn generate() -> (SecretString, String) {
 
 /// Hex SHA-256 of the token text.
 pub fn hash(token: &str) -> String {
-    ids::to_hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes()).as_ref())
+    ids::to_hex(&ids::sha256(token.as_bytes()))
 }
 
 /// A short, non-secret name for a token in logs and the audit trail.

@@ -124,7 +124,8 @@ impl StorageBackend for FaultyBackend {
 
 /// The redb-backed [`Store`].
 pub struct RedbStore {
-    db: Arc<Database>,
+    /// `None` once closed, so the file is released even while others still hold the store.
+    db: ArcSwapOption<Database>,
     path: PathBuf,
     /// `None` once closed; dropping the last sender lets the writer drain and exit.
     tx: ArcSwapOption<mpsc::UnboundedSender<Job>>,
@@ -325,7 +326,7 @@ impl RedbStore {
             .spawn(move || writer_loop(&wdb, &sealer, head, rx, &wfailure, &wobserver))
             .ok();
         RedbStore {
-            db,
+            db: ArcSwapOption::new(Some(db)),
             path: path.to_owned(),
             tx: ArcSwapOption::from_pointee(tx),
             writer: std::sync::Mutex::new(writer),
@@ -339,7 +340,7 @@ impl RedbStore {
         T: Send + 'static,
         F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
     {
-        let db = self.db.clone();
+        let db = self.db.load_full().ok_or(StoreError::Closed)?;
         tokio::task::spawn_blocking(move || f(&db))
             .await
             .map_err(|e| unavailable(format!("read task: {e}")))?
@@ -840,6 +841,8 @@ impl Store for RedbStore {
             // The writer finishes what is queued, then exits because no sender is left.
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
+        // Release the file now, whoever still holds this store.
+        self.db.store(None);
     }
 }
 
