@@ -250,10 +250,25 @@ impl Broker {
                 if cur.status == IdentityStatus::Retired {
                     return Ok((*cur).clone());
                 }
-                next.status = IdentityStatus::Retired;
-                // Retiring revokes everything the identity holds.
-                next.generation += 1;
-                "identity.retire"
+                // Retiring revokes everything the identity holds, each credential listed.
+                let reason = if reason.trim().is_empty() {
+                    "retired"
+                } else {
+                    reason.trim()
+                };
+                let r = self
+                    .revoke_all(
+                        &op.actor(),
+                        &cur.id,
+                        reason,
+                        Some(IdentityStatus::Retired),
+                        None,
+                        false,
+                        "identity.retire",
+                        ctx,
+                    )
+                    .await?;
+                return Ok(r.identity);
             }
         };
         next.status_reason = reason.trim().to_owned();
@@ -372,17 +387,98 @@ impl Broker {
         )))
     }
 
-    /// Stored audit entries (JSON) from `from_seq`.
+    /// Stored audit entries (JSON) that match `q`, and the sequence number to continue from.
     pub async fn audit_entries(
         &self,
-        from_seq: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, Vec<u8>)>, BrokerError> {
-        Ok(self
-            .store
-            .audit_entries(from_seq.max(1), limit.clamp(1, 10_000))
-            .await?)
+        q: &AuditQuery,
+    ) -> Result<(Vec<(u64, Vec<u8>)>, u64), BrokerError> {
+        const PAGE: usize = 1000;
+        let limit = q.limit.clamp(1, 10_000);
+        // Match an identity by id and by SPIFFE ID, whichever the operator gave.
+        let names: Vec<String> = match q.identity.as_deref().filter(|s| !s.is_empty()) {
+            None => Vec::new(),
+            Some(i) => match self.registry.find(i) {
+                Some(r) => vec![r.id.clone(), r.spiffe_id.to_string()],
+                None => vec![i.to_owned()],
+            },
+        };
+        let matches = |bytes: &[u8]| -> bool {
+            if q.since_nanos <= 0
+                && names.is_empty()
+                && q.action.as_deref().is_none_or(str::is_empty)
+            {
+                return true;
+            }
+            let Ok(e) = serde_json::from_slice::<crate::audit::AuditEntry>(bytes) else {
+                return true;
+            };
+            let d = &e.draft;
+            d.time >= q.since_nanos
+                && q.action.as_deref().is_none_or(|a| d.action.starts_with(a))
+                && (names.is_empty()
+                    || names.iter().any(|n| {
+                        &d.target == n
+                            || d.detail.get("spiffe_id").and_then(|v| v.as_str())
+                                == Some(n.as_str())
+                    }))
+        };
+        if q.last > 0 {
+            let want = q.last.min(10_000);
+            let head = self.store.audit_head().await?;
+            let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
+            let mut end = head;
+            while end > 0 && out.len() < want {
+                let from = end.saturating_sub(PAGE as u64 - 1).max(1);
+                let page = self
+                    .store
+                    .audit_entries(from, (end - from + 1) as usize)
+                    .await?;
+                for (seq, b) in page.into_iter().rev() {
+                    if out.len() < want && matches(&b) {
+                        out.push((seq, b));
+                    }
+                }
+                end = from - 1;
+            }
+            out.reverse();
+            return Ok((out, head + 1));
+        }
+        let mut from = q.from_seq.max(1);
+        let mut out = Vec::new();
+        loop {
+            let page = self.store.audit_entries(from, PAGE).await?;
+            let n = page.len();
+            for (seq, b) in page {
+                from = seq + 1;
+                if matches(&b) {
+                    out.push((seq, b));
+                    if out.len() == limit {
+                        return Ok((out, from));
+                    }
+                }
+            }
+            if n < PAGE {
+                return Ok((out, from));
+            }
+        }
     }
+}
+
+/// Which audit entries to read.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    /// First sequence number (forward reads).
+    pub from_seq: u64,
+    /// Most entries to return.
+    pub limit: usize,
+    /// Only entries at or after this time (Unix nanoseconds).
+    pub since_nanos: i64,
+    /// Only entries about this identity (id or SPIFFE ID).
+    pub identity: Option<String>,
+    /// Only entries whose action starts with this.
+    pub action: Option<String>,
+    /// The last N matching entries instead of a forward read.
+    pub last: usize,
 }
 
 impl Broker {

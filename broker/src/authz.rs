@@ -362,6 +362,8 @@ mod tests {
             updated_at: 0,
             updated_by: "t".into(),
             revision: 1,
+            recertified_at: 0,
+            recertified_by: String::new(),
         }
     }
 

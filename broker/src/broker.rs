@@ -41,6 +41,16 @@ pub struct Broker {
     pub(crate) key_lock: tokio::sync::Mutex<()>,
     /// Cancelled at shutdown; long-lived streams end on it.
     pub(crate) shutdown: tokio_util::sync::CancellationToken,
+    /// Credentials issued that have not expired (for metrics).
+    pub(crate) live: crate::telemetry::LiveCredentials,
+    /// Behaviour baselines.
+    pub(crate) behaviour: crate::govern::Behaviour,
+    /// Wakes the rotation schedule now (e.g. the signing CA turned out to be expired).
+    pub(crate) rotation_kick: tokio::sync::Notify,
+    /// Where follow-up work of the commit observer runs (never in the writer thread).
+    rt: tokio::runtime::Handle,
+    /// This broker, for spawning follow-up work.
+    me: std::sync::Weak<Broker>,
 }
 
 /// What the transport knows about a request.
@@ -88,13 +98,16 @@ pub struct BrokerParts {
     pub sealer: Arc<Sealer>,
     /// Cancelled at shutdown.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Usage so far (behaviour baselines).
+    pub usage: Vec<crate::model::UsageRecord>,
 }
 
 impl Broker {
-    /// Assembles a broker and registers it as the store's commit observer.
+    /// Assembles a broker and registers it as the store's commit observer. Must be called on
+    /// a tokio runtime.
     pub fn new(p: BrokerParts) -> Arc<Self> {
         let start = u64::try_from(crate::clock::unix_nanos(p.clock.now()) / 1000).unwrap_or(0);
-        let broker = Arc::new(Broker {
+        let broker = Arc::new_cyclic(|me| Broker {
             store: p.store,
             registry: p.registry,
             keys: p.keys,
@@ -107,6 +120,11 @@ impl Broker {
             sealer: p.sealer,
             key_lock: tokio::sync::Mutex::new(()),
             shutdown: p.shutdown,
+            live: crate::telemetry::LiveCredentials::default(),
+            behaviour: crate::govern::Behaviour::new(p.usage),
+            rotation_kick: tokio::sync::Notify::new(),
+            rt: tokio::runtime::Handle::current(),
+            me: me.clone(),
         });
         let weak: std::sync::Weak<dyn CommitObserver> =
             Arc::downgrade(&broker) as std::sync::Weak<Broker>;
@@ -169,6 +187,70 @@ impl Broker {
     pub(crate) async fn audit_only(&self, drafts: Vec<AuditDraft>) {
         if let Err(e) = self.store.commit(Change::audit_only(drafts)).await {
             tracing::error!(error = %e, "could not record a denial in the audit log");
+        }
+    }
+
+    /// Counts the live credentials already in the ledger (run once at start, in the
+    /// background: it does not hold up readiness).
+    pub async fn seed_live_credentials(&self) {
+        let now = self.clock.unix();
+        let since = now - self.cfg.issuance.max_ttl_ceiling.as_secs() as i64 - 60;
+        match self.store.ledger_since(since, None).await {
+            Ok(recs) => self.live.seed(
+                recs.into_iter()
+                    .filter(|r| r.expires_at > now)
+                    .map(|r| (r.credential_id, r.expires_at)),
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not count live credentials");
+                self.live.seed(Vec::new());
+            }
+        }
+    }
+
+    /// Refreshes the gauges that are cheaper to compute on demand than to track.
+    pub fn update_gauges(&self) {
+        let now = self.clock.unix();
+        metrics::gauge!("sigil_live_credentials").set(self.live.live(now) as f64);
+        metrics::gauge!("sigil_revoked_credentials").set(self.revocations.len() as f64);
+        let mut by_status: std::collections::BTreeMap<&str, u64> =
+            ["active", "suspended", "compromised", "retired"]
+                .into_iter()
+                .map(|s| (s, 0))
+                .collect();
+        for r in self.registry.list() {
+            *by_status.entry(r.status.as_str()).or_default() += 1;
+        }
+        for (status, n) in by_status {
+            metrics::gauge!("sigil_identities", "status" => status).set(n as f64);
+        }
+        let ring = self.keys.current();
+        for r in ring.records.iter().filter(|r| r.state.is_published()) {
+            let kind = serde_json::to_value(r.kind)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            metrics::gauge!("sigil_key_age_seconds", "kind" => kind, "state" => r.state.as_str())
+                .set((now - r.created_at) as f64);
+        }
+        let rot = &self.cfg.rotation;
+        for (kind, key_kind, lifetime) in [
+            ("jwt", crate::model::KeyKind::Jwt, rot.jwt_key_lifetime),
+            (
+                "x509",
+                crate::model::KeyKind::IntermediateCa,
+                rot.x509_ca_rotate_after,
+            ),
+        ] {
+            if let Some(cur) = ring
+                .records
+                .iter()
+                .find(|r| r.kind == key_kind && r.state == crate::model::KeyState::Current)
+            {
+                let due =
+                    cur.activated_at.unwrap_or(cur.created_at) + lifetime.as_secs() as i64 - now;
+                metrics::gauge!("sigil_key_rotation_due_seconds", "kind" => kind).set(due as f64);
+            }
         }
     }
 
@@ -236,6 +318,17 @@ impl CommitObserver for Broker {
                     }
                 }
                 Op::PutKey(k) => keys.push(k.clone()),
+                Op::AppendLedger(r) => {
+                    self.live.add(&r.credential_id, r.expires_at);
+                    let anomalies = self.behaviour.observe(r, &self.cfg.governance);
+                    if !anomalies.is_empty()
+                        && let Some(me) = self.me.upgrade()
+                    {
+                        let id = r.identity_id.clone();
+                        self.rt
+                            .spawn(async move { me.on_anomalies(id, anomalies).await });
+                    }
+                }
                 _ => {}
             }
         }

@@ -76,6 +76,59 @@ pub struct Config {
     pub limits: Limits,
     /// Key rotation and revocation housekeeping.
     pub rotation: Rotation,
+    /// Governance: report thresholds, behaviour baselines and what an anomaly does.
+    pub governance: Governance,
+}
+
+/// What an anomaly does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnAnomaly {
+    /// Record it (audit entry, metric, report finding).
+    Alert,
+    /// Record it and suspend the identity until an operator resumes it.
+    Suspend,
+}
+
+/// Governance thresholds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Governance {
+    /// An identity (or an entitlement) unused this long is reported.
+    #[serde(with = "dur")]
+    pub unused_after: Duration,
+    /// Identities expiring within this are reported.
+    #[serde(with = "dur")]
+    pub expiring_within: Duration,
+    /// Identities whose max TTL is above this are reported.
+    #[serde(with = "dur")]
+    pub max_ttl_policy: Duration,
+    /// What an anomaly does, unless the identity's `on_anomaly` label says otherwise.
+    pub on_anomaly: OnAnomaly,
+    /// A baseline exists once an identity has been issued this many credentials...
+    pub baseline_min_issued: u64,
+    /// ...over at least this long.
+    #[serde(with = "dur")]
+    pub baseline_learning: Duration,
+    /// An hour with this many times the identity's usual hourly rate is a spike...
+    pub rate_spike_factor: f64,
+    /// ...and at least this many issuances.
+    pub rate_spike_floor: u64,
+}
+
+impl Default for Governance {
+    fn default() -> Self {
+        Governance {
+            unused_after: Duration::from_secs(30 * 86400),
+            expiring_within: Duration::from_secs(14 * 86400),
+            max_ttl_policy: Duration::from_secs(24 * 3600),
+            on_anomaly: OnAnomaly::Alert,
+            baseline_min_issued: 20,
+            baseline_learning: Duration::from_secs(3600),
+            rate_spike_factor: 10.0,
+            rate_spike_floor: 100,
+        }
+    }
 }
 
 /// Key rotation schedule.
@@ -211,6 +264,7 @@ impl Default for Config {
             issuance: Issuance::default(),
             limits: Limits::default(),
             rotation: Rotation::default(),
+            governance: Governance::default(),
         }
     }
 }

@@ -48,6 +48,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
     };
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics_text))
         .route("/readyz", get(ready))
         .route("/bundle", get(bundle_json))
         .route("/bundle.pem", get(bundle_pem))
@@ -69,6 +70,22 @@ async fn ready(State(s): State<AppState>) -> impl IntoResponse {
     match s.broker.store().meta().await {
         Ok(_) => (StatusCode::OK, "ready\n".to_owned()),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
+    }
+}
+
+async fn metrics_text(State(s): State<AppState>) -> Response {
+    s.broker.update_gauges();
+    match crate::telemetry::prometheus() {
+        Some(h) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            h.render(),
+        )
+            .into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            "metrics are handled by the embedding application's recorder\n",
+        )
+            .into_response(),
     }
 }
 

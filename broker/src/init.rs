@@ -230,6 +230,7 @@ async fn init_inner(opts: &InitOptions, clock: &dyn Clock) -> Result<InitReport,
         expires_at: unix_secs(leaf.not_after),
         signing_key_id: ring.operator_ca.key().kid().to_owned(),
         attestation: "init".into(),
+        source: String::new(),
     }));
     change.audit.push(
         AuditDraft::new(

@@ -266,8 +266,14 @@ impl Broker {
                 Err(StoreError::Conflict(Conflict::StaleRevision { .. })) => continue,
                 // A concurrent use of the same join token won the race: nothing was issued here.
                 Err(StoreError::Conflict(c)) => {
+                    let reason = match c {
+                        Conflict::JoinTokenUsed => "used",
+                        Conflict::JoinTokenExpired => "expired",
+                        _ => "unknown",
+                    };
                     let e = AttestError::Failed {
                         method: attested.method,
+                        reason,
                         actor: attested.actor.clone(),
                         identity_id: Some(id.id.clone()),
                         detail: c.to_string(),
@@ -468,12 +474,13 @@ impl Broker {
             AttestError::Store(se) => self.commit_failed(se, action),
             AttestError::Failed {
                 method,
+                reason,
                 actor,
                 identity_id,
                 detail,
             } => {
-                tracing::info!(request_id = %ctx.request_id, method, %actor, %detail, "attestation failed");
-                metrics::counter!("sigil_attestation_failures_total", "method" => method)
+                tracing::info!(request_id = %ctx.request_id, method, reason, %actor, %detail, "attestation failed");
+                metrics::counter!("sigil_attestation_failures_total", "method" => method, "reason" => reason)
                     .increment(1);
                 let draft = AuditDraft::new(
                     self.now_nanos(),
@@ -487,8 +494,12 @@ impl Broker {
                 .gate(crate::authz::GateId::IdentityProof.code())
                 .with("method", method);
                 self.audit_only(vec![draft]).await;
-                let hint = match method {
-                    "join_token" => attest::join_token::HINT,
+                let hint = match (method, reason) {
+                    ("join_token", _) => attest::join_token::HINT,
+                    // The holder may know its own certificate is revoked (the CRL says so too).
+                    (_, "revoked") => {
+                        "the client certificate has been revoked; attest again with fresh evidence"
+                    }
                     _ => {
                         "the client certificate is not a current Sigil credential of a known identity"
                     }
@@ -572,7 +583,18 @@ impl Broker {
                 backdate: self.cfg.issuance.backdate,
                 serial: &serial,
             },
-        )?;
+        );
+        let leaf = match leaf {
+            Ok(l) => l,
+            Err(sigil_pki::PkiError::CaExpired) => {
+                // The schedule should have replaced it; do it now and let the caller retry.
+                self.rotation_kick.notify_one();
+                return Err(BrokerError::Unavailable(
+                    "the signing CA has expired and is being replaced; retry in a moment".into(),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        };
         let expires_at = unix_secs(leaf.not_after);
         if leaf.cut_to_issuer {
             let cut = (expires_at - unix_secs(now)).max(0) as u64;
@@ -600,6 +622,7 @@ impl Broker {
             expires_at,
             signing_key_id: ring.intermediate_id.clone(),
             attestation: attested.method.into(),
+            source: ctx.remote.map(|a| a.ip().to_string()).unwrap_or_default(),
         };
         let audit = AuditDraft::new(
             self.now_nanos(),
@@ -669,6 +692,7 @@ impl Broker {
             expires_at: exp,
             signing_key_id: ring.jwt.kid().to_owned(),
             attestation: attested.method.into(),
+            source: ctx.remote.map(|a| a.ip().to_string()).unwrap_or_default(),
         };
         let audit = AuditDraft::new(
             self.now_nanos(),

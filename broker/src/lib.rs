@@ -32,6 +32,7 @@ pub mod config;
 pub mod dev;
 pub mod error;
 pub mod fsutil;
+pub mod govern;
 pub mod http;
 pub mod hub;
 pub mod init;
@@ -44,6 +45,7 @@ pub mod rotate;
 pub mod seal;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 
 pub use broker::{Broker, RequestContext};
 pub use error::BrokerError;

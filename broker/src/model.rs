@@ -202,6 +202,12 @@ pub struct IdentityRecord {
     pub updated_by: String,
     /// Bumped on every change; guards against lost updates.
     pub revision: u64,
+    /// Unix seconds of the last recertification (0: never).
+    #[serde(default)]
+    pub recertified_at: i64,
+    /// The operator who vouched for it last.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub recertified_by: String,
 }
 
 /// A one-time join token, stored only as the SHA-256 of the token text.
@@ -351,6 +357,9 @@ pub struct LedgerRecord {
     pub signing_key_id: String,
     /// How the holder proved what it is (`join_token`, `x509`, `operator`, ...).
     pub attestation: String,
+    /// The address the request came from (IP), when known.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub source: String,
 }
 
 /// A revoked credential. Kept only until the credential would have expired anyway.
@@ -374,6 +383,113 @@ pub struct RevocationRecord {
     pub reason: String,
     /// Who.
     pub revoked_by: String,
+}
+
+/// A person or team that owns identities.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerRecord {
+    /// The owner's name, as identity records spell it.
+    pub name: String,
+    /// Unix seconds since it was deactivated (left, moved on), if it was.
+    pub deactivated_at: Option<i64>,
+    /// Who changed it last.
+    pub changed_by: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// How many hours of issuance counts a usage record keeps.
+pub const USAGE_HOURS: usize = 48;
+/// How many distinct sources a usage record remembers.
+pub const USAGE_SOURCES: usize = 64;
+
+/// What an identity has actually used: derived from the ledger, one record per identity. The
+/// basis of excess-privilege findings and behaviour baselines.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    /// The identity.
+    pub identity_id: String,
+    /// Unix seconds of the first issuance.
+    pub first_used: i64,
+    /// Unix seconds of the last issuance.
+    pub last_used: i64,
+    /// Credentials issued.
+    pub issued: u64,
+    /// Kind → last used.
+    #[serde(default)]
+    pub kinds: BTreeMap<String, i64>,
+    /// Audience → last used.
+    #[serde(default)]
+    pub audiences: BTreeMap<String, i64>,
+    /// Scope → last used.
+    #[serde(default)]
+    pub scopes: BTreeMap<String, i64>,
+    /// Attestation method → last used.
+    #[serde(default)]
+    pub methods: BTreeMap<String, i64>,
+    /// Source address → last used (the most recent few).
+    #[serde(default)]
+    pub sources: BTreeMap<String, i64>,
+    /// (hour since the epoch, credentials issued in it), oldest first.
+    #[serde(default)]
+    pub hourly: Vec<(i64, u64)>,
+    /// Sum of granted lifetimes, seconds.
+    #[serde(default)]
+    pub lifetime_sum: u64,
+    /// Longest granted lifetime, seconds.
+    #[serde(default)]
+    pub lifetime_max: u64,
+}
+
+impl UsageRecord {
+    /// Folds one issued credential in.
+    pub fn apply(&mut self, r: &LedgerRecord) {
+        let at = r.issued_at;
+        if self.issued == 0 {
+            self.first_used = at;
+        }
+        self.identity_id = r.identity_id.clone();
+        self.issued += 1;
+        self.last_used = self.last_used.max(at);
+        let touch = |m: &mut BTreeMap<String, i64>, k: &str| {
+            let e = m.entry(k.to_owned()).or_insert(at);
+            *e = (*e).max(at);
+        };
+        touch(&mut self.kinds, r.kind.as_str());
+        for a in &r.audiences {
+            touch(&mut self.audiences, a);
+        }
+        for s in &r.scopes {
+            touch(&mut self.scopes, s);
+        }
+        if !r.attestation.is_empty() {
+            touch(&mut self.methods, &r.attestation);
+        }
+        if !r.source.is_empty() {
+            touch(&mut self.sources, &r.source);
+            if self.sources.len() > USAGE_SOURCES
+                && let Some(oldest) = self
+                    .sources
+                    .iter()
+                    .min_by_key(|(_, t)| **t)
+                    .map(|(k, _)| k.clone())
+            {
+                self.sources.remove(&oldest);
+            }
+        }
+        let hour = at.div_euclid(3600);
+        match self.hourly.last_mut() {
+            Some((h, n)) if *h == hour => *n += 1,
+            _ => self.hourly.push((hour, 1)),
+        }
+        if self.hourly.len() > USAGE_HOURS {
+            let drop = self.hourly.len() - USAGE_HOURS;
+            self.hourly.drain(..drop);
+        }
+        let life = (r.expires_at - r.issued_at).max(0) as u64;
+        self.lifetime_sum += life;
+        self.lifetime_max = self.lifetime_max.max(life);
+    }
 }
 
 /// The store key of a credential: serial bytes (X.509, from hex) or `jti` bytes (JWT, from

@@ -348,6 +348,8 @@ pub fn build_record(
         updated_at: now,
         updated_by: actor.to_owned(),
         revision: 1,
+        recertified_at: 0,
+        recertified_by: String::new(),
     })
 }
 
@@ -385,6 +387,8 @@ mod tests {
             updated_at: 0,
             updated_by: "t".into(),
             revision: rev,
+            recertified_at: 0,
+            recertified_by: String::new(),
         }
     }
 

@@ -161,18 +161,31 @@ impl Broker {
     }
 
     /// Revokes everything an identity holds: bumps its generation and lists each live
-    /// credential; optionally suspends it.
+    /// credential; then leaves it active, suspends it, or retires it for good.
+    #[allow(clippy::too_many_arguments)]
     pub async fn revoke_identity(
         &self,
         op: &Operator,
         target: &str,
         reason: &str,
         suspend: bool,
+        retire: bool,
         dry_run: bool,
         ctx: &RequestContext,
     ) -> Result<RevocationReport, BrokerError> {
+        let (status, action, default_reason) = if retire {
+            (Some(IdentityStatus::Retired), "identity.retire", "retired")
+        } else if suspend {
+            (
+                Some(IdentityStatus::Suspended),
+                "identity.revoke",
+                "revoked by an operator",
+            )
+        } else {
+            (None, "identity.revoke", "revoked by an operator")
+        };
         let reason = if reason.trim().is_empty() {
-            "revoked by an operator"
+            default_reason
         } else {
             reason.trim()
         };
@@ -180,14 +193,10 @@ impl Broker {
             &op.actor(),
             target,
             reason,
-            if suspend {
-                Some(IdentityStatus::Suspended)
-            } else {
-                None
-            },
+            status,
             None,
             dry_run,
-            "identity.revoke",
+            action,
             ctx,
         )
         .await
@@ -204,6 +213,7 @@ impl Broker {
         dry_run: bool,
         ctx: &RequestContext,
     ) -> Result<RevocationReport, BrokerError> {
+        let received = std::time::Instant::now();
         let g = self.genuine(material)?;
         let ledger = match credential_key(g.kind, &g.id) {
             Some(k) => self.store.ledger_record(&k).await?,
@@ -235,27 +245,47 @@ impl Broker {
             expires_at: g.expires_at,
             signing_key_id: g.signing_key_id.clone(),
             attestation: String::new(),
+            source: String::new(),
         });
         let reason = if reason.trim().is_empty() {
             "credential leaked"
         } else {
             reason.trim()
         };
-        self.revoke_all(
-            &op.actor(),
-            &identity_id,
-            reason,
-            Some(IdentityStatus::Compromised),
-            Some(leaked),
-            dry_run,
-            "incident.leak",
-            ctx,
-        )
-        .await
+        let report = self
+            .revoke_all(
+                &op.actor(),
+                &identity_id,
+                reason,
+                Some(IdentityStatus::Compromised),
+                Some(leaked),
+                dry_run,
+                "incident.leak",
+                ctx,
+            )
+            .await?;
+        if !dry_run {
+            // The revocation is durable and has been pushed to watchers (the commit observer
+            // runs before the commit returns): record how long that took from the report.
+            let ms = received.elapsed().as_secs_f64() * 1000.0;
+            let draft = AuditDraft::new(
+                self.now_nanos(),
+                op.actor(),
+                "incident.enforced",
+                &identity_id,
+                Decision::Allow,
+                "revocation durable and pushed",
+                &ctx.request_id,
+            )
+            .with("enforced_in_ms", ms)
+            .with("incident", report.audit_seq.unwrap_or(0));
+            self.audit_only(vec![draft]).await;
+        }
+        Ok(report)
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn revoke_all(
+    pub(crate) async fn revoke_all(
         &self,
         actor: &str,
         target: &str,

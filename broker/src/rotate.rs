@@ -93,7 +93,9 @@ pub fn plan(records: &[KeyRecord], now: i64, policy: &Rotation, max_ttl: Duratio
         }
         match find(records, kind.key_kind(), KeyState::Next) {
             None if now >= due - prepare => steps.push(Step::Prepare(kind)),
-            Some(next) if now >= next.created_at + prepare => {
+            // An intermediate is vouched for by the root already in the bundle: nothing to
+            // publish ahead, so it takes over as soon as it exists.
+            Some(next) if kind == RotateKind::X509 || now >= next.created_at + prepare => {
                 steps.push(Step::Activate(kind, next.id.clone()))
             }
             _ => {}
@@ -270,14 +272,27 @@ impl Broker {
     pub async fn rotation_tick(&self) -> Result<Vec<Step>, BrokerError> {
         let _guard = self.key_lock.lock().await;
         let now = self.clock.now();
-        let ring = self.keys.current();
-        let steps = plan(
-            &ring.records,
-            unix_secs(now),
-            &self.cfg.rotation,
-            self.cfg.issuance.max_ttl_ceiling,
-        );
-        for step in &steps {
+        let mut done = Vec::new();
+        // Re-plan after each round: preparing an intermediate makes it due for activation.
+        for _ in 0..4 {
+            let ring = self.keys.current();
+            let steps = plan(
+                &ring.records,
+                unix_secs(now),
+                &self.cfg.rotation,
+                self.cfg.issuance.max_ttl_ceiling,
+            );
+            if steps.is_empty() {
+                break;
+            }
+            self.take_steps(&steps, now).await?;
+            done.extend(steps);
+        }
+        Ok(done)
+    }
+
+    async fn take_steps(&self, steps: &[Step], now: SystemTime) -> Result<(), BrokerError> {
+        for step in steps {
             let (records, action, reason) = match step {
                 Step::Prepare(kind) => (
                     vec![self.new_key(*kind, KeyState::Next, None, now)?],
@@ -308,7 +323,7 @@ impl Broker {
             self.commit_keys(records, "broker", action, reason, "rotation")
                 .await?;
         }
-        Ok(steps)
+        Ok(())
     }
 
     /// Starts a rotation (publishes the next key; the schedule activates it after
@@ -439,6 +454,7 @@ pub async fn schedule_loop(
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
+            _ = broker.rotation_kick.notified() => {}
         }
         match broker.rotation_tick().await {
             Ok(steps) if !steps.is_empty() => tracing::info!(?steps, "key rotation"),
@@ -515,6 +531,12 @@ mod tests {
             vec![Step::Retire("j1".into())]
         );
         assert!(plan(&recs, 1900, &policy(), max).contains(&Step::Prepare(RotateKind::X509)));
+        recs.push(rec("i2", KeyKind::IntermediateCa, KeyState::Next, 1900));
+        assert!(
+            plan(&recs, 1900, &policy(), max)
+                .contains(&Step::Activate(RotateKind::X509, "i2".into())),
+            "an intermediate needs no publication ahead: the root vouches for it"
+        );
     }
 
     #[test]

@@ -137,6 +137,7 @@ pub async fn start(
     let registry = Registry::new(store.identities().await?);
     let ring = keys::load(&td, &store.keys().await?, &sealer)?;
     let revocations = crate::hub::RevocationSet::new(store.revocations().await?);
+    let usage = store.usage().await?;
     let cancel = CancellationToken::new();
     let broker = Broker::new(crate::broker::BrokerParts {
         store,
@@ -149,6 +150,7 @@ pub async fn start(
         td,
         sealer,
         shutdown: cancel.clone(),
+        usage,
     });
 
     let listener = TcpListener::bind(cfg.listen)
@@ -172,12 +174,30 @@ pub async fn start(
     .map_err(|e| StartError::Other(format!("TLS setup: {e}")))?;
 
     let mut tasks = Vec::new();
+    crate::telemetry::prometheus();
     let limit = cfg.limits.max_request_bytes;
+    // gRPC health (grpc.health.v1) and server reflection, so grpcurl and load balancers work.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<BrokerServer<WorkloadApi>>().await;
+    health.set_serving::<AdminServer<AdminApi>>().await;
+    tasks.push(tokio::spawn(watch_health(
+        broker.clone(),
+        health,
+        cancel.clone(),
+    )));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(sigil_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| StartError::Other(format!("reflection: {e}")))?;
     let router = tonic::transport::Server::builder()
         .timeout(cfg.limits.request_timeout)
         .max_concurrent_streams(cfg.limits.max_concurrent_streams)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(crate::telemetry::RequestLayer)
+        .add_service(health_service)
+        .add_service(reflection)
         .add_service(
             BrokerServer::new(WorkloadApi::new(broker.clone())).max_decoding_message_size(limit),
         )
@@ -230,6 +250,10 @@ pub async fn start(
         grpc_addr,
         cancel.clone(),
     )));
+    {
+        let b = broker.clone();
+        tokio::spawn(async move { b.seed_live_credentials().await });
+    }
     // Key rotation on its schedule, and pruning of revocations that expired anyway.
     tasks.push(tokio::spawn(crate::rotate::schedule_loop(
         broker.clone(),
@@ -263,6 +287,33 @@ pub async fn run(
     tracing::info!("shutting down");
     running.shutdown().await;
     Ok(())
+}
+
+/// Reports NOT_SERVING through gRPC health while the store cannot commit.
+async fn watch_health(
+    broker: Arc<Broker>,
+    health: tonic_health::server::HealthReporter,
+    cancel: CancellationToken,
+) {
+    let mut serving = true;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let ok = broker.store().health().is_ok();
+        if ok != serving {
+            serving = ok;
+            let status = if ok {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            health.set_service_status("", status).await;
+            health.set_service_status("sigil.v1.Broker", status).await;
+            health.set_service_status("sigil.v1.Admin", status).await;
+        }
+    }
 }
 
 /// Mints the broker's own TLS certificate (SPIFFE ID `spiffe://<td>/sigil/broker`), recorded
@@ -318,6 +369,7 @@ async fn server_cert(
         expires_at: unix_secs(leaf.not_after),
         signing_key_id: ring.intermediate_id.clone(),
         attestation: "broker".into(),
+        source: String::new(),
     };
     let audit = AuditDraft::new(
         crate::clock::unix_nanos(now),

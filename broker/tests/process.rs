@@ -264,6 +264,7 @@ async fn kill_dash_nine_under_load_loses_no_issued_credential() {
             .list_audit(pb::ListAuditRequest {
                 from_sequence: from,
                 limit: 1000,
+                ..Default::default()
             })
             .await
             .unwrap()

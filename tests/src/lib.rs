@@ -247,6 +247,7 @@ impl TestBroker {
             .list_audit(pb::ListAuditRequest {
                 from_sequence: 1,
                 limit: 10_000,
+                ..Default::default()
             })
             .await
             .expect("audit")

@@ -328,6 +328,7 @@ impl pb::admin_server::Admin for AdminApi {
                 &r.id_or_spiffe_id,
                 &r.reason,
                 r.suspend,
+                r.retire,
                 r.dry_run,
                 &ctx,
             )
@@ -392,6 +393,131 @@ impl pb::admin_server::Admin for AdminApi {
         Ok(Response::new(keys(&self.broker)))
     }
 
+    async fn recertify(
+        &self,
+        req: Request<pb::RecertifyRequest>,
+    ) -> Result<Response<pb::Identity>, Status> {
+        let ctx = context(&req);
+        let op = self
+            .broker
+            .authorize_operator(&ctx)
+            .map_err(|e| status(e, &ctx))?;
+        let r = req.into_inner();
+        let rec = self
+            .broker
+            .recertify(
+                &op,
+                &r.id_or_spiffe_id,
+                secs(r.expires_in_seconds),
+                &r.reason,
+                &ctx,
+            )
+            .await
+            .map_err(|e| status(e, &ctx))?;
+        Ok(Response::new(identity(&rec)))
+    }
+
+    async fn set_owner_active(
+        &self,
+        req: Request<pb::SetOwnerActiveRequest>,
+    ) -> Result<Response<pb::Owner>, Status> {
+        let ctx = context(&req);
+        let op = self
+            .broker
+            .authorize_operator(&ctx)
+            .map_err(|e| status(e, &ctx))?;
+        let r = req.into_inner();
+        let (o, ids) = self
+            .broker
+            .set_owner_active(&op, &r.name, r.active, &r.reason, &ctx)
+            .await
+            .map_err(|e| status(e, &ctx))?;
+        Ok(Response::new(pb::Owner {
+            active: o.deactivated_at.is_none(),
+            deactivated_at: o.deactivated_at.unwrap_or(0),
+            name: o.name,
+            changed_by: o.changed_by,
+            reason: o.reason,
+            identities: ids,
+        }))
+    }
+
+    async fn list_owners(
+        &self,
+        req: Request<pb::ListOwnersRequest>,
+    ) -> Result<Response<pb::ListOwnersResponse>, Status> {
+        let ctx = context(&req);
+        self.broker
+            .authorize_operator(&ctx)
+            .map_err(|e| status(e, &ctx))?;
+        let records: std::collections::HashMap<String, crate::model::OwnerRecord> = self
+            .broker
+            .store()
+            .owners()
+            .await
+            .map_err(|e| status(e.into(), &ctx))?
+            .into_iter()
+            .map(|o| (o.name.clone(), o))
+            .collect();
+        let mut owners: std::collections::BTreeMap<String, pb::Owner> =
+            std::collections::BTreeMap::new();
+        for id in self
+            .broker
+            .registry()
+            .list()
+            .iter()
+            .filter(|r| r.status != IdentityStatus::Retired)
+        {
+            owners
+                .entry(id.owner.clone())
+                .or_insert_with(|| pb::Owner {
+                    name: id.owner.clone(),
+                    active: true,
+                    ..Default::default()
+                })
+                .identities
+                .push(id.spiffe_id.to_string());
+        }
+        for (name, o) in records {
+            let e = owners.entry(name.clone()).or_insert_with(|| pb::Owner {
+                name,
+                ..Default::default()
+            });
+            e.active = o.deactivated_at.is_none();
+            e.deactivated_at = o.deactivated_at.unwrap_or(0);
+            e.changed_by = o.changed_by;
+            e.reason = o.reason;
+        }
+        Ok(Response::new(pb::ListOwnersResponse {
+            owners: owners.into_values().collect(),
+        }))
+    }
+
+    async fn report(
+        &self,
+        req: Request<pb::ReportRequest>,
+    ) -> Result<Response<pb::ReportResponse>, Status> {
+        let ctx = context(&req);
+        self.broker
+            .authorize_operator(&ctx)
+            .map_err(|e| status(e, &ctx))?;
+        let r = req.into_inner();
+        let g = &self.broker.config().governance;
+        let opts = crate::govern::ReportOptions {
+            unused_after: secs(r.unused_after_seconds).unwrap_or(g.unused_after),
+            expiring_within: secs(r.expiring_within_seconds).unwrap_or(g.expiring_within),
+            max_ttl_policy: secs(r.max_ttl_policy_seconds).unwrap_or(g.max_ttl_policy),
+        };
+        let report = self
+            .broker
+            .report(&opts)
+            .await
+            .map_err(|e| status(e, &ctx))?;
+        let json = serde_json::to_string(&report)
+            .map_err(|e| status(BrokerError::Internal(e.to_string()), &ctx))?;
+        Ok(Response::new(pb::ReportResponse { json }))
+    }
+
     async fn list_keys(
         &self,
         req: Request<pb::ListKeysRequest>,
@@ -412,10 +538,17 @@ impl pb::admin_server::Admin for AdminApi {
             .authorize_operator(&ctx)
             .map_err(|e| status(e, &ctx))?;
         let r = req.into_inner();
-        let limit = if r.limit == 0 { 1000 } else { r.limit as usize };
-        let entries = self
+        let q = crate::admin::AuditQuery {
+            from_seq: r.from_sequence,
+            limit: if r.limit == 0 { 1000 } else { r.limit as usize },
+            since_nanos: r.since_unix_nanos,
+            identity: Some(r.identity).filter(|s| !s.is_empty()),
+            action: Some(r.action).filter(|s| !s.is_empty()),
+            last: r.last as usize,
+        };
+        let (entries, next) = self
             .broker
-            .audit_entries(r.from_sequence, limit)
+            .audit_entries(&q)
             .await
             .map_err(|e| status(e, &ctx))?;
         Ok(Response::new(pb::ListAuditResponse {
@@ -423,6 +556,7 @@ impl pb::admin_server::Admin for AdminApi {
                 .into_iter()
                 .map(|(_, b)| String::from_utf8_lossy(&b).into_owned())
                 .collect(),
+            next_sequence: next,
         }))
     }
 

@@ -15,10 +15,14 @@ pub mod workload;
 
 /// The request context of a tonic request.
 pub fn context<T>(req: &Request<T>) -> RequestContext {
-    match req.extensions().get::<tls::ConnInfo>() {
+    let mut ctx = match req.extensions().get::<tls::ConnInfo>() {
         Some(info) => RequestContext::new(Some(info.remote), info.peer.clone()),
         None => RequestContext::new(None, None),
+    };
+    if let Some(id) = req.extensions().get::<crate::telemetry::RequestId>() {
+        ctx.request_id = id.0.clone();
     }
+    ctx
 }
 
 /// Turns a broker error into the status the caller sees. Gate denials carry the gate in

@@ -50,8 +50,12 @@ pub async fn attest(
     token: &SecretString,
     now: i64,
 ) -> Result<Attested, AttestError> {
-    let fail = |actor: String, identity_id: Option<String>, detail: String| AttestError::Failed {
+    let fail = |reason: &'static str,
+                actor: String,
+                identity_id: Option<String>,
+                detail: String| AttestError::Failed {
         method: "join_token",
+        reason,
         actor,
         identity_id,
         detail,
@@ -59,6 +63,7 @@ pub async fn attest(
     let t = token.expose_secret().trim();
     if !well_formed(t) {
         return Err(fail(
+            "malformed",
             "join_token:malformed".into(),
             None,
             "malformed join token".into(),
@@ -67,10 +72,11 @@ pub async fn attest(
     let h = hash(t);
     let actor = fingerprint(&h);
     let Some(rec) = store.join_token(&h).await? else {
-        return Err(fail(actor, None, "unknown join token".into()));
+        return Err(fail("unknown", actor, None, "unknown join token".into()));
     };
     if let Some(at) = rec.consumed_at {
         return Err(fail(
+            "used",
             actor,
             Some(rec.identity_id),
             format!("join token already used at {}", crate::clock::rfc3339(at)),
@@ -78,6 +84,7 @@ pub async fn attest(
     }
     if rec.expires_at <= now {
         return Err(fail(
+            "expired",
             actor,
             Some(rec.identity_id),
             format!(
@@ -88,6 +95,7 @@ pub async fn attest(
     }
     let Some(identity) = registry.get(&rec.identity_id) else {
         return Err(fail(
+            "identity_missing",
             actor,
             Some(rec.identity_id.clone()),
             format!(

@@ -37,6 +37,8 @@ pub enum AttestError {
     Failed {
         /// The method.
         method: &'static str,
+        /// A short, stable reason code for metrics (`unknown`, `used`, `revoked`, ...).
+        reason: &'static str,
         /// Who presented it, as far as known.
         actor: String,
         /// The identity it pointed at, if known.

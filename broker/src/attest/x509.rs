@@ -116,20 +116,24 @@ pub async fn attest(
         .as_ref()
         .map(ToString::to_string)
         .unwrap_or_else(|| format!("x509:{}", peer.serial_hex()));
-    let fail = |identity_id: Option<String>, detail: String| AttestError::Failed {
-        method: "x509",
-        actor: actor.clone(),
-        identity_id,
-        detail,
-    };
+    let fail =
+        |reason: &'static str, identity_id: Option<String>, detail: String| AttestError::Failed {
+            method: "x509",
+            reason,
+            actor: actor.clone(),
+            identity_id,
+            detail,
+        };
     if peer.issuer != PeerIssuer::Workload {
         return Err(fail(
+            "operator_credential",
             None,
             "an operator credential cannot act as a workload".into(),
         ));
     }
     if peer.not_after <= now {
         return Err(fail(
+            "expired",
             None,
             format!(
                 "client certificate expired at {}",
@@ -139,6 +143,7 @@ pub async fn attest(
     }
     if let Some(r) = broker.revocations().get(&peer.serial) {
         return Err(fail(
+            "revoked",
             Some(r.identity_id),
             format!(
                 "certificate {} was revoked: {}",
@@ -153,21 +158,28 @@ pub async fn attest(
         .is_some_and(|k| broker.keys().current().is_revoked(k))
     {
         return Err(fail(
+            "ca_revoked",
             None,
             "the CA that signed the certificate was revoked".into(),
         ));
     }
     let Some(id) = &peer.spiffe_id else {
         return Err(fail(
+            "no_spiffe_id",
             None,
             "client certificate has no single SPIFFE ID URI SAN".into(),
         ));
     };
     let Some(identity) = broker.registry().by_spiffe_id(id.as_str()) else {
-        return Err(fail(None, format!("no identity has SPIFFE ID {id}")));
+        return Err(fail(
+            "unknown_identity",
+            None,
+            format!("no identity has SPIFFE ID {id}"),
+        ));
     };
     let Some((identity_id, generation)) = peer.ledger_entry(broker.store().as_ref()).await? else {
         return Err(fail(
+            "not_in_ledger",
             Some(identity.id.clone()),
             format!(
                 "certificate {} is not in the issuance ledger",
@@ -177,6 +189,7 @@ pub async fn attest(
     };
     if identity_id != identity.id {
         return Err(fail(
+            "wrong_identity",
             Some(identity.id.clone()),
             format!(
                 "certificate {} was issued to another identity ({identity_id})",

@@ -76,6 +76,11 @@ pub enum Command {
     /// List signing keys, or revoke one in an emergency (operator).
     #[command(subcommand)]
     Keys(KeysCmd),
+    /// Owners of identities: deactivate one who left, list them (operator).
+    #[command(subcommand)]
+    Owner(OwnerCmd),
+    /// The governance report: inventory, findings, programme metrics (operator).
+    Report(ReportArgs),
     /// Look up issued credentials in the ledger (operator).
     #[command(subcommand)]
     Credential(CredentialCmd),
@@ -189,7 +194,23 @@ pub enum IdentityCmd {
     /// Resume a suspended identity.
     Resume(operator::StatusArgs),
     /// Retire an identity for good (revokes everything it holds).
-    Retire(operator::StatusArgs),
+    Retire(operator::RetireArgs),
+    /// Extend an identity's life, vouching that it is still needed.
+    Recertify {
+        /// Identity id or SPIFFE ID.
+        identity: String,
+        /// New lifetime from now (default: the broker's identity lifetime, 90d).
+        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        lifetime: Option<Duration>,
+        /// Why it is still needed (recorded with who vouched).
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 /// `sigil join-token ...`.
@@ -206,6 +227,58 @@ pub enum JoinTokenCmd {
         #[command(flatten)]
         conn: Conn,
     },
+}
+
+/// `sigil owner ...`.
+#[derive(Debug, Subcommand)]
+pub enum OwnerCmd {
+    /// Flag every identity this person or team owns until it is reassigned.
+    Deactivate {
+        /// The owner's name, as identities spell it.
+        name: String,
+        /// Why.
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Undo a deactivation.
+    Activate {
+        /// The owner's name.
+        name: String,
+        /// Why.
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Every owner with the identities they own.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+/// `sigil report`.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Unused this long counts as an orphan / excess privilege (default: [governance]).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub unused_after: Option<Duration>,
+    /// Report identities expiring within this.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub expiring_within: Option<Duration>,
+    /// Report identities whose max TTL is above this.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub max_ttl_policy: Option<Duration>,
+    /// Print JSON (for tools).
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: Conn,
 }
 
 /// `sigil revoke ...`.
@@ -314,6 +387,10 @@ pub enum CredentialCmd {
 pub enum AuditCmd {
     /// Check the hash chain; names the first bad entry.
     Verify {
+        /// Read the store file directly instead of asking the broker: for a stopped broker's
+        /// data dir or a copy of one (needs the master key).
+        #[arg(long)]
+        offline: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -322,6 +399,32 @@ pub enum AuditCmd {
         /// First sequence number.
         #[arg(long, default_value_t = 1)]
         from: u64,
+        /// Only entries since this time: RFC 3339 (2026-11-22T10:00:00Z) or a duration ago (1h).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only entries about this identity (id or SPIFFE ID).
+        #[arg(long)]
+        identity: Option<String>,
+        /// Only entries whose action starts with this (e.g. `jwt.mint`, `identity.`).
+        #[arg(long)]
+        action: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Print the newest entries; with --follow, keep printing new ones as they are written.
+    Tail {
+        /// How many.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: u32,
+        /// Keep going.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only entries about this identity.
+        #[arg(long)]
+        identity: Option<String>,
+        /// Only entries whose action starts with this.
+        #[arg(long)]
+        action: Option<String>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -336,6 +439,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Identity(c) => operator::identity(c).await,
         Command::JoinToken(c) => operator::join_token(c).await,
         Command::Credential(c) => operator::credential(c).await,
+        Command::Owner(c) => operator::owner(c).await,
+        Command::Report(a) => operator::report(a).await,
         Command::Revoke(c) => operator::revoke(c).await,
         Command::Leak(a) => operator::leak(a).await,
         Command::Rotate(a) => operator::rotate(a).await,

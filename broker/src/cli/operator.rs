@@ -13,8 +13,8 @@ use sigil_proto::v1::admin_client::AdminClient;
 use tonic::transport::Channel;
 
 use super::{
-    AuditCmd, Conn, CredentialCmd, IdentityCmd, JoinTokenCmd, KeysCmd, LeakArgs, RevokeCmd,
-    RotateArgs,
+    AuditCmd, Conn, CredentialCmd, IdentityCmd, JoinTokenCmd, KeysCmd, LeakArgs, OwnerCmd,
+    ReportArgs, RevokeCmd, RotateArgs,
 };
 use crate::clock::rfc3339;
 use crate::config::{ADMIN_DIR, BROKER_URL_FILE, BUNDLE_FILE};
@@ -116,7 +116,25 @@ pub struct UpdateArgs {
     pub conn: Conn,
 }
 
-/// `sigil identity suspend|resume|retire`.
+/// `sigil identity retire`.
+#[derive(Debug, Args)]
+pub struct RetireArgs {
+    /// Identity id or SPIFFE ID.
+    pub identity: String,
+    /// Why.
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    /// Show what would be revoked; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// `sigil identity suspend|resume`.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// Identity id or SPIFFE ID.
@@ -422,7 +440,40 @@ pub(super) async fn identity(cmd: IdentityCmd) -> Result<()> {
         }
         IdentityCmd::Suspend(a) => set_status(a, pb::IdentityStatus::Suspended).await?,
         IdentityCmd::Resume(a) => set_status(a, pb::IdentityStatus::Active).await?,
-        IdentityCmd::Retire(a) => set_status(a, pb::IdentityStatus::Retired).await?,
+        IdentityCmd::Retire(a) => {
+            let mut c = a.conn.connect()?;
+            let r = c
+                .revoke_identity(pb::RevokeIdentityRequest {
+                    id_or_spiffe_id: a.identity,
+                    reason: a.reason,
+                    suspend: false,
+                    dry_run: a.dry_run,
+                    retire: true,
+                })
+                .await
+                .map_err(sigil_sdk::SdkError::from)?
+                .into_inner();
+            print_report(&r, a.json);
+        }
+        IdentityCmd::Recertify {
+            identity,
+            lifetime,
+            reason,
+            json,
+            conn,
+        } => {
+            let mut c = conn.connect()?;
+            let i = c
+                .recertify(pb::RecertifyRequest {
+                    id_or_spiffe_id: identity,
+                    expires_in_seconds: lifetime.map(|d| d.as_secs()).unwrap_or(0),
+                    reason,
+                })
+                .await
+                .map_err(sigil_sdk::SdkError::from)?
+                .into_inner();
+            print_identity(&i, json);
+        }
     }
     Ok(())
 }
@@ -574,6 +625,155 @@ fn print_keys(k: &pb::ListKeysResponse, as_json: bool) {
     println!("bundle sequence: {}", k.bundle_sequence);
 }
 
+/// `sigil owner ...`.
+pub(super) async fn owner(cmd: OwnerCmd) -> Result<()> {
+    let (name, active, reason, conn) = match cmd {
+        OwnerCmd::List { json, conn } => {
+            let r = conn
+                .connect()?
+                .list_owners(pb::ListOwnersRequest {})
+                .await
+                .map_err(sigil_sdk::SdkError::from)?
+                .into_inner();
+            if json {
+                let v: Vec<_> = r.owners.iter().map(|o| json!({"name": o.name, "active": o.active, "deactivated_at": o.deactivated_at, "reason": o.reason, "identities": o.identities})).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{:<32} {:<12} IDENTITIES", "OWNER", "STATUS");
+                for o in &r.owners {
+                    println!(
+                        "{:<32} {:<12} {}",
+                        o.name,
+                        if o.active { "active" } else { "deactivated" },
+                        o.identities.len()
+                    );
+                }
+            }
+            return Ok(());
+        }
+        OwnerCmd::Deactivate { name, reason, conn } => (name, false, reason, conn),
+        OwnerCmd::Activate { name, reason, conn } => (name, true, reason, conn),
+    };
+    let o = conn
+        .connect()?
+        .set_owner_active(pb::SetOwnerActiveRequest {
+            name,
+            active,
+            reason,
+        })
+        .await
+        .map_err(sigil_sdk::SdkError::from)?
+        .into_inner();
+    if active {
+        println!(
+            "owner {:?} is active again ({} identities)",
+            o.name,
+            o.identities.len()
+        );
+    } else {
+        println!(
+            "owner {:?} deactivated; these identities are flagged in `sigil report` until reassigned or retired:",
+            o.name
+        );
+        for i in &o.identities {
+            println!("  {i}");
+        }
+    }
+    Ok(())
+}
+
+/// `sigil report`.
+pub(super) async fn report(a: ReportArgs) -> Result<()> {
+    let secs = |d: Option<Duration>| d.map(|d| d.as_secs()).unwrap_or(0);
+    let r = a
+        .conn
+        .connect()?
+        .report(pb::ReportRequest {
+            unused_after_seconds: secs(a.unused_after),
+            expiring_within_seconds: secs(a.expiring_within),
+            max_ttl_policy_seconds: secs(a.max_ttl_policy),
+        })
+        .await
+        .map_err(sigil_sdk::SdkError::from)?
+        .into_inner();
+    let v: serde_json::Value =
+        serde_json::from_str(&r.json).context("the broker's report is not JSON")?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let ids = v["identities"].as_array().cloned().unwrap_or_default();
+    println!("IDENTITIES ({})", ids.len());
+    println!(
+        "{:<44} {:<22} {:<11} {:<21} {:>5} {:<21}",
+        "SPIFFE ID", "OWNER", "STATUS", "LAST USED", "LIVE", "EXPIRES"
+    );
+    for i in &ids {
+        let last = i["last_used"]
+            .as_i64()
+            .filter(|t| *t > 0)
+            .map(rfc3339)
+            .unwrap_or_else(|| "never".into());
+        let owner = format!(
+            "{}{}",
+            i["owner"].as_str().unwrap_or(""),
+            if i["owner_active"] == false {
+                " (gone)"
+            } else {
+                ""
+            }
+        );
+        println!(
+            "{:<44} {:<22} {:<11} {:<21} {:>5} {:<21}",
+            i["spiffe_id"].as_str().unwrap_or(""),
+            owner,
+            i["status"].as_str().unwrap_or(""),
+            last,
+            i["live_credentials"],
+            rfc3339(i["expires_at"].as_i64().unwrap_or(0))
+        );
+    }
+    let findings = v["findings"].as_array().cloned().unwrap_or_default();
+    println!();
+    println!("FINDINGS ({})", findings.len());
+    for f in &findings {
+        println!(
+            "[{:<6}] {:<22} {} {}",
+            f["severity"].as_str().unwrap_or(""),
+            f["kind"].as_str().unwrap_or(""),
+            f["spiffe_id"].as_str().unwrap_or(""),
+            f["message"].as_str().unwrap_or("")
+        );
+        if !f["recommendation"].is_null() {
+            println!("         -> {}", f["recommendation"]);
+        }
+    }
+    let p = &v["programme"];
+    println!();
+    println!("PROGRAMME");
+    println!("  identities:                 {}", p["identities"]);
+    println!(
+        "  ownership coverage:         {:.0}%",
+        p["ownership_coverage"].as_f64().unwrap_or(0.0) * 100.0
+    );
+    println!("  orphan candidates:          {}", p["orphans"]);
+    println!("  retired:                    {}", p["retired"]);
+    println!(
+        "  median credential lifetime: {}",
+        crate::config::dur::format(Duration::from_secs(
+            p["median_credential_lifetime_secs"].as_u64().unwrap_or(0)
+        ))
+    );
+    match p["mean_leak_to_revocation_ms"].as_f64() {
+        Some(ms) => println!(
+            "  leak report to revocation:  {ms:.1} ms mean over {} incident(s)",
+            p["incidents"]
+        ),
+        None => println!("  leak report to revocation:  no incidents in the window"),
+    }
+    Ok(())
+}
+
 /// `sigil revoke ...`.
 pub(super) async fn revoke(cmd: RevokeCmd) -> Result<()> {
     match cmd {
@@ -611,6 +811,7 @@ pub(super) async fn revoke(cmd: RevokeCmd) -> Result<()> {
                     reason,
                     suspend,
                     dry_run,
+                    retire: false,
                 })
                 .await
                 .map_err(sigil_sdk::SdkError::from)?
@@ -705,10 +906,57 @@ pub(super) async fn credential(cmd: CredentialCmd) -> Result<()> {
     Ok(())
 }
 
+/// Nanoseconds since the epoch for `--since`: RFC 3339, or a duration ago.
+fn parse_since(s: &str) -> Result<i64> {
+    if let Ok(t) = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
+        return Ok(t.unix_timestamp_nanos() as i64);
+    }
+    let ago = humantime::parse_duration(s).map_err(|_| {
+        anyhow!(
+            "--since {s:?}: give an RFC 3339 time (2026-11-22T10:00:00Z) or a duration ago (1h)"
+        )
+    })?;
+    let now = std::time::SystemTime::now();
+    Ok(crate::clock::unix_nanos(
+        now.checked_sub(ago).unwrap_or(std::time::UNIX_EPOCH),
+    ))
+}
+
 /// `sigil audit ...`.
 pub(super) async fn audit(cmd: AuditCmd) -> Result<()> {
     match cmd {
-        AuditCmd::Verify { conn } => {
+        AuditCmd::Verify {
+            offline: true,
+            conn,
+        } => {
+            let dir = conn.data_dir.as_deref().ok_or_else(|| {
+                anyhow!(
+                    "--offline needs --data-dir (a stopped broker's data dir, or a copy of one)"
+                )
+            })?;
+            let cfg = crate::config::Config::load(dir)?;
+            let sealer = crate::seal::Sealer::new(&crate::server::load_master_key(&cfg)?);
+            let path = cfg.store_path();
+            crate::store::redb::check_master_key(&path, &sealer)?;
+            let entries = crate::store::redb::read_audit_file(&path).with_context(|| {
+                format!(
+                    "reading {} (stop the broker first, or verify without --offline)",
+                    path.display()
+                )
+            })?;
+            match crate::audit::verify_chain(&sealer, entries) {
+                crate::audit::ChainReport::Intact { entries } => {
+                    println!("audit log intact: {entries} entries")
+                }
+                crate::audit::ChainReport::Broken { seq, reason } => {
+                    bail!("audit log is broken at entry {seq}: {reason}")
+                }
+            }
+        }
+        AuditCmd::Verify {
+            offline: false,
+            conn,
+        } => {
             let mut c = conn.connect()?;
             let r = c
                 .verify_audit(pb::VerifyAuditRequest {})
@@ -725,27 +973,86 @@ pub(super) async fn audit(cmd: AuditCmd) -> Result<()> {
                 );
             }
         }
-        AuditCmd::Export { from, conn } => {
+        AuditCmd::Export {
+            from,
+            since,
+            identity,
+            action,
+            conn,
+        } => {
             let mut c = conn.connect()?;
+            let since_unix_nanos = match since.as_deref() {
+                Some(s) => parse_since(s)?,
+                None => 0,
+            };
             let mut next = from.max(1);
             loop {
-                let page = c
+                let r = c
                     .list_audit(pb::ListAuditRequest {
                         from_sequence: next,
                         limit: 1000,
+                        since_unix_nanos,
+                        identity: identity.clone().unwrap_or_default(),
+                        action: action.clone().unwrap_or_default(),
+                        last: 0,
                     })
                     .await
                     .map_err(sigil_sdk::SdkError::from)?
-                    .into_inner()
-                    .entries;
-                let n = page.len();
-                for e in page {
+                    .into_inner();
+                for e in &r.entries {
                     println!("{e}");
                 }
-                if n < 1000 {
+                if r.entries.len() < 1000 {
                     break;
                 }
-                next += n as u64;
+                next = r.next_sequence;
+            }
+        }
+        AuditCmd::Tail {
+            lines,
+            follow,
+            identity,
+            action,
+            conn,
+        } => {
+            let mut c = conn.connect()?;
+            let base = pb::ListAuditRequest {
+                identity: identity.unwrap_or_default(),
+                action: action.unwrap_or_default(),
+                ..Default::default()
+            };
+            let r = c
+                .list_audit(pb::ListAuditRequest {
+                    last: lines.max(1),
+                    ..base.clone()
+                })
+                .await
+                .map_err(sigil_sdk::SdkError::from)?
+                .into_inner();
+            for e in &r.entries {
+                println!("{e}");
+            }
+            let mut next = r.next_sequence;
+            if follow {
+                loop {
+                    tokio::select! {
+                        _ = super::shutdown_signal() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                    let r = c
+                        .list_audit(pb::ListAuditRequest {
+                            from_sequence: next,
+                            limit: 1000,
+                            ..base.clone()
+                        })
+                        .await
+                        .map_err(sigil_sdk::SdkError::from)?
+                        .into_inner();
+                    for e in &r.entries {
+                        println!("{e}");
+                    }
+                    next = r.next_sequence;
+                }
             }
         }
     }

@@ -16,7 +16,10 @@ use serde::{Deserialize, Serialize};
 use sigil_pki::TrustDomain;
 
 use crate::audit::AuditDraft;
-use crate::model::{IdentityRecord, JoinTokenRecord, KeyRecord, LedgerRecord, RevocationRecord};
+use crate::model::{
+    IdentityRecord, JoinTokenRecord, KeyRecord, LedgerRecord, OwnerRecord, RevocationRecord,
+    UsageRecord,
+};
 
 pub mod redb;
 
@@ -76,6 +79,8 @@ pub enum Op {
         /// Cut-off.
         expired_before: i64,
     },
+    /// Adds or replaces an owner record.
+    PutOwner(OwnerRecord),
 }
 
 /// An atomic unit of writes with the audit entries that describe it.
@@ -205,6 +210,19 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Every stored revocation.
     async fn revocations(&self) -> Result<Vec<RevocationRecord>, StoreError>;
+
+    /// Usage of every identity that was ever issued a credential (derived from the ledger in
+    /// the same commit as each ledger record).
+    async fn usage(&self) -> Result<Vec<UsageRecord>, StoreError>;
+
+    /// Every owner record (owners are implicit until one is deactivated).
+    async fn owners(&self) -> Result<Vec<OwnerRecord>, StoreError>;
+
+    /// Every join token (hashes only), used or not.
+    async fn join_tokens(&self) -> Result<Vec<JoinTokenRecord>, StoreError>;
+
+    /// The sequence number of the newest audit entry (0 when there is none).
+    async fn audit_head(&self) -> Result<u64, StoreError>;
 
     /// Raw audit entries (stored JSON) with sequence numbers from `from_seq`, at most `limit`.
     async fn audit_entries(

@@ -28,7 +28,12 @@ use super::{
     Change, CommitObserver, Committed, Conflict, Op, SCHEMA_VERSION, Store, StoreError, StoreMeta,
 };
 use crate::audit::ChainHead;
-use crate::model::{IdentityRecord, JoinTokenRecord, KeyRecord, LedgerRecord, RevocationRecord};
+use std::collections::HashMap;
+
+use crate::model::{
+    IdentityRecord, JoinTokenRecord, KeyRecord, LedgerRecord, OwnerRecord, RevocationRecord,
+    UsageRecord,
+};
 use crate::seal::Sealer;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -39,6 +44,9 @@ const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
 const LEDGER: TableDefinition<&[u8], &[u8]> = TableDefinition::new("ledger");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 const IDENTITY_REVISIONS: TableDefinition<&str, u64> = TableDefinition::new("identity_revisions");
+/// Per-identity usage derived from the ledger (an index maintained with every ledger insert).
+const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usage");
+const OWNERS: TableDefinition<&str, &[u8]> = TableDefinition::new("owners");
 /// Keyed by expiry (big-endian seconds) then credential id, so pruning is a range delete.
 const REVOCATIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("revocations");
 
@@ -171,6 +179,17 @@ fn key_check_path(path: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// Checks `sealer`'s master key against the sealed key check beside the store file, without
+/// opening the store.
+pub fn check_master_key(path: &Path, sealer: &Sealer) -> Result<(), StoreError> {
+    match std::fs::read(key_check_path(path)) {
+        Ok(check) if sealer.open("meta", META_KEY_CHECK, &check).is_err() => Err(wrong_key(path)),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
 fn wrong_key(path: &Path) -> StoreError {
     StoreError::Incompatible(format!(
         "the master key does not match the data in {} (wrong SIGIL_MASTER_KEY or master key file?); nothing was changed",
@@ -220,6 +239,8 @@ impl RedbStore {
             txn.open_table(AUDIT).map_err(unavailable)?;
             txn.open_table(IDENTITY_REVISIONS).map_err(unavailable)?;
             txn.open_table(REVOCATIONS).map_err(unavailable)?;
+            txn.open_table(USAGE).map_err(unavailable)?;
+            txn.open_table(OWNERS).map_err(unavailable)?;
         }
         txn.commit().map_err(unavailable)?;
         Ok(Self::start(db, path, sealer, ChainHead::default()))
@@ -243,15 +264,7 @@ impl RedbStore {
                 path.display()
             )));
         }
-        match std::fs::read(key_check_path(path)) {
-            Ok(check) => {
-                if sealer.open("meta", META_KEY_CHECK, &check).is_err() {
-                    return Err(wrong_key(path));
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(unavailable(e)),
-        }
+        check_master_key(path, &sealer)?;
         let db = match faults {
             None => Database::builder()
                 .open(path)
@@ -333,6 +346,25 @@ impl RedbStore {
             failure,
             observer,
         }
+    }
+
+    /// Every record of a string-keyed JSON table.
+    async fn scan<T: serde::de::DeserializeOwned + Send + 'static>(
+        &self,
+        table: TableDefinition<'static, &'static str, &'static [u8]>,
+        what: &'static str,
+    ) -> Result<Vec<T>, StoreError> {
+        self.read(move |db| {
+            let r = db.begin_read().map_err(unavailable)?;
+            let t = r.open_table(table).map_err(unavailable)?;
+            let mut out = Vec::new();
+            for item in t.iter().map_err(unavailable)? {
+                let (_, v) = item.map_err(unavailable)?;
+                out.push(serde_json::from_slice(v.value()).map_err(|e| corrupt(what, e))?);
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
@@ -417,6 +449,8 @@ struct Tables<'t> {
     audit: redb::Table<'t, u64, &'static [u8]>,
     revisions: redb::Table<'t, &'static str, u64>,
     revocations: redb::Table<'t, &'static [u8], &'static [u8]>,
+    usage: redb::Table<'t, &'static str, &'static [u8]>,
+    owners: redb::Table<'t, &'static str, &'static [u8]>,
 }
 
 fn apply_batch(
@@ -439,12 +473,38 @@ fn apply_batch(
             audit: txn.open_table(AUDIT).map_err(unavailable)?,
             revisions: txn.open_table(IDENTITY_REVISIONS).map_err(unavailable)?,
             revocations: txn.open_table(REVOCATIONS).map_err(unavailable)?,
+            usage: txn.open_table(USAGE).map_err(unavailable)?,
+            owners: txn.open_table(OWNERS).map_err(unavailable)?,
         };
+        // Usage of the identities this batch issued to, read once and written once.
+        let mut usage: HashMap<String, UsageRecord> = HashMap::new();
         for job in jobs {
             match check(&t, &job.change)? {
                 Err(conflict) => results.push(Err(conflict)),
                 Ok(()) => {
                     write(&mut t, &job.change)?;
+                    for op in &job.change.ops {
+                        if let Op::AppendLedger(r) = op
+                            && !r.identity_id.is_empty()
+                        {
+                            if !usage.contains_key(&r.identity_id) {
+                                let stored = t
+                                    .usage
+                                    .get(r.identity_id.as_str())
+                                    .map_err(unavailable)?
+                                    .map(|g| g.value().to_vec());
+                                let rec = match stored {
+                                    Some(b) => serde_json::from_slice(&b)
+                                        .map_err(|e| corrupt("usage", e))?,
+                                    None => UsageRecord::default(),
+                                };
+                                usage.insert(r.identity_id.clone(), rec);
+                            }
+                            if let Some(u) = usage.get_mut(&r.identity_id) {
+                                u.apply(r);
+                            }
+                        }
+                    }
                     let mut seqs = Vec::with_capacity(job.change.audit.len());
                     for draft in &job.change.audit {
                         let (entry, bytes) = head.append(sealer, draft.clone());
@@ -456,6 +516,11 @@ fn apply_batch(
                     results.push(Ok(Committed { audit_seqs: seqs }));
                 }
             }
+        }
+        for (id, u) in &usage {
+            t.usage
+                .insert(id.as_str(), to_json(u).as_slice())
+                .map_err(unavailable)?;
         }
     }
     txn.commit().map_err(unavailable)?;
@@ -545,7 +610,8 @@ fn check(t: &Tables<'_>, change: &Change) -> Result<Result<(), Conflict>, StoreE
             | Op::PutKey(_)
             | Op::AppendLedger(_)
             | Op::PutRevocation(_)
-            | Op::PruneRevocations { .. } => {}
+            | Op::PruneRevocations { .. }
+            | Op::PutOwner(_) => {}
         }
     }
     Ok(Ok(()))
@@ -651,6 +717,11 @@ fn write(t: &mut Tables<'_>, change: &Change) -> Result<(), StoreError> {
             Op::PutKey(rec) => {
                 t.keys
                     .insert(rec.id.as_str(), to_json(rec).as_slice())
+                    .map_err(unavailable)?;
+            }
+            Op::PutOwner(rec) => {
+                t.owners
+                    .insert(rec.name.as_str(), to_json(rec).as_slice())
                     .map_err(unavailable)?;
             }
             Op::AppendLedger(rec) => {
@@ -774,6 +845,30 @@ impl Store for RedbStore {
                 out.push((k.value(), v.value().to_vec()));
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn usage(&self) -> Result<Vec<UsageRecord>, StoreError> {
+        self.scan(USAGE, "usage").await
+    }
+
+    async fn owners(&self) -> Result<Vec<OwnerRecord>, StoreError> {
+        self.scan(OWNERS, "owner").await
+    }
+
+    async fn join_tokens(&self) -> Result<Vec<JoinTokenRecord>, StoreError> {
+        self.scan(JOIN_TOKENS, "join token").await
+    }
+
+    async fn audit_head(&self) -> Result<u64, StoreError> {
+        self.read(|db| {
+            let r = db.begin_read().map_err(unavailable)?;
+            let t = r.open_table(AUDIT).map_err(unavailable)?;
+            Ok(t.last()
+                .map_err(unavailable)?
+                .map(|(k, _)| k.value())
+                .unwrap_or(0))
         })
         .await
     }

@@ -1,0 +1,263 @@
+//! Metrics and request ids.
+//!
+//! Metrics go through the `metrics` facade to a Prometheus recorder installed once per process
+//! and rendered at `/metrics`. [`RequestLayer`] wraps every gRPC call: it gives the request an
+//! id (carried in logs, audit entries and the `sigil-request-id` status metadata) and records
+//! its latency by method.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::OnceLock;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// The process's Prometheus handle, installing the recorder on first use. `None` when another
+/// recorder was installed first (an embedding application's own).
+pub fn prometheus() -> Option<&'static PrometheusHandle> {
+    PROMETHEUS
+        .get_or_init(|| {
+            let latency = [
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ];
+            let batch = [
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
+            ];
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("sigil_store_commit_batch_size".into()),
+                        &batch,
+                    )
+                })
+                .map(|b| b.build_recorder());
+            let recorder = match recorder {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics disabled");
+                    return None;
+                }
+            };
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::info!("another metrics recorder is installed; /metrics will be empty");
+                return None;
+            }
+            describe();
+            Some(handle)
+        })
+        .as_ref()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "sigil_issuance_total",
+        "Credentials issued or refused, by kind, result and deciding gate."
+    );
+    describe_counter!(
+        "sigil_attestation_failures_total",
+        "Attestations that failed, by method and reason."
+    );
+    describe_counter!(
+        "sigil_commit_failures_total",
+        "Issuances refused because the store could not commit (fail closed)."
+    );
+    describe_counter!("sigil_revocations_total", "Credentials revoked.");
+    describe_counter!(
+        "sigil_anomalies_total",
+        "Behaviour anomalies detected, by kind."
+    );
+    describe_counter!(
+        "sigil_hub_events_total",
+        "Trust changes published to watch streams."
+    );
+    describe_counter!(
+        "sigil_tls_handshake_failures_total",
+        "TLS handshakes that failed."
+    );
+    describe_gauge!(
+        "sigil_live_credentials",
+        "Credentials issued by this broker that have not expired."
+    );
+    describe_gauge!(
+        "sigil_revoked_credentials",
+        "Revoked credentials that have not expired yet."
+    );
+    describe_gauge!("sigil_watch_streams", "Open watch streams.");
+    describe_gauge!("sigil_identities", "Identity records, by status.");
+    describe_gauge!(
+        "sigil_key_age_seconds",
+        "Age of each signing key, by kind and state."
+    );
+    describe_gauge!(
+        "sigil_key_rotation_due_seconds",
+        "Seconds until the current key of each kind is due to rotate."
+    );
+    describe_histogram!(
+        "sigil_grpc_request_duration_seconds",
+        "gRPC request latency by method and status."
+    );
+    describe_histogram!(
+        "sigil_store_commit_seconds",
+        "Duration of one group commit (one transaction, one fsync)."
+    );
+    describe_histogram!(
+        "sigil_store_commit_batch_size",
+        "Changes folded into one group commit."
+    );
+}
+
+/// The id of one request, in its extensions.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// Tags each request with a [`RequestId`] and times it.
+#[derive(Debug, Clone, Default)]
+pub struct RequestLayer;
+
+impl<S> tower::Layer<S> for RequestLayer {
+    type Service = RequestService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RequestService { inner }
+    }
+}
+
+/// See [`RequestLayer`].
+#[derive(Debug, Clone)]
+pub struct RequestService<S> {
+    inner: S,
+}
+
+impl<S, B, R> tower::Service<tonic::codegen::http::Request<B>> for RequestService<S>
+where
+    S: tower::Service<
+            tonic::codegen::http::Request<B>,
+            Response = tonic::codegen::http::Response<R>,
+        >,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: tonic::codegen::http::Request<B>) -> Self::Future {
+        // A caller's own request id is kept if it is short and plain, so its logs and ours join.
+        let id = req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| {
+                !v.is_empty()
+                    && v.len() <= 64
+                    && v.bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(&c))
+            })
+            .map(str::to_owned)
+            .unwrap_or_else(|| sigil_pki::ids::to_hex(&sigil_pki::ids::random_bytes::<8>()));
+        req.extensions_mut().insert(RequestId(id.clone()));
+        let method = req.uri().path().rsplit('/').next().unwrap_or("").to_owned();
+        let span = tracing::info_span!("request", request_id = %id, method = %method);
+        let started = Instant::now();
+        let fut = {
+            let _entered = span.enter();
+            self.inner.call(req)
+        };
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                let mut res = fut.await;
+                if let (Ok(r), Ok(v)) = (&mut res, id.parse()) {
+                    r.headers_mut().insert("sigil-request-id", v);
+                }
+                let code = match &res {
+                    Ok(r) => r
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("0")
+                        .to_owned(),
+                    Err(_) => "transport".to_owned(),
+                };
+                let secs = started.elapsed().as_secs_f64();
+                tracing::debug!(code = %code, elapsed_ms = secs * 1000.0, "request finished");
+                metrics::histogram!("sigil_grpc_request_duration_seconds", "method" => method, "code" => code).record(secs);
+                res
+            },
+            span,
+        ))
+    }
+}
+
+/// Counts credentials that have not expired, by expiry second; fed by the commit observer and
+/// seeded from the ledger at start-up. While the seeding scan runs, new issuances are held
+/// aside and counted afterwards unless the scan already saw them, so nothing counts twice.
+#[derive(Debug)]
+pub struct LiveCredentials {
+    inner: std::sync::Mutex<LiveInner>,
+}
+
+#[derive(Debug)]
+struct LiveInner {
+    by_expiry: std::collections::BTreeMap<i64, u64>,
+    /// `Some` until seeding finishes: (credential id, expiry) seen by the observer meanwhile.
+    pending: Option<Vec<(String, i64)>>,
+}
+
+impl Default for LiveCredentials {
+    fn default() -> Self {
+        LiveCredentials {
+            inner: std::sync::Mutex::new(LiveInner {
+                by_expiry: Default::default(),
+                pending: Some(Vec::new()),
+            }),
+        }
+    }
+}
+
+impl LiveCredentials {
+    /// Counts one credential expiring at `expires_at`.
+    pub fn add(&self, credential_id: &str, expires_at: i64) {
+        let Ok(mut g) = self.inner.lock() else { return };
+        match g.pending.as_mut() {
+            Some(p) => p.push((credential_id.to_owned(), expires_at)),
+            None => *g.by_expiry.entry(expires_at).or_default() += 1,
+        }
+    }
+
+    /// Ends seeding with what the ledger scan found (id, expiry).
+    pub fn seed(&self, seen: impl IntoIterator<Item = (String, i64)>) {
+        let Ok(mut g) = self.inner.lock() else { return };
+        let pending = g.pending.take().unwrap_or_default();
+        let mut held: std::collections::HashMap<String, i64> = pending.into_iter().collect();
+        for (id, exp) in seen {
+            held.remove(&id);
+            *g.by_expiry.entry(exp).or_default() += 1;
+        }
+        for (_, exp) in held {
+            *g.by_expiry.entry(exp).or_default() += 1;
+        }
+    }
+
+    /// Credentials still live at `now`.
+    pub fn live(&self, now: i64) -> u64 {
+        let Ok(mut g) = self.inner.lock() else {
+            return 0;
+        };
+        // Expired buckets are dropped as they are passed.
+        let live = g.by_expiry.split_off(&(now + 1));
+        g.by_expiry = live;
+        let pending = g
+            .pending
+            .as_ref()
+            .map_or(0, |p| p.iter().filter(|(_, e)| *e > now).count() as u64);
+        g.by_expiry.values().sum::<u64>() + pending
+    }
+}
