@@ -704,35 +704,35 @@ pub(super) async fn report(a: ReportArgs) -> Result<()> {
     }
     let ids = v["identities"].as_array().cloned().unwrap_or_default();
     println!("IDENTITIES ({})", ids.len());
-    println!(
-        "{:<44} {:<22} {:<11} {:<21} {:>5} {:<21}",
-        "SPIFFE ID", "OWNER", "STATUS", "LAST USED", "LIVE", "EXPIRES"
-    );
+    let mut rows = vec![[
+        "SPIFFE ID".to_owned(),
+        "OWNER".to_owned(),
+        "STATUS".to_owned(),
+        "LAST USED".to_owned(),
+        "LIVE".to_owned(),
+        "EXPIRES".to_owned(),
+    ]];
     for i in &ids {
         let last = i["last_used"]
             .as_i64()
             .filter(|t| *t > 0)
             .map(rfc3339)
             .unwrap_or_else(|| "never".into());
-        let owner = format!(
-            "{}{}",
-            i["owner"].as_str().unwrap_or(""),
-            if i["owner_active"] == false {
-                " (gone)"
-            } else {
-                ""
-            }
-        );
-        println!(
-            "{:<44} {:<22} {:<11} {:<21} {:>5} {:<21}",
-            i["spiffe_id"].as_str().unwrap_or(""),
-            owner,
-            i["status"].as_str().unwrap_or(""),
+        let gone = if i["owner_active"] == false {
+            " (gone)"
+        } else {
+            ""
+        };
+        rows.push([
+            i["spiffe_id"].as_str().unwrap_or("").to_owned(),
+            format!("{}{gone}", i["owner"].as_str().unwrap_or("")),
+            i["status"].as_str().unwrap_or("").to_owned(),
             last,
-            i["live_credentials"],
-            rfc3339(i["expires_at"].as_i64().unwrap_or(0))
-        );
+            i["live_credentials"].as_u64().unwrap_or(0).to_string(),
+            rfc3339(i["expires_at"].as_i64().unwrap_or(0)),
+        ]);
     }
+    print_table(&rows);
     let findings = v["findings"].as_array().cloned().unwrap_or_default();
     println!();
     println!("FINDINGS ({})", findings.len());
@@ -772,6 +772,27 @@ pub(super) async fn report(a: ReportArgs) -> Result<()> {
         None => println!("  leak report to revocation:  no incidents in the window"),
     }
     Ok(())
+}
+
+/// Prints rows as left-aligned columns sized to their widest cell (the first row is the header).
+fn print_table<const N: usize>(rows: &[[String; N]]) {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for row in rows {
+        let mut line = String::new();
+        for (k, (cell, w)) in row.iter().zip(widths).enumerate() {
+            if k + 1 == N {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        println!("{}", line.trim_end());
+    }
 }
 
 /// `sigil revoke ...`.
