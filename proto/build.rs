@@ -3,7 +3,11 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/sigil/v1/broker.proto", "proto/sigil/v1/admin.proto"];
+    let files = [
+        "proto/sigil/v1/broker.proto",
+        "proto/sigil/v1/admin.proto",
+        "proto/spiffe/workload.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -19,8 +19,11 @@ use crate::store::{Change, Op};
 /// An authenticated operator.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Operator {
-    /// The operator's name (last segment of `spiffe://<td>/sigil/operator/<name>`).
+    /// The operator's name (last segment of `spiffe://<td>/sigil/operator/[<role>/]<name>`).
     pub name: String,
+    /// `admin`, `operator`, `auditor` or `revoker` (a credential without a role segment, like
+    /// the first one `sigil init` writes, is an admin's).
+    pub role: String,
 }
 
 impl Operator {
@@ -84,7 +87,7 @@ impl Broker {
                 crate::clock::rfc3339(peer.not_after)
             )));
         }
-        let name = peer
+        let rest = peer
             .spiffe_id
             .as_ref()
             .and_then(|id| {
@@ -92,11 +95,63 @@ impl Broker {
                     .strip_prefix("/sigil/operator/")
                     .map(str::to_owned)
             })
-            .filter(|n| !n.is_empty() && !n.contains('/'))
-            .ok_or_else(|| {
-                BrokerError::Unauthenticated("operator credential has no operator SPIFFE ID".into())
-            })?;
-        Ok(Operator { name })
+            .unwrap_or_default();
+        let (role, name) = match rest.split_once('/') {
+            None => ("admin".to_owned(), rest.clone()),
+            Some((role, name)) => (role.to_owned(), name.to_owned()),
+        };
+        if name.is_empty() || name.contains('/') || !crate::policy::ROLES.contains(&role.as_str()) {
+            return Err(BrokerError::Unauthenticated(
+                "operator credential has no valid operator SPIFFE ID".into(),
+            ));
+        }
+        Ok(Operator { name, role })
+    }
+
+    /// The operator behind a request, if its role may perform `action` (a Cedar admin action,
+    /// e.g. `credential.revoke`) on `target`. A refusal is audited.
+    pub async fn authorize_admin(
+        &self,
+        ctx: &RequestContext,
+        action: &str,
+        target: &str,
+    ) -> Result<Operator, BrokerError> {
+        let op = self.authorize_operator(ctx)?;
+        let mut context = vec![("target".to_owned(), crate::policy::ctx::s(target))];
+        context.extend(crate::policy::ctx::time(self.clock.unix()));
+        let d = self.policy.authorize(
+            crate::policy::Principal::Operator {
+                name: &op.name,
+                role: &op.role,
+            },
+            action,
+            crate::policy::Resource::Broker,
+            context,
+        );
+        if d.allowed {
+            return Ok(op);
+        }
+        let reason = format!(
+            "operator {} (role {}) may not {action}: {}",
+            op.name, op.role, d.reason
+        );
+        let draft = AuditDraft::new(
+            self.now_nanos(),
+            op.actor(),
+            format!("admin.{action}"),
+            target,
+            Decision::Deny,
+            &reason,
+            &ctx.request_id,
+        )
+        .gate(crate::authz::GateId::RequestPolicy.code())
+        .with("role", op.role.clone())
+        .with("policies", d.policies);
+        self.audit_only(vec![draft]).await;
+        Err(BrokerError::Denied {
+            gate: crate::authz::GateId::RequestPolicy,
+            reason,
+        })
     }
 
     /// An identity by id or SPIFFE ID.

@@ -5,15 +5,21 @@
 //!    not expired, and a presented certificate is of the identity's current generation.
 //! 2. **Entitlement scope**: kind, audiences, scopes and DNS names are within the record's
 //!    entitlements; a TTL above the maximum is clamped and the reply says so.
-//! 3. **Request policy**: plugs in here (Cedar, a later issue).
+//! 3. **Request policy**: just-in-time approvals for approval-gated scopes, then the Cedar
+//!    policies ([`crate::policy`]) over the identity, the action, the resource and the
+//!    request's context.
 //!
 //! Every decision, allow or deny, is recorded in the audit entry of the request.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::rfc3339;
-use crate::model::{CredentialKind, IdentityRecord, IdentityStatus};
+use crate::model::{CredentialKind, IdentityRecord, IdentityStatus, Selector};
+use crate::policy::{MintFacts, PolicyEngine, Principal, Resource};
 
 /// Which gate decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +57,8 @@ impl fmt::Display for GateId {
 /// What is being asked for.
 #[derive(Debug, Clone, Copy)]
 pub enum Ask<'a> {
+    /// To attest at all (before anything is minted).
+    Attest,
     /// An X.509-SVID with these DNS SANs.
     X509 {
         /// DNS names.
@@ -66,12 +74,18 @@ pub enum Ask<'a> {
 }
 
 impl Ask<'_> {
-    /// The credential kind.
-    pub fn kind(&self) -> CredentialKind {
+    /// The credential kind (`None` for attestation itself).
+    pub fn kind(&self) -> Option<CredentialKind> {
         match self {
-            Ask::X509 { .. } => CredentialKind::X509,
-            Ask::Jwt { .. } => CredentialKind::Jwt,
+            Ask::Attest => None,
+            Ask::X509 { .. } => Some(CredentialKind::X509),
+            Ask::Jwt { .. } => Some(CredentialKind::Jwt),
         }
+    }
+
+    /// The label used in metrics.
+    pub fn label(&self) -> &'static str {
+        self.kind().map_or("attest", CredentialKind::as_str)
     }
 }
 
@@ -94,6 +108,12 @@ pub struct MintContext<'a> {
     pub default_ttl: Duration,
     /// Unix seconds.
     pub now: i64,
+    /// What this attestation's evidence showed (OIDC, Unix); empty otherwise.
+    pub selectors: &'a BTreeSet<Selector>,
+    /// The caller's address (absent on the Unix socket).
+    pub source: Option<IpAddr>,
+    /// Approvals in force for this identity: scope → when it ends (Unix seconds).
+    pub approvals: &'a BTreeMap<String, i64>,
 }
 
 /// What the gates granted.
@@ -120,8 +140,9 @@ pub struct Denial {
 pub trait Gate: Send + Sync + fmt::Debug {
     /// Which gate this is.
     fn id(&self) -> GateId;
-    /// Allows (possibly adjusting `grant`) or refuses with a reason.
-    fn check(&self, ctx: &MintContext<'_>, grant: &mut Grant) -> Result<(), String>;
+    /// Allows (possibly adjusting `grant`; `Ok` carries a note for the audit trail, e.g. the
+    /// policies that permitted) or refuses with a reason.
+    fn check(&self, ctx: &MintContext<'_>, grant: &mut Grant) -> Result<String, String>;
 }
 
 /// The gates, in order.
@@ -153,6 +174,11 @@ impl GateChain {
         Self::default()
     }
 
+    /// Gates 1, 2 and 3 (approvals and the Cedar policies of `engine`).
+    pub fn with_policy(engine: Arc<PolicyEngine>) -> Self {
+        Self::default().with(Box::new(RequestPolicy { engine }))
+    }
+
     /// Appends a gate (gate 3 goes here).
     pub fn with(mut self, gate: Box<dyn Gate>) -> Self {
         self.gates.push(gate);
@@ -169,7 +195,8 @@ impl GateChain {
         let mut trail = Vec::with_capacity(self.gates.len());
         for g in &self.gates {
             match g.check(ctx, &mut grant) {
-                Ok(()) => trail.push(format!("{}: allow", g.id().code())),
+                Ok(note) if note.is_empty() => trail.push(format!("{}: allow", g.id().code())),
+                Ok(note) => trail.push(format!("{}: allow ({note})", g.id().code())),
                 Err(reason) => {
                     trail.push(format!("{}: deny: {reason}", g.id().code()));
                     return Evaluation {
@@ -198,7 +225,7 @@ impl Gate for IdentityProof {
         GateId::IdentityProof
     }
 
-    fn check(&self, ctx: &MintContext<'_>, _grant: &mut Grant) -> Result<(), String> {
+    fn check(&self, ctx: &MintContext<'_>, _grant: &mut Grant) -> Result<String, String> {
         let rec = ctx.identity;
         let why = |r: &str| {
             if r.is_empty() {
@@ -252,7 +279,7 @@ impl Gate for IdentityProof {
                 rec.spiffe_id, rec.generation
             ));
         }
-        Ok(())
+        Ok(String::new())
     }
 }
 
@@ -273,9 +300,12 @@ impl Gate for EntitlementScope {
         GateId::EntitlementScope
     }
 
-    fn check(&self, ctx: &MintContext<'_>, grant: &mut Grant) -> Result<(), String> {
+    fn check(&self, ctx: &MintContext<'_>, grant: &mut Grant) -> Result<String, String> {
         let e = &ctx.identity.entitlements;
-        let kind = ctx.ask.kind();
+        let Some(kind) = ctx.ask.kind() else {
+            // Attesting grants nothing by itself; what is minted is checked on its own.
+            return Ok(String::new());
+        };
         if !e.kinds.contains(&kind) {
             let have: Vec<_> = e.kinds.iter().map(|k| k.as_str()).collect();
             return Err(format!(
@@ -289,6 +319,7 @@ impl Gate for EntitlementScope {
             ));
         }
         match ctx.ask {
+            Ask::Attest => {}
             Ask::X509 { dns_names } => {
                 if let Some(d) = dns_names
                     .iter()
@@ -328,7 +359,101 @@ impl Gate for EntitlementScope {
             }
             grant.ttl = max;
         }
-        Ok(())
+        Ok(String::new())
+    }
+}
+
+/// Gate 3: just-in-time approvals, then Cedar.
+#[derive(Debug)]
+pub struct RequestPolicy {
+    engine: Arc<PolicyEngine>,
+}
+
+impl Gate for RequestPolicy {
+    fn id(&self) -> GateId {
+        GateId::RequestPolicy
+    }
+
+    fn check(&self, ctx: &MintContext<'_>, grant: &mut Grant) -> Result<String, String> {
+        let e = &ctx.identity.entitlements;
+        let (audiences, scopes, dns): (&[String], &[String], &[String]) = match ctx.ask {
+            Ask::Attest => (&[], &[], &[]),
+            Ask::X509 { dns_names } => (&[], &[], dns_names),
+            Ask::Jwt { audiences, scopes } => (audiences, scopes, &[]),
+        };
+        // Approval-gated scopes: only while an approval is in force, and never beyond it.
+        let mut until: Option<i64> = None;
+        for s in scopes.iter().filter(|s| e.approval_scopes.contains(*s)) {
+            match ctx.approvals.get(s) {
+                Some(end) if *end > ctx.now => {
+                    until = Some(until.map_or(*end, |u: i64| u.min(*end)));
+                }
+                _ => {
+                    return Err(format!(
+                        "scope {s:?} needs an approval and none is in force for {}; an operator can grant one: sigil approve {} --scope {s} --for 15m --reason TEXT",
+                        ctx.identity.spiffe_id, ctx.identity.spiffe_id
+                    ));
+                }
+            }
+        }
+        if let Some(end) = until {
+            let left = Duration::from_secs((end - ctx.now).max(1) as u64);
+            if grant.ttl > left {
+                grant.ttl = left;
+                let note = format!(
+                    "lifetime cut to {}s: the approval ends at {}",
+                    left.as_secs(),
+                    rfc3339(end)
+                );
+                grant.notice = if grant.notice.is_empty() {
+                    note
+                } else {
+                    format!("{}; {note}", grant.notice)
+                };
+            }
+        }
+        let facts = MintFacts {
+            method: ctx.method,
+            selectors: ctx.selectors.iter().map(ToString::to_string).collect(),
+            source: ctx.source,
+            ttl_secs: grant.ttl.as_secs(),
+            audiences: audiences.to_vec(),
+            scopes: scopes.to_vec(),
+            dns_names: dns.to_vec(),
+            approvals: ctx
+                .approvals
+                .iter()
+                .filter(|(_, end)| **end > ctx.now)
+                .map(|(s, _)| s.clone())
+                .collect(),
+            now: ctx.now,
+        };
+        let principal = Principal::Identity(ctx.identity);
+        let checks: Vec<(&str, Resource<'_>)> = match ctx.ask {
+            Ask::Attest => vec![("attest", Resource::Broker)],
+            Ask::X509 { .. } => vec![("mint_x509", Resource::Kind("x509"))],
+            Ask::Jwt { audiences, .. } => audiences
+                .iter()
+                .map(|a| ("mint_jwt", Resource::Audience(a)))
+                .collect(),
+        };
+        let mut permitted_by = BTreeSet::new();
+        for (action, resource) in checks {
+            let d = self
+                .engine
+                .authorize(principal, action, resource, facts.context());
+            if !d.allowed {
+                return Err(match resource {
+                    Resource::Audience(a) => format!("{} (audience {a:?})", d.reason),
+                    _ => d.reason,
+                });
+            }
+            permitted_by.extend(d.policies);
+        }
+        Ok(format!(
+            "permitted by {}",
+            permitted_by.into_iter().collect::<Vec<_>>().join(", ")
+        ))
     }
 }
 
@@ -351,6 +476,7 @@ mod tests {
                 audiences: ["db".to_string()].into(),
                 scopes: ["read".to_string()].into(),
                 dns_names: ["app.internal".to_string()].into(),
+                approval_scopes: Default::default(),
             },
             status: IdentityStatus::Active,
             status_reason: String::new(),
@@ -377,8 +503,14 @@ mod tests {
             requested_ttl: ttl.map(Duration::from_secs),
             default_ttl: Duration::from_secs(300),
             now: 1_000,
+            selectors: &NO_SELECTORS,
+            source: None,
+            approvals: &NO_APPROVALS,
         }
     }
+
+    static NO_SELECTORS: BTreeSet<Selector> = BTreeSet::new();
+    static NO_APPROVALS: BTreeMap<String, i64> = BTreeMap::new();
 
     #[test]
     fn allowed_requests_pass_every_gate_and_say_so() {

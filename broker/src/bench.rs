@@ -260,6 +260,7 @@ async fn bench_identity(t: &Target) -> Result<String> {
                 audiences: vec!["bench".into()],
                 scopes: Vec::new(),
                 dns_names: Vec::new(),
+                ..Default::default()
             }),
             expires_in_seconds: 86400,
         })

@@ -47,10 +47,19 @@ pub struct Broker {
     pub(crate) behaviour: crate::govern::Behaviour,
     /// Wakes the rotation schedule now (e.g. the signing CA turned out to be expired).
     pub(crate) rotation_kick: tokio::sync::Notify,
+    /// Gate 3 policies and admin roles.
+    pub(crate) policy: Arc<crate::policy::PolicyEngine>,
+    /// Trusted OIDC issuers.
+    pub(crate) oidc: crate::attest::oidc::OidcVerifier,
+    /// Hashes of workload binaries (Unix attestation).
+    pub(crate) unix_hashes: crate::attest::unix::HashCache,
+    /// Approvals by identity id (every record; expired ones are filtered when read).
+    pub(crate) approvals:
+        std::sync::RwLock<std::collections::HashMap<String, Vec<crate::model::ApprovalRecord>>>,
     /// Where follow-up work of the commit observer runs (never in the writer thread).
     rt: tokio::runtime::Handle,
     /// This broker, for spawning follow-up work.
-    me: std::sync::Weak<Broker>,
+    pub(crate) me: std::sync::Weak<Broker>,
 }
 
 /// What the transport knows about a request.
@@ -62,6 +71,8 @@ pub struct RequestContext {
     pub remote: Option<SocketAddr>,
     /// The verified client certificate, when the caller used mTLS.
     pub peer: Option<Arc<PeerCert>>,
+    /// The kernel's word on the caller, when it came over the Unix socket.
+    pub unix: Option<crate::attest::unix::UnixPeer>,
 }
 
 impl RequestContext {
@@ -71,6 +82,7 @@ impl RequestContext {
             request_id: sigil_pki::ids::to_hex(&sigil_pki::ids::random_bytes::<8>()),
             remote,
             peer,
+            unix: None,
         }
     }
 }
@@ -100,6 +112,12 @@ pub struct BrokerParts {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Usage so far (behaviour baselines).
     pub usage: Vec<crate::model::UsageRecord>,
+    /// Gate 3 policies and admin roles.
+    pub policy: Arc<crate::policy::PolicyEngine>,
+    /// Trusted OIDC issuers.
+    pub oidc: crate::attest::oidc::OidcVerifier,
+    /// Every stored approval.
+    pub approvals: Vec<crate::model::ApprovalRecord>,
 }
 
 impl Broker {
@@ -123,6 +141,16 @@ impl Broker {
             live: crate::telemetry::LiveCredentials::default(),
             behaviour: crate::govern::Behaviour::new(p.usage),
             rotation_kick: tokio::sync::Notify::new(),
+            policy: p.policy,
+            oidc: p.oidc,
+            unix_hashes: Default::default(),
+            approvals: std::sync::RwLock::new({
+                let mut m: std::collections::HashMap<String, Vec<_>> = Default::default();
+                for a in p.approvals {
+                    m.entry(a.identity_id.clone()).or_default().push(a);
+                }
+                m
+            }),
             rt: tokio::runtime::Handle::current(),
             me: me.clone(),
         });
@@ -318,6 +346,12 @@ impl CommitObserver for Broker {
                     }
                 }
                 Op::PutKey(k) => keys.push(k.clone()),
+                Op::PutApproval(a) => {
+                    let mut m = self.approvals.write().unwrap_or_else(|p| p.into_inner());
+                    let list = m.entry(a.identity_id.clone()).or_default();
+                    list.retain(|x| x.id != a.id);
+                    list.push(a.clone());
+                }
                 Op::AppendLedger(r) => {
                     self.live.add(&r.credential_id, r.expires_at);
                     let anomalies = self.behaviour.observe(r, &self.cfg.governance);

@@ -78,6 +78,231 @@ pub struct Config {
     pub rotation: Rotation,
     /// Governance: report thresholds, behaviour baselines and what an anomaly does.
     pub governance: Governance,
+    /// The Unix socket for local workloads: `unix` attestation by peer credentials, the
+    /// SPIFFE Workload API and the Sigil Broker API. Unset: no socket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload_socket: Option<PathBuf>,
+    /// Permissions of the socket file. Workloads are told apart by their peer credentials, not
+    /// by who may connect, so every local user may connect by default (like SPIRE's agent
+    /// socket); narrow it (e.g. 0o660 with a group) to hide the broker from other users.
+    pub workload_socket_mode: u32,
+    /// Trusted OIDC issuers (`[[oidc]]`): Kubernetes, GitHub Actions, GitLab CI, any provider.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub oidc: Vec<OidcIssuer>,
+    /// Gate 3 (Cedar request policy) and admin roles.
+    pub policy: Policy,
+    /// Token exchange for delegation (agents acting for workloads).
+    pub exchange: Exchange,
+}
+
+/// A trusted OIDC issuer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OidcIssuer {
+    /// A short name for logs, audit entries and metrics (`prod-cluster`, `github`).
+    pub name: String,
+    /// `kubernetes`, `github`, `gitlab` or `generic`: which extra selectors to derive
+    /// (`k8s:ns:...`, `github:repository:...`, `gitlab:project_path:...`) and defaults.
+    #[serde(default)]
+    pub preset: OidcPreset,
+    /// The exact `iss` of accepted tokens. Defaults for `github`
+    /// (https://token.actions.githubusercontent.com) and `gitlab` (https://gitlab.com).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub issuer: String,
+    /// Accepted `aud` values; a token must name at least one. Required: a token minted for
+    /// another service must not attest here.
+    pub audiences: Vec<String>,
+    /// The issuer's JWKS from a file (re-read when a token names an unknown key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_file: Option<PathBuf>,
+    /// The issuer's JWKS over HTTPS (cached; refetched on an unknown `kid`, at most once per
+    /// `jwks_min_refresh`). Defaults for `github` and `gitlab`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_url: Option<String>,
+    /// PEM CA certificates to trust for `jwks_url` instead of the public web PKI (e.g. a
+    /// cluster's CA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Accepted signature algorithms. HMAC and `none` are never accepted.
+    #[serde(default = "default_oidc_algorithms")]
+    pub algorithms: Vec<String>,
+    /// Tolerance for `exp`, `nbf` and `iat`.
+    #[serde(default = "default_skew", with = "dur")]
+    pub clock_skew: Duration,
+    /// How long a fetched JWKS is used before it is fetched again.
+    #[serde(default = "default_jwks_cache", with = "dur")]
+    pub jwks_cache: Duration,
+    /// At most one refetch per this interval when tokens name unknown keys.
+    #[serde(default = "default_jwks_min_refresh", with = "dur")]
+    pub jwks_min_refresh: Duration,
+}
+
+fn default_oidc_algorithms() -> Vec<String> {
+    [
+        "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn default_skew() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_jwks_cache() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_jwks_min_refresh() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// Which claims an OIDC issuer's tokens carry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OidcPreset {
+    /// Only `oidc:iss:`, `oidc:sub:` and `oidc:claim:` selectors.
+    #[default]
+    Generic,
+    /// Kubernetes projected service-account tokens: `k8s:ns:`, `k8s:sa:`, `k8s:pod-name:`,
+    /// `k8s:pod-uid:`, `k8s:node-name:`.
+    Kubernetes,
+    /// GitHub Actions ID tokens: `github:repository:`, `github:ref:`, `github:workflow:`,
+    /// `github:environment:`, ...
+    Github,
+    /// GitLab CI ID tokens: `gitlab:project_path:`, `gitlab:ref:`, `gitlab:environment:`, ...
+    Gitlab,
+}
+
+impl OidcIssuer {
+    /// The issuer with its preset's defaults filled in.
+    pub fn resolved(&self) -> OidcIssuer {
+        let mut r = self.clone();
+        match self.preset {
+            OidcPreset::Github => {
+                if r.issuer.is_empty() {
+                    r.issuer = "https://token.actions.githubusercontent.com".into();
+                }
+                if r.jwks_file.is_none() && r.jwks_url.is_none() {
+                    r.jwks_url = Some(format!("{}/.well-known/jwks", r.issuer));
+                }
+            }
+            OidcPreset::Gitlab => {
+                if r.issuer.is_empty() {
+                    r.issuer = "https://gitlab.com".into();
+                }
+                if r.jwks_file.is_none() && r.jwks_url.is_none() {
+                    r.jwks_url = Some(format!("{}/oauth/discovery/keys", r.issuer));
+                }
+            }
+            OidcPreset::Kubernetes | OidcPreset::Generic => {}
+        }
+        r
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let n = &self.name;
+        if n.is_empty()
+            || !n
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(format!(
+                "oidc issuer name {n:?} must be letters, digits, '-', '_' or '.'"
+            ));
+        }
+        let r = self.resolved();
+        if r.issuer.is_empty() {
+            return Err(format!("oidc issuer {n:?}: `issuer` is required"));
+        }
+        if r.audiences.is_empty() || r.audiences.iter().any(String::is_empty) {
+            return Err(format!(
+                "oidc issuer {n:?}: `audiences` must list the audiences tokens for Sigil carry"
+            ));
+        }
+        match (&r.jwks_file, &r.jwks_url) {
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "oidc issuer {n:?}: give `jwks_file` or `jwks_url`, not both"
+                ));
+            }
+            (None, None) => {
+                return Err(format!(
+                    "oidc issuer {n:?}: `jwks_file` or `jwks_url` is required"
+                ));
+            }
+            (None, Some(u)) => {
+                if !u.starts_with("https://") {
+                    return Err(format!(
+                        "oidc issuer {n:?}: jwks_url {u:?} must be https://"
+                    ));
+                }
+            }
+            (Some(_), None) => {}
+        }
+        if r.algorithms.is_empty() {
+            return Err(format!("oidc issuer {n:?}: `algorithms` is empty"));
+        }
+        for a in &r.algorithms {
+            if a.eq_ignore_ascii_case("none") || a.to_ascii_uppercase().starts_with("HS") {
+                return Err(format!(
+                    "oidc issuer {n:?}: algorithm {a} is refused (none and HMAC cannot prove a workload)"
+                ));
+            }
+            if crate::attest::oidc::parse_alg(a).is_none() {
+                return Err(format!(
+                    "oidc issuer {n:?}: unknown algorithm {a:?} (RS256, PS256, ES256, ES384, EdDSA, ...)"
+                ));
+            }
+        }
+        if r.clock_skew > Duration::from_secs(300) {
+            return Err(format!("oidc issuer {n:?}: clock_skew must be at most 5m"));
+        }
+        Ok(())
+    }
+}
+
+/// Gate 3 and admin roles.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Policy {
+    /// A `.cedar` file or a directory of them; unset: only the built-in policies. Relative
+    /// paths are relative to the data dir.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// `permit`: the built-in policy permits whatever gates 1 and 2 allowed, so your policies
+    /// only need `forbid` rules. `deny`: nothing is minted unless one of your policies permits it.
+    pub default: PolicyDefault,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            path: None,
+            default: PolicyDefault::Permit,
+        }
+    }
+}
+
+/// The built-in request policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyDefault {
+    /// Permit what gates 1 and 2 allowed.
+    Permit,
+    /// Permit nothing by default.
+    Deny,
+}
+
+/// Token exchange settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Exchange {
+    /// Longest actor chain in an exchanged token (`act` nesting).
+    pub max_depth: usize,
+}
+
+impl Default for Exchange {
+    fn default() -> Self {
+        Exchange { max_depth: 3 }
+    }
 }
 
 /// What an anomaly does.
@@ -265,6 +490,11 @@ impl Default for Config {
             limits: Limits::default(),
             rotation: Rotation::default(),
             governance: Governance::default(),
+            workload_socket: None,
+            workload_socket_mode: 0o666,
+            oidc: Vec::new(),
+            policy: Policy::default(),
+            exchange: Exchange::default(),
         }
     }
 }
@@ -339,6 +569,33 @@ impl Config {
         if r.check_interval < Duration::from_millis(100) {
             return Err(ConfigError::Invalid(
                 "rotation.check_interval must be at least 100ms".into(),
+            ));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        let mut issuers = std::collections::BTreeSet::new();
+        for o in &self.oidc {
+            o.validate().map_err(ConfigError::Invalid)?;
+            if !names.insert(o.name.clone()) {
+                return Err(ConfigError::Invalid(format!(
+                    "oidc issuer name {:?} is used twice",
+                    o.name
+                )));
+            }
+            if !issuers.insert(o.resolved().issuer) {
+                return Err(ConfigError::Invalid(format!(
+                    "oidc issuer {:?}: another [[oidc]] entry has the same issuer",
+                    o.name
+                )));
+            }
+        }
+        if self.workload_socket_mode > 0o777 {
+            return Err(ConfigError::Invalid(
+                "workload_socket_mode must be a permission mode like 0o666".into(),
+            ));
+        }
+        if !(1..=10).contains(&self.exchange.max_depth) {
+            return Err(ConfigError::Invalid(
+                "exchange.max_depth must be between 1 and 10".into(),
             ));
         }
         if self.limits.max_request_bytes < 1024 {

@@ -84,6 +84,7 @@ pub async fn run(a: DevArgs) -> Result<()> {
                     audiences: vec!["demo-api".into()],
                     scopes: vec!["demo.read".into()],
                     dns_names: vec!["web.demo.local".into()],
+                    ..Default::default()
                 }),
                 expires_in_seconds: 0,
             })

@@ -14,7 +14,7 @@ pub enum BrokerError {
         /// The method (`join_token`, `x509`).
         method: &'static str,
         /// What the caller can check, without revealing more than it knows.
-        hint: &'static str,
+        hint: String,
     },
     /// The call needs a credential the caller did not present.
     #[error("{0}")]
@@ -70,7 +70,7 @@ impl From<StoreError> for BrokerError {
                 Conflict::IdentityMissing(_) => BrokerError::NotFound(c.to_string()),
                 Conflict::StaleRevision { .. } => BrokerError::FailedPrecondition(c.to_string()),
                 Conflict::JoinTokenUnknown | Conflict::JoinTokenExpired | Conflict::JoinTokenUsed => {
-                    BrokerError::AttestationFailed { method: "join_token", hint: crate::attest::join_token::HINT }
+                    BrokerError::AttestationFailed { method: "join_token", hint: crate::attest::join_token::HINT.into() }
                 }
             },
             StoreError::Unavailable(_) | StoreError::Closed => BrokerError::Unavailable(

@@ -27,6 +27,11 @@ use crate::store::{Change, Conflict, Op, StoreError};
 pub enum Evidence {
     /// A one-time join token.
     JoinToken(SecretString),
+    /// A JWT from a configured OIDC issuer.
+    Oidc(SecretString),
+    /// The caller's Unix peer credentials (only on the Unix socket; taken from the
+    /// request context).
+    Unix,
 }
 
 /// An X.509-SVID request.
@@ -120,7 +125,26 @@ impl Broker {
         jwts: Vec<JwtAsk>,
         ctx: &RequestContext,
     ) -> Result<Attestation, BrokerError> {
-        self.check_x509_ask(&x509)?;
+        let (x, jwts) = self
+            .attest_as(&evidence, None, Some(x509), jwts, ctx)
+            .await?;
+        let x509 = x.ok_or_else(|| BrokerError::Internal("no certificate minted".into()))?;
+        Ok(Attestation { x509, jwts })
+    }
+
+    /// Attests with `evidence` as `spiffe_id` (needed when selector-based evidence matches
+    /// several identities) and mints an X.509-SVID if asked, and the JWT-SVIDs asked for.
+    pub async fn attest_as(
+        &self,
+        evidence: &Evidence,
+        spiffe_id: Option<&str>,
+        x509: Option<X509Ask>,
+        jwts: Vec<JwtAsk>,
+        ctx: &RequestContext,
+    ) -> Result<(Option<IssuedX509>, Vec<IssuedJwt>), BrokerError> {
+        if let Some(x) = &x509 {
+            self.check_x509_ask(x)?;
+        }
         if jwts.len() > self.cfg.limits.max_jwts_per_request {
             return Err(BrokerError::invalid(
                 "jwts",
@@ -133,33 +157,56 @@ impl Broker {
         for (i, j) in jwts.iter().enumerate() {
             self.check_jwt_ask(j, &format!("jwts[{i}]"))?;
         }
-        let csr = VerifiedCsr::from_der(&x509.csr_der)
-            .map_err(|e| BrokerError::invalid("csr", e.to_string()))?;
+        let csr = match &x509 {
+            Some(x) => Some(
+                VerifiedCsr::from_der(&x.csr_der)
+                    .map_err(|e| BrokerError::invalid("csr", e.to_string()))?,
+            ),
+            None => None,
+        };
         for _ in 0..STALE_RETRIES {
             let now = self.clock.now();
             let now_s = unix_secs(now);
-            let attested = match &evidence {
+            let attested = match evidence {
                 Evidence::JoinToken(t) => {
                     attest::join_token::attest(self.store.as_ref(), &self.registry, t, now_s).await
                 }
+                Evidence::Oidc(t) => self.attest_oidc(t, spiffe_id, now_s).await,
+                Evidence::Unix => self.attest_unix(ctx, spiffe_id, now_s).await,
             };
             let attested = match attested {
                 Ok(a) => a,
                 Err(e) => return Err(self.attestation_failed(e, "attest", ctx).await),
             };
-
-            let x509_grant = self
-                .run_gates(
-                    &attested,
-                    Ask::X509 {
-                        dns_names: &x509.dns_names,
-                    },
-                    x509.ttl,
-                    self.cfg.issuance.default_x509_ttl,
-                    "x509.mint",
-                    ctx,
-                )
+            if let Some(want) = spiffe_id
+                && attested.identity.spiffe_id.as_str() != want
+            {
+                return Err(BrokerError::invalid(
+                    "spiffe_id",
+                    format!(
+                        "the evidence is for {}, not {want}",
+                        attested.identity.spiffe_id
+                    ),
+                ));
+            }
+            self.run_gates(&attested, Ask::Attest, None, Duration::ZERO, "attest", ctx)
                 .await?;
+            let x509_grant = match &x509 {
+                Some(x) => Some(
+                    self.run_gates(
+                        &attested,
+                        Ask::X509 {
+                            dns_names: &x.dns_names,
+                        },
+                        x.ttl,
+                        self.cfg.issuance.default_x509_ttl,
+                        "x509.mint",
+                        ctx,
+                    )
+                    .await?,
+                ),
+                None => None,
+            };
             let mut jwt_grants = Vec::with_capacity(jwts.len());
             for j in &jwts {
                 let g = self
@@ -179,15 +226,12 @@ impl Broker {
             }
 
             let ring = self.keys.current();
-            let x = self.sign_x509(
-                &ring,
-                &attested,
-                &csr,
-                &x509.dns_names,
-                x509_grant,
-                ctx,
-                now,
-            )?;
+            let x = match (&x509, &csr, x509_grant) {
+                (Some(ask), Some(csr), Some(grant)) => {
+                    Some(self.sign_x509(&ring, &attested, csr, &ask.dns_names, grant, ctx, now)?)
+                }
+                _ => None,
+            };
             let mut minted_jwts = Vec::with_capacity(jwts.len());
             for (j, (grant, trail)) in jwts.iter().zip(jwt_grants) {
                 minted_jwts.push(self.sign_jwt(&ring, &attested, j, (grant, trail), ctx, now)?);
@@ -246,8 +290,12 @@ impl Broker {
                 .with("method", attested.method)
                 .with("spiffe_id", id.spiffe_id.as_str()),
             );
-            change.ops.push(Op::AppendLedger(x.ledger));
-            change.audit.push(x.audit);
+            let mut issued_x509 = None;
+            if let Some(x) = x {
+                change.ops.push(Op::AppendLedger(x.ledger));
+                change.audit.push(x.audit);
+                issued_x509 = Some(x.issued);
+            }
             let mut issued_jwts = Vec::with_capacity(minted_jwts.len());
             for m in minted_jwts {
                 change.ops.push(Op::AppendLedger(m.ledger));
@@ -256,12 +304,11 @@ impl Broker {
             }
             match self.store.commit(change).await {
                 Ok(_) => {
-                    metrics::counter!("sigil_issuance_total", "kind" => "x509", "result" => "issued").increment(1);
+                    if issued_x509.is_some() {
+                        metrics::counter!("sigil_issuance_total", "kind" => "x509", "result" => "issued").increment(1);
+                    }
                     metrics::counter!("sigil_issuance_total", "kind" => "jwt", "result" => "issued").increment(issued_jwts.len() as u64);
-                    return Ok(Attestation {
-                        x509: x.issued,
-                        jwts: issued_jwts,
-                    });
+                    return Ok((issued_x509, issued_jwts));
                 }
                 Err(StoreError::Conflict(Conflict::StaleRevision { .. })) => continue,
                 // A concurrent use of the same join token won the race: nothing was issued here.
@@ -272,6 +319,7 @@ impl Broker {
                         _ => "unknown",
                     };
                     let e = AttestError::Failed {
+                        public: None,
                         method: attested.method,
                         reason,
                         actor: attested.actor.clone(),
@@ -478,6 +526,7 @@ impl Broker {
                 actor,
                 identity_id,
                 detail,
+                public,
             } => {
                 tracing::info!(request_id = %ctx.request_id, method, reason, %actor, %detail, "attestation failed");
                 metrics::counter!("sigil_attestation_failures_total", "method" => method, "reason" => reason)
@@ -504,7 +553,10 @@ impl Broker {
                         "the client certificate is not a current Sigil credential of a known identity"
                     }
                 };
-                BrokerError::AttestationFailed { method, hint }
+                BrokerError::AttestationFailed {
+                    method,
+                    hint: public.unwrap_or_else(|| hint.to_owned()),
+                }
             }
         }
     }
@@ -518,6 +570,8 @@ impl Broker {
         action: &str,
         ctx: &RequestContext,
     ) -> Result<(Grant, Vec<String>), BrokerError> {
+        let now = self.clock.unix();
+        let approvals = self.approvals_in_force(&attested.identity.id, now);
         let mc = MintContext {
             identity: &attested.identity,
             method: attested.method,
@@ -526,13 +580,16 @@ impl Broker {
             ask,
             requested_ttl: ttl,
             default_ttl,
-            now: self.clock.unix(),
+            now,
+            selectors: &attested.selectors,
+            source: ctx.remote.map(|a| a.ip()),
+            approvals: &approvals,
         };
         let ev = self.gates.evaluate(&mc);
         match ev.outcome {
             Ok(g) => Ok((g, ev.trail)),
             Err(Denial { gate, reason }) => {
-                metrics::counter!("sigil_issuance_total", "kind" => ask.kind().as_str(), "result" => "denied", "gate" => gate.code()).increment(1);
+                metrics::counter!("sigil_issuance_total", "kind" => ask.label(), "result" => "denied", "gate" => gate.code()).increment(1);
                 let draft = AuditDraft::new(
                     self.now_nanos(),
                     &attested.actor,
@@ -677,6 +734,7 @@ impl Broker {
             jti: jti.clone(),
             scopes: ask.scopes.clone(),
             generation: id.generation,
+            actors: Vec::new(),
         };
         let token = SecretString::new(ring.jwt.sign(&claims)?);
         let ledger = LedgerRecord {
@@ -726,6 +784,176 @@ impl Broker {
             ledger,
             audit,
         })
+    }
+}
+
+impl Broker {
+    /// Approval-gated scopes with an approval in force for `identity_id` at `now`, each with
+    /// when its (latest-ending) approval ends.
+    pub(crate) fn approvals_in_force(
+        &self,
+        identity_id: &str,
+        now: i64,
+    ) -> std::collections::BTreeMap<String, i64> {
+        let mut out = std::collections::BTreeMap::new();
+        let m = self.approvals.read().unwrap_or_else(|p| p.into_inner());
+        for a in m.get(identity_id).into_iter().flatten() {
+            if a.in_force(now) {
+                for s in &a.scopes {
+                    let e = out.entry(s.clone()).or_insert(a.expires_at);
+                    *e = (*e).max(a.expires_at);
+                }
+            }
+        }
+        out
+    }
+
+    async fn attest_oidc(
+        &self,
+        token: &SecretString,
+        spiffe_id: Option<&str>,
+        now: i64,
+    ) -> Result<Attested, AttestError> {
+        if self.oidc.is_empty() {
+            return Err(AttestError::Failed {
+                method: "oidc",
+                reason: "not_configured",
+                actor: "oidc".into(),
+                identity_id: None,
+                detail: "no OIDC issuer is configured".into(),
+                public: Some("this broker trusts no OIDC issuer ([[oidc]] in sigil.toml)".into()),
+            });
+        }
+        let v = match self.oidc.verify(token.expose_secret(), now).await {
+            Ok(v) => v,
+            Err(r) => {
+                return Err(AttestError::Failed {
+                    method: "oidc",
+                    reason: r.reason,
+                    actor: "oidc".into(),
+                    identity_id: None,
+                    detail: r.message.clone(),
+                    public: Some(format!("the OIDC token was refused: {}", r.message)),
+                });
+            }
+        };
+        let actor = format!("oidc:{}:{}", v.issuer_name, v.sub);
+        let identity = self.pick_identity("oidc", &v.selectors, spiffe_id, &actor)?;
+        Ok(Attested {
+            identity,
+            method: "oidc",
+            actor,
+            consume_join_token: None,
+            presented_generation: None,
+            evidence_issued_at: v.iat,
+            selectors: v.selectors,
+        })
+    }
+
+    async fn attest_unix(
+        &self,
+        ctx: &RequestContext,
+        spiffe_id: Option<&str>,
+        now: i64,
+    ) -> Result<Attested, AttestError> {
+        let fail = |reason: &'static str, msg: String| AttestError::Failed {
+            method: "unix",
+            reason,
+            actor: "unix".into(),
+            identity_id: None,
+            detail: msg.clone(),
+            public: Some(msg),
+        };
+        let Some(peer) = ctx.unix else {
+            return Err(fail(
+                "not_unix",
+                "unix evidence works only on the broker's Unix socket (workload_socket)".into(),
+            ));
+        };
+        let me = self
+            .me
+            .upgrade()
+            .ok_or(AttestError::Store(crate::store::StoreError::Closed))?;
+        let info = tokio::task::spawn_blocking(move || me.unix_hashes.inspect(&peer))
+            .await
+            .map_err(|e| fail("unreadable", e.to_string()))?
+            .map_err(|r| fail(r.reason, r.message))?;
+        let selectors = info.selectors();
+        let actor = info.actor();
+        let identity = self.pick_identity("unix", &selectors, spiffe_id, &actor)?;
+        Ok(Attested {
+            identity,
+            method: "unix",
+            actor,
+            consume_join_token: None,
+            presented_generation: None,
+            // The kernel's word is always fresh evidence.
+            evidence_issued_at: Some(now),
+            selectors,
+        })
+    }
+
+    /// The identity selector-based evidence proves: the one named, or the only match.
+    // AttestError is returned once per failed attestation; its size does not matter.
+    #[allow(clippy::result_large_err)]
+    fn pick_identity(
+        &self,
+        method: &'static str,
+        shown: &std::collections::BTreeSet<crate::model::Selector>,
+        spiffe_id: Option<&str>,
+        actor: &str,
+    ) -> Result<std::sync::Arc<crate::model::IdentityRecord>, AttestError> {
+        let matches = self.registry.matching(shown);
+        let shown_list = || {
+            shown
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let fail = |reason: &'static str, msg: String| AttestError::Failed {
+            method,
+            reason,
+            actor: actor.to_owned(),
+            identity_id: None,
+            detail: msg.clone(),
+            public: Some(msg),
+        };
+        if let Some(want) = spiffe_id {
+            return matches
+                .into_iter()
+                .find(|r| r.spiffe_id.as_str() == want)
+                .ok_or_else(|| {
+                    fail(
+                        "no_match",
+                        format!(
+                            "the {method} evidence does not match identity {want} (it showed: {})",
+                            shown_list()
+                        ),
+                    )
+                });
+        }
+        match matches.len() {
+            0 => Err(fail(
+                "no_match",
+                format!(
+                    "the {method} evidence matches no identity (it showed: {}); an operator registers one with `sigil identity create --selector ...`",
+                    shown_list()
+                ),
+            )),
+            1 => Ok(matches.into_iter().next().unwrap_or_else(|| unreachable!())),
+            _ => Err(fail(
+                "ambiguous",
+                format!(
+                    "the {method} evidence matches several identities ({}); name one with spiffe_id",
+                    matches
+                        .iter()
+                        .map(|r| r.spiffe_id.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )),
+        }
     }
 }
 

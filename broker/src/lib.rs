@@ -2,11 +2,13 @@
 //!
 //! Layout, in the order one request flows through it:
 //! - [`config`]: settings from `sigil.toml`, the environment and flags.
-//! - [`api`]: the TLS listener and the gRPC services (workload `Broker`, operator `Admin`);
-//!   the one place errors become gRPC statuses.
-//! - [`attest`]: evidence → identity (join tokens, mTLS renewal).
+//! - [`api`]: the TLS listener and the gRPC services (workload `Broker`, operator `Admin`),
+//!   the Unix socket with the SPIFFE Workload API; the one place errors become gRPC statuses.
+//! - [`attest`]: evidence → identity (join tokens, mTLS renewal, OIDC tokens, Unix peer
+//!   credentials).
 //! - [`registry`]: the identity records every gate reads.
-//! - [`authz`]: gate 1 (identity proof), gate 2 (entitlement scope), and the slot for gate 3.
+//! - [`authz`]: gate 1 (identity proof), gate 2 (entitlement scope), gate 3 (approvals and
+//!   [`policy`]: Cedar request policy, also admin roles); [`exchange`]: delegated tokens.
 //! - [`issue`]: signing and the single durable commit of ledger + audit; [`admin`]: operator
 //!   changes to identities and join tokens.
 //! - [`revoke`]: revoking credentials and identities, leak response, introspection;
@@ -21,6 +23,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod approve;
 pub mod attest;
 pub mod audit;
 pub mod authz;
@@ -31,6 +34,7 @@ pub mod clock;
 pub mod config;
 pub mod dev;
 pub mod error;
+pub mod exchange;
 pub mod fsutil;
 pub mod govern;
 pub mod http;
@@ -39,6 +43,7 @@ pub mod init;
 pub mod issue;
 pub mod keys;
 pub mod model;
+pub mod policy;
 pub mod registry;
 pub mod revoke;
 pub mod rotate;

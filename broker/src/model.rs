@@ -159,6 +159,9 @@ pub struct Entitlements {
     pub scopes: BTreeSet<String>,
     /// DNS names that may appear in X.509-SVIDs.
     pub dns_names: BTreeSet<String>,
+    /// Scopes (a subset of `scopes`) minted only while an operator's approval is in force.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub approval_scopes: BTreeSet<String>,
 }
 
 /// An identity record: who a workload is, who answers for it, and what it may hold.
@@ -536,6 +539,39 @@ mod b64_opt {
                 .map_err(serde::de::Error::custom),
             None => Ok(None),
         }
+    }
+}
+
+/// A just-in-time approval: an identity may be issued some of its approval-gated scopes until
+/// `expires_at`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalRecord {
+    /// `apr-...`.
+    pub id: String,
+    /// The identity.
+    pub identity_id: String,
+    /// The scopes approved.
+    pub scopes: BTreeSet<String>,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds; not in force from then on.
+    pub expires_at: i64,
+    /// The operator who approved.
+    pub approved_by: String,
+    /// Why.
+    pub reason: String,
+    /// Unix seconds when ended early, if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<i64>,
+    /// True once its expiry has been recorded in the audit log.
+    #[serde(default)]
+    pub expiry_audited: bool,
+}
+
+impl ApprovalRecord {
+    /// True while it lets scopes be minted.
+    pub fn in_force(&self, now: i64) -> bool {
+        self.revoked_at.is_none() && now < self.expires_at
     }
 }
 

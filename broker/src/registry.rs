@@ -25,6 +25,8 @@ pub struct Registry {
 struct Inner {
     by_id: HashMap<String, Arc<IdentityRecord>>,
     by_spiffe: HashMap<String, String>,
+    /// Identity ids by each of their selectors.
+    by_selector: HashMap<Selector, BTreeSet<String>>,
 }
 
 impl Registry {
@@ -65,6 +67,26 @@ impl Registry {
         }
     }
 
+    /// The identities whose selectors (a non-empty set) are all in `shown`, ordered by SPIFFE
+    /// ID: what selector-based evidence (OIDC, Unix) proves.
+    pub fn matching(&self, shown: &BTreeSet<Selector>) -> Vec<Arc<IdentityRecord>> {
+        let inner = self.read();
+        let mut candidates = BTreeSet::new();
+        for s in shown {
+            if let Some(ids) = inner.by_selector.get(s) {
+                candidates.extend(ids.iter());
+            }
+        }
+        let mut out: Vec<Arc<IdentityRecord>> = candidates
+            .into_iter()
+            .filter_map(|id| inner.by_id.get(id))
+            .filter(|r| !r.selectors.is_empty() && r.selectors.is_subset(shown))
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
+        out
+    }
+
     /// Every record, ordered by SPIFFE ID.
     pub fn list(&self) -> Vec<Arc<IdentityRecord>> {
         let mut v: Vec<_> = self.read().by_id.values().cloned().collect();
@@ -91,7 +113,23 @@ impl Registry {
                 return;
             }
             let old_spiffe = old.spiffe_id.to_string();
+            let old_selectors = old.selectors.clone();
             inner.by_spiffe.remove(&old_spiffe);
+            for s in old_selectors {
+                if let Some(ids) = inner.by_selector.get_mut(&s) {
+                    ids.remove(&rec.id);
+                    if ids.is_empty() {
+                        inner.by_selector.remove(&s);
+                    }
+                }
+            }
+        }
+        for s in &rec.selectors {
+            inner
+                .by_selector
+                .entry(s.clone())
+                .or_default()
+                .insert(rec.id.clone());
         }
         inner
             .by_spiffe
@@ -132,6 +170,8 @@ pub struct EntitlementSpec {
     pub scopes: Vec<String>,
     /// DNS names.
     pub dns_names: Vec<String>,
+    /// Scopes that need an approval (each also in `scopes`).
+    pub approval_scopes: Vec<String>,
 }
 
 fn check_text(field: &str, v: &str, max: usize) -> Result<String, BrokerError> {
@@ -216,12 +256,22 @@ pub fn check_entitlements(
         }
         dns_names.insert(lower);
     }
+    let scopes = check_token_list("entitlements.scopes", &e.scopes, "scope")?;
+    let approval_scopes =
+        check_token_list("entitlements.approval_scopes", &e.approval_scopes, "scope")?;
+    if let Some(s) = approval_scopes.iter().find(|s| !scopes.contains(*s)) {
+        return Err(BrokerError::invalid(
+            "entitlements.approval_scopes",
+            format!("{s:?} needs approval but is not one of the identity's scopes"),
+        ));
+    }
     Ok(Entitlements {
         kinds,
         max_ttl_secs: max_ttl.as_secs(),
         audiences: check_token_list("entitlements.audiences", &e.audiences, "audience")?,
-        scopes: check_token_list("entitlements.scopes", &e.scopes, "scope")?,
+        scopes,
         dns_names,
+        approval_scopes,
     })
 }
 
@@ -278,14 +328,87 @@ pub fn check_labels(
     Ok(labels.clone())
 }
 
-/// Parses selectors.
+/// Selector types and the values each takes.
+const UNIX_KEYS: &[&str] = &["uid", "gid", "supplementary_gid", "path", "sha256"];
+const OIDC_FAMILY: &[&str] = &["oidc", "k8s", "github", "gitlab"];
+
+/// Parses and checks selectors: known types, well-formed values, one attestation method per
+/// identity (all selectors must match, so mixing methods could never match), and OIDC-based
+/// selectors pinned to an issuer with `oidc:iss:` (so a token from another issuer with the
+/// same claims cannot match).
 pub fn check_selectors(raw: &[String]) -> Result<BTreeSet<Selector>, BrokerError> {
-    raw.iter()
-        .map(|s| {
-            s.parse::<Selector>()
-                .map_err(|e| BrokerError::invalid("selectors", e))
-        })
-        .collect()
+    let bad = |m: String| BrokerError::invalid("selectors", m);
+    let set: BTreeSet<Selector> = raw
+        .iter()
+        .map(|s| s.parse::<Selector>().map_err(bad))
+        .collect::<Result<_, _>>()?;
+    let mut unix = false;
+    let mut oidc = false;
+    for s in &set {
+        let (kind, value) = (s.kind(), s.value());
+        match kind {
+            "unix" => {
+                unix = true;
+                let (key, v) = value.split_once(':').unwrap_or((value, ""));
+                if !UNIX_KEYS.contains(&key) || v.is_empty() {
+                    return Err(bad(format!(
+                        "{s}: unix selectors are unix:uid:N, unix:gid:N, unix:supplementary_gid:N, unix:path:/abs/path or unix:sha256:HEX"
+                    )));
+                }
+                let ok = match key {
+                    "uid" | "gid" | "supplementary_gid" => v.parse::<u32>().is_ok(),
+                    "path" => v.starts_with('/'),
+                    _ => {
+                        v.len() == 64
+                            && v.bytes()
+                                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+                    }
+                };
+                if !ok {
+                    return Err(bad(format!(
+                        "{s}: {key} must be {}",
+                        match key {
+                            "path" => "an absolute path",
+                            "sha256" => "64 lower-case hex digits",
+                            _ => "a number",
+                        }
+                    )));
+                }
+            }
+            k if OIDC_FAMILY.contains(&k) => {
+                oidc = true;
+                if k == "oidc"
+                    && !(value.starts_with("iss:")
+                        || value.starts_with("sub:")
+                        || value.starts_with("claim:"))
+                {
+                    return Err(bad(format!(
+                        "{s}: oidc selectors are oidc:iss:URL, oidc:sub:SUBJECT or oidc:claim:NAME:VALUE"
+                    )));
+                }
+            }
+            other => {
+                return Err(bad(format!(
+                    "{s}: unknown selector type {other:?} (known: unix, oidc, k8s, github, gitlab)"
+                )));
+            }
+        }
+    }
+    if unix && oidc {
+        return Err(bad(
+            "an identity's selectors must all come from one attestation method (unix or OIDC); all must match, so a mix never could".into(),
+        ));
+    }
+    if oidc
+        && !set
+            .iter()
+            .any(|s| s.kind() == "oidc" && s.value().starts_with("iss:"))
+    {
+        return Err(bad(
+            "OIDC selectors need an oidc:iss:ISSUER selector too, so a token from another issuer with the same claims cannot match".into(),
+        ));
+    }
+    Ok(set)
 }
 
 /// Checks an identity lifetime.

@@ -607,7 +607,7 @@ impl Broker {
         }
     }
 
-    fn identity_inactive(&self, spiffe_id: &str, generation: u64) -> Option<String> {
+    pub(crate) fn identity_inactive(&self, spiffe_id: &str, generation: u64) -> Option<String> {
         let Some(id) = self.registry.by_spiffe_id(spiffe_id) else {
             return Some("its identity no longer exists".into());
         };

@@ -466,6 +466,9 @@ pub async fn schedule_loop(
             Ok(n) => tracing::info!(pruned = n, "dropped revocations of expired credentials"),
             Err(e) => tracing::warn!(error = %e, "pruning revocations failed; will retry"),
         }
+        if let Err(e) = broker.record_expired_approvals().await {
+            tracing::warn!(error = %e, "recording expired approvals failed; will retry");
+        }
     }
 }
 

@@ -138,19 +138,34 @@ pub async fn start(
     let ring = keys::load(&td, &store.keys().await?, &sealer)?;
     let revocations = crate::hub::RevocationSet::new(store.revocations().await?);
     let usage = store.usage().await?;
+    let approvals = store.approvals().await?;
+    let policy_path = cfg.policy.path.as_ref().map(|p| {
+        if p.is_absolute() {
+            p.clone()
+        } else {
+            cfg.data_dir.join(p)
+        }
+    });
+    let policy = crate::policy::PolicyEngine::load(policy_path, cfg.policy.default)
+        .map_err(|e| StartError::Other(format!("policy: {e}")))?;
+    let oidc = crate::attest::oidc::OidcVerifier::new(&cfg.oidc)
+        .map_err(|e| StartError::Other(format!("oidc: {e:#}")))?;
     let cancel = CancellationToken::new();
     let broker = Broker::new(crate::broker::BrokerParts {
         store,
         registry,
         keys: Keys::new(ring),
         revocations,
-        gates: GateChain::standard(),
+        gates: GateChain::with_policy(policy.clone()),
         clock: opts.clock,
         cfg: cfg.clone(),
         td,
         sealer,
         shutdown: cancel.clone(),
         usage,
+        policy,
+        oidc,
+        approvals,
     });
 
     let listener = TcpListener::bind(cfg.listen)
@@ -220,6 +235,62 @@ pub async fn start(
             tracing::error!(error = %e, "gRPC server stopped");
         }
     }));
+
+    // The Unix socket: Unix attestation, the SPIFFE Workload API and the Sigil Broker API.
+    if let Some(path) = cfg.workload_socket.clone() {
+        let listener = crate::api::unix::bind(&path, cfg.workload_socket_mode)
+            .map_err(|e| StartError::Other(format!("workload socket {}: {e}", path.display())))?;
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<BrokerServer<WorkloadApi>>().await;
+        let router = tonic::transport::Server::builder()
+            .timeout(cfg.limits.request_timeout)
+            .max_concurrent_streams(cfg.limits.max_concurrent_streams)
+            .layer(crate::telemetry::RequestLayer)
+            .add_service(health_service)
+            .add_service(
+                sigil_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(
+                    crate::api::spiffe::SpiffeApi::new(broker.clone()),
+                )
+                .max_decoding_message_size(limit),
+            )
+            .add_service(
+                BrokerServer::new(WorkloadApi::new(broker.clone()))
+                    .max_decoding_message_size(limit),
+            );
+        let incoming = crate::api::unix::incoming(listener, cancel.clone());
+        let c = cancel.clone();
+        tracing::info!(socket = %path.display(), "serving the Workload API on the Unix socket");
+        tasks.push(tokio::spawn(async move {
+            let _guard = crate::api::unix::SocketGuard(path);
+            if let Err(e) = router
+                .serve_with_incoming_shutdown(incoming, c.cancelled_owned())
+                .await
+            {
+                tracing::error!(error = %e, "Unix socket server stopped");
+            }
+        }));
+    }
+    // SIGHUP reloads the Cedar policies (a bad file is refused; the old policies stay).
+    {
+        let b = broker.clone();
+        let c = cancel.clone();
+        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = c.cancelled() => return,
+                        s = hup.recv() => {
+                            if s.is_none() {
+                                return;
+                            }
+                            let _ = b.reload_policy("signal:SIGHUP", "sighup").await;
+                        }
+                    }
+                }
+            }));
+        }
+    }
 
     let http_addr = match cfg.http_listen {
         Some(addr) => {

@@ -23,13 +23,34 @@ pub struct BrokerTarget {
     host: String,
     port: u16,
     server_name: ServerName<'static>,
+    /// The broker's Unix socket (`unix:///run/sigil/workload.sock`): plain gRPC, the kernel
+    /// proves who the caller is.
+    unix: Option<std::path::PathBuf>,
 }
 
 impl BrokerTarget {
     /// Parses `https://host:port` (or `host:port`). Plain `http://` is refused: the broker
     /// only speaks TLS.
     pub fn parse(url: &str) -> Result<Self, SdkError> {
-        let url = url.trim().trim_end_matches('/');
+        let url = url.trim();
+        if let Some(path) = url
+            .strip_prefix("unix://")
+            .or_else(|| url.strip_prefix("unix:"))
+        {
+            if !path.starts_with('/') {
+                return Err(SdkError::fatal(format!(
+                    "broker URL {url:?}: a Unix socket needs an absolute path (unix:///run/sigil/workload.sock)"
+                )));
+            }
+            return Ok(BrokerTarget {
+                host: "localhost".into(),
+                port: 0,
+                server_name: ServerName::try_from("localhost")
+                    .map_err(|_| SdkError::fatal("localhost"))?,
+                unix: Some(path.into()),
+            });
+        }
+        let url = url.trim_end_matches('/');
         let rest = if let Some(r) = url.strip_prefix("https://") {
             r
         } else if url.starts_with("http://") {
@@ -59,6 +80,7 @@ impl BrokerTarget {
             host,
             port,
             server_name,
+            unix: None,
         })
     }
 }
@@ -256,6 +278,16 @@ pub fn channel(
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
+    if let Some(path) = target.unix.clone() {
+        let connector = tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                let s = tokio::net::UnixStream::connect(&path).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(s))
+            }
+        });
+        return Ok(endpoint.connect_with_connector_lazy(connector));
+    }
     let target = target.clone();
     let connector = tower::service_fn(move |_: Uri| {
         let tls = tls.clone();

@@ -46,6 +46,12 @@ impl ClientConfig {
 pub enum Evidence {
     /// A one-time join token.
     JoinToken(SecretString),
+    /// A JWT from an OIDC issuer the broker trusts (a Kubernetes projected service-account
+    /// token, a GitHub Actions or GitLab CI ID token).
+    Oidc(SecretString),
+    /// The caller's Unix peer credentials; only over the broker's Unix socket
+    /// (`unix:///run/sigil/workload.sock`).
+    Unix,
 }
 
 /// A JWT-SVID wanted.
@@ -76,6 +82,8 @@ pub struct SvidOptions {
     pub ttl: Option<Duration>,
     /// DNS SANs (must be in the identity's entitlements).
     pub dns_names: Vec<String>,
+    /// When OIDC or Unix evidence matches several identities, the one wanted.
+    pub spiffe_id: Option<String>,
 }
 
 /// A workload's connection to the broker. Cheap to clone; clones share state.
@@ -168,12 +176,17 @@ impl WorkloadClient {
                             token: t.expose_secret().to_owned(),
                         })
                     }
+                    Evidence::Oidc(t) => pb::evidence::Kind::Oidc(pb::OidcEvidence {
+                        token: t.expose_secret().to_owned(),
+                    }),
+                    Evidence::Unix => pb::evidence::Kind::Unix(pb::UnixEvidence {}),
                 }),
             }),
             csr,
             ttl_seconds: ttl_secs(options.ttl),
             dns_names: options.dns_names.clone(),
             jwts: jwts.iter().map(jwt_req).collect(),
+            spiffe_id: options.spiffe_id.clone().unwrap_or_default(),
         };
         let resp = self.inner.anon.clone().attest(req).await?.into_inner();
         let bundle = self.accept_bundle(resp.bundle.ok_or_else(|| bad_reply("no bundle"))?)?;
@@ -217,6 +230,28 @@ impl WorkloadClient {
             .await?
             .into_inner();
         jwt_svid(resp.svid.ok_or_else(|| bad_reply("no svid"))?)
+    }
+
+    /// Exchanges another workload's JWT-SVID (`subject_token`) for a narrower one naming this
+    /// workload as the actor (RFC 8693 `act`): a subset of its audiences and scopes, no longer
+    /// life. Returns the token and the actor chain (this workload first).
+    pub async fn exchange_jwt_svid(
+        &self,
+        subject_token: &str,
+        req: &JwtRequest,
+    ) -> Result<(JwtSvid, Vec<String>), SdkError> {
+        let resp = self
+            .mtls()?
+            .exchange_jwt_svid(pb::ExchangeJwtSvidRequest {
+                subject_token: subject_token.to_owned(),
+                audiences: req.audiences.clone(),
+                scopes: req.scopes.clone(),
+                ttl_seconds: ttl_secs(req.ttl),
+            })
+            .await?
+            .into_inner();
+        let svid = jwt_svid(resp.svid.ok_or_else(|| bad_reply("no svid"))?)?;
+        Ok((svid, resp.actors))
     }
 
     /// Fetches the current trust bundle.

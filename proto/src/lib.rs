@@ -3,6 +3,7 @@
 //! Layout:
 //! - [`v1`]: the `sigil.v1` package: the workload-facing `Broker` service and the operator
 //!   `Admin` service.
+//! - [`workload`]: the SPIFFE Workload API, served on the broker's Unix socket.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
 
 #![allow(
@@ -15,6 +16,12 @@
 /// The `sigil.v1` package.
 pub mod v1 {
     tonic::include_proto!("sigil.v1");
+}
+
+/// The SPIFFE Workload API (`SpiffeWorkloadAPI`; the specification gives it no protobuf
+/// package).
+pub mod workload {
+    tonic::include_proto!("_");
 }
 
 /// Encoded `FileDescriptorSet` of every Sigil proto, for server reflection.

@@ -190,6 +190,7 @@ impl TestBroker {
                 audiences: vec!["db".into()],
                 scopes: vec!["read".into()],
                 dns_names: vec!["app.internal".into()],
+                approval_scopes: vec![],
             }),
             expires_in_seconds: 0,
         };

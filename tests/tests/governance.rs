@@ -254,6 +254,7 @@ async fn a_new_audience_and_a_rate_spike_raise_anomalies_and_suspend_by_policy()
                 SvidOptions {
                     ttl: Some(Duration::from_secs(DAY)),
                     dns_names: vec![],
+                    ..Default::default()
                 },
                 &[],
             )

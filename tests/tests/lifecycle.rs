@@ -447,6 +447,7 @@ async fn a_leaked_jwt_is_rejected_within_a_second_and_only_fresh_attestation_res
             jti: "forged".into(),
             scopes: vec![],
             generation: 2,
+            actors: vec![],
         })
         .unwrap();
     let e = b
@@ -667,7 +668,7 @@ async fn the_schedule_publishes_keys_before_they_sign_and_retires_them_after_on_
         Evidence::JoinToken(b.join_token(B).await.into()),
         SvidOptions {
             ttl: Some(Duration::from_secs(86400)),
-            dns_names: vec![],
+            ..Default::default()
         },
         &[],
     )

@@ -493,6 +493,7 @@ async fn gate_two_refuses_unlisted_audiences_and_clamps_ttls_out_loud() {
             SvidOptions {
                 ttl: Some(Duration::from_secs(86400)),
                 dns_names: vec![],
+                ..Default::default()
             },
             &[],
         )

@@ -47,6 +47,7 @@ pub fn identity(r: &IdentityRecord) -> pb::Identity {
             audiences: r.entitlements.audiences.iter().cloned().collect(),
             scopes: r.entitlements.scopes.iter().cloned().collect(),
             dns_names: r.entitlements.dns_names.iter().cloned().collect(),
+            approval_scopes: r.entitlements.approval_scopes.iter().cloned().collect(),
         }),
         status: match r.status {
             IdentityStatus::Active => pb::IdentityStatus::Active,
@@ -125,6 +126,7 @@ fn entitlements(e: pb::Entitlements) -> EntitlementSpec {
         audiences: e.audiences,
         scopes: e.scopes,
         dns_names: e.dns_names,
+        approval_scopes: e.approval_scopes,
     }
 }
 
@@ -141,7 +143,8 @@ impl pb::admin_server::Admin for AdminApi {
         let ctx = context(&req);
         let op = self
             .broker
-            .authorize_operator(&ctx)
+            .authorize_admin(&ctx, "identity.create", &req.get_ref().spiffe_id)
+            .await
             .map_err(|e| status(e, &ctx))?;
         let r = req.into_inner();
         let spec = IdentitySpec {
@@ -167,7 +170,8 @@ impl pb::admin_server::Admin for AdminApi {
     ) -> Result<Response<pb::Identity>, Status> {
         let ctx = context(&req);
         self.broker
-            .authorize_operator(&ctx)
+            .authorize_admin(&ctx, "identity.read", &req.get_ref().id_or_spiffe_id)
+            .await
             .map_err(|e| status(e, &ctx))?;
         let rec = self
             .broker
@@ -182,7 +186,8 @@ impl pb::admin_server::Admin for AdminApi {
     ) -> Result<Response<pb::ListIdentitiesResponse>, Status> {
         let ctx = context(&req);
         self.broker
-            .authorize_operator(&ctx)
+            .authorize_admin(&ctx, "identity.read", "")
+            .await
             .map_err(|e| status(e, &ctx))?;
         let identities = self
             .broker
@@ -201,7 +206,8 @@ impl pb::admin_server::Admin for AdminApi {
         let ctx = context(&req);
         let op = self
             .broker
-            .authorize_operator(&ctx)
+            .authorize_admin(&ctx, "identity.update", &req.get_ref().id_or_spiffe_id)
+            .await
             .map_err(|e| status(e, &ctx))?;
         let r = req.into_inner();
         let upd = IdentityUpdate {
@@ -227,7 +233,16 @@ impl pb::admin_server::Admin for AdminApi {
         let ctx = context(&req);
         let op = self
             .broker
-            .authorize_operator(&ctx)
+            .authorize_admin(
+                &ctx,
+                if req.get_ref().status == pb::IdentityStatus::Suspended as i32 {
+                    "identity.suspend"
+                } else {
+                    "identity.status"
+                },
+                &req.get_ref().id_or_spiffe_id,
+            )
+            .await
             .map_err(|e| status(e, &ctx))?;
         let r = req.into_inner();
         let change = match pb::IdentityStatus::try_from(r.status) {
@@ -259,7 +274,8 @@ impl pb::admin_server::Admin for AdminApi {
         let ctx = context(&req);
         let op = self
             .broker
-            .authorize_operator(&ctx)
+            .authorize_admin(&ctx, "join_token.create", &req.get_ref().id_or_spiffe_id)
+            .await
             .map_err(|e| status(e, &ctx))?;
         let r = req.into_inner();
         let (token, rec, id) = self
@@ -281,7 +297,8 @@ impl pb::admin_server::Admin for AdminApi {
     ) -> Result<Response<pb::Credential>, Status> {
         let ctx = context(&req);
         self.broker
-            .authorize_operator(&ctx)
+            .authorize_admin(&ctx, "credential.read", "")
+            .await
             .map_err(|e| status(e, &ctx))?;
         let r = self
             .broker
@@ -298,7 +315,8 @@ impl pb::admin_server::Admin for AdminApi {
         let ctx = context(&req);
         let op = self
             .broker
-            .authorize_operator(&ctx)
+            .authorize_admin(&ctx, "credential.revoke", &req.get_ref().credential_id)
+            .await
             .map_err(|e| status(e, &ctx))?;
         let r = req.into_inner();
         let rec = self
@@ -318,7 +336,16 @@ impl pb::admin_server::Admin for AdminApi {
         let ctx = context(&req);
         let op = self
             .broker
-            .authorize_operator(&ctx)
+            .authorize_admin(
+                &ctx,
+                if req.get_ref().retire {
+                    "identity.status"
+                } else {
+                    "identity.revoke"
+                },
+                &req.get_ref().id_or_spiffe_id,
+            )
+            .await
             .map_err(|e| status(e, &ctx))?;
         let r = req.into_inner();
         let rep = self
@@ -344,7 +371,8 @@ impl pb::admin_server::Admin for AdminApi {
         let ctx = context(&req);
         let op = self
             .broker
-            .authorize_operator(&ctx)
+            .authorize_admin(&ctx, "leak.report", "")
+            .await
             .map_err(|e| status(e, &ctx))?;
         let r = req.into_inner();
         let rep = self
@@ -362,7 +390,8 @@ impl pb::admin_server::Admin for AdminApi {
         let ctx = context(&req);
         let op = self
             .broker
-            .authorize_operator(&ctx)
+            .authorize_admin(&ctx, "keys.revoke", &req.get_ref().key_id)
+            .await
             .map_err(|e| status(e, &ctx))?;
         let r = req.into_inner();
         self.broker
@@ -379,7 +408,8 @@ impl pb::admin_server::Admin for AdminApi {
         let ctx = context(&req);
         let op = self
             .broker
-            .authorize_operator(&ctx)
+            .authorize_admin(&ctx, "keys.rotate", "")
+            .await
             .map_err(|e| status(e, &ctx))?;
         let r = req.into_inner();
         let kind = r
@@ -400,7 +430,8 @@ impl pb::admin_server::Admin for AdminApi {
         let ctx = context(&req);
         let op = self
             .broker
-            .authorize_operator(&ctx)
+            .authorize_admin(&ctx, "identity.recertify", &req.get_ref().id_or_spiffe_id)
+            .await
             .map_err(|e| status(e, &ctx))?;
         let r = req.into_inner();
         let rec = self
@@ -424,7 +455,8 @@ impl pb::admin_server::Admin for AdminApi {
         let ctx = context(&req);
         let op = self
             .broker
-            .authorize_operator(&ctx)
+            .authorize_admin(&ctx, "owner.update", &req.get_ref().name)
+            .await
             .map_err(|e| status(e, &ctx))?;
         let r = req.into_inner();
         let (o, ids) = self
@@ -448,7 +480,8 @@ impl pb::admin_server::Admin for AdminApi {
     ) -> Result<Response<pb::ListOwnersResponse>, Status> {
         let ctx = context(&req);
         self.broker
-            .authorize_operator(&ctx)
+            .authorize_admin(&ctx, "owner.read", "")
+            .await
             .map_err(|e| status(e, &ctx))?;
         let records: std::collections::HashMap<String, crate::model::OwnerRecord> = self
             .broker
@@ -499,7 +532,8 @@ impl pb::admin_server::Admin for AdminApi {
     ) -> Result<Response<pb::ReportResponse>, Status> {
         let ctx = context(&req);
         self.broker
-            .authorize_operator(&ctx)
+            .authorize_admin(&ctx, "report.read", "")
+            .await
             .map_err(|e| status(e, &ctx))?;
         let r = req.into_inner();
         let g = &self.broker.config().governance;
@@ -524,7 +558,8 @@ impl pb::admin_server::Admin for AdminApi {
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
         let ctx = context(&req);
         self.broker
-            .authorize_operator(&ctx)
+            .authorize_admin(&ctx, "keys.read", "")
+            .await
             .map_err(|e| status(e, &ctx))?;
         Ok(Response::new(keys(&self.broker)))
     }
@@ -535,7 +570,8 @@ impl pb::admin_server::Admin for AdminApi {
     ) -> Result<Response<pb::ListAuditResponse>, Status> {
         let ctx = context(&req);
         self.broker
-            .authorize_operator(&ctx)
+            .authorize_admin(&ctx, "audit.read", "")
+            .await
             .map_err(|e| status(e, &ctx))?;
         let r = req.into_inner();
         let q = crate::admin::AuditQuery {
@@ -566,7 +602,8 @@ impl pb::admin_server::Admin for AdminApi {
     ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
         let ctx = context(&req);
         self.broker
-            .authorize_operator(&ctx)
+            .authorize_admin(&ctx, "audit.read", "")
+            .await
             .map_err(|e| status(e, &ctx))?;
         let report = self
             .broker
@@ -587,5 +624,167 @@ impl pb::admin_server::Admin for AdminApi {
                 reason,
             },
         }))
+    }
+
+    async fn approve(
+        &self,
+        req: Request<pb::ApproveRequest>,
+    ) -> Result<Response<pb::Approval>, Status> {
+        let ctx = context(&req);
+        let op = self
+            .broker
+            .authorize_admin(&ctx, "approval.grant", &req.get_ref().id_or_spiffe_id)
+            .await
+            .map_err(|e| status(e, &ctx))?;
+        let r = req.into_inner();
+        let rec = self
+            .broker
+            .approve(
+                &op,
+                &r.id_or_spiffe_id,
+                r.scopes,
+                std::time::Duration::from_secs(u64::from(r.ttl_seconds)),
+                &r.reason,
+                &ctx,
+            )
+            .await
+            .map_err(|e| status(e, &ctx))?;
+        Ok(Response::new(approval(&self.broker, rec)))
+    }
+
+    async fn list_approvals(
+        &self,
+        req: Request<pb::ListApprovalsRequest>,
+    ) -> Result<Response<pb::ListApprovalsResponse>, Status> {
+        let ctx = context(&req);
+        self.broker
+            .authorize_admin(&ctx, "approval.read", &req.get_ref().id_or_spiffe_id)
+            .await
+            .map_err(|e| status(e, &ctx))?;
+        let r = req.into_inner();
+        let list = self
+            .broker
+            .approvals(
+                (!r.id_or_spiffe_id.is_empty()).then_some(r.id_or_spiffe_id.as_str()),
+                r.all,
+            )
+            .map_err(|e| status(e, &ctx))?;
+        Ok(Response::new(pb::ListApprovalsResponse {
+            approvals: list
+                .into_iter()
+                .map(|a| approval(&self.broker, a))
+                .collect(),
+        }))
+    }
+
+    async fn revoke_approval(
+        &self,
+        req: Request<pb::RevokeApprovalRequest>,
+    ) -> Result<Response<pb::Approval>, Status> {
+        let ctx = context(&req);
+        let op = self
+            .broker
+            .authorize_admin(&ctx, "approval.revoke", &req.get_ref().id)
+            .await
+            .map_err(|e| status(e, &ctx))?;
+        let r = req.into_inner();
+        let rec = self
+            .broker
+            .revoke_approval(&op, &r.id, &r.reason, &ctx)
+            .await
+            .map_err(|e| status(e, &ctx))?;
+        Ok(Response::new(approval(&self.broker, rec)))
+    }
+
+    async fn reload_policy(
+        &self,
+        req: Request<pb::ReloadPolicyRequest>,
+    ) -> Result<Response<pb::ReloadPolicyResponse>, Status> {
+        let ctx = context(&req);
+        let op = self
+            .broker
+            .authorize_admin(&ctx, "policy.reload", "")
+            .await
+            .map_err(|e| status(e, &ctx))?;
+        let r = self
+            .broker
+            .reload_policy(&op.actor(), &ctx.request_id)
+            .await
+            .map_err(|e| status(e, &ctx))?;
+        Ok(Response::new(pb::ReloadPolicyResponse {
+            policy_ids: r.policy_ids,
+            files: r.files,
+        }))
+    }
+
+    async fn issue_operator_credential(
+        &self,
+        req: Request<pb::IssueOperatorCredentialRequest>,
+    ) -> Result<Response<pb::IssueOperatorCredentialResponse>, Status> {
+        let ctx = context(&req);
+        let op = self
+            .broker
+            .authorize_admin(&ctx, "operator.issue", &req.get_ref().name)
+            .await
+            .map_err(|e| status(e, &ctx))?;
+        let r = req.into_inner();
+        let c = self
+            .broker
+            .issue_operator_credential(
+                &op,
+                &r.name,
+                &r.role,
+                &r.csr,
+                secs(u64::from(r.ttl_seconds)),
+                &ctx,
+            )
+            .await
+            .map_err(|e| status(e, &ctx))?;
+        Ok(Response::new(pb::IssueOperatorCredentialResponse {
+            cert_chain: c.chain,
+            spiffe_id: c.spiffe_id,
+            serial: c.serial,
+            expires_at: c.expires_at,
+        }))
+    }
+
+    async fn who_am_i(
+        &self,
+        req: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        let ctx = context(&req);
+        let op = self
+            .broker
+            .authorize_operator(&ctx)
+            .map_err(|e| status(e, &ctx))?;
+        let spiffe_id = ctx
+            .peer
+            .as_ref()
+            .and_then(|p| p.spiffe_id.as_ref())
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        Ok(Response::new(pb::WhoAmIResponse {
+            name: op.name,
+            role: op.role,
+            spiffe_id,
+        }))
+    }
+}
+
+fn approval(broker: &Broker, a: crate::model::ApprovalRecord) -> pb::Approval {
+    pb::Approval {
+        spiffe_id: broker
+            .registry()
+            .get(&a.identity_id)
+            .map(|r| r.spiffe_id.to_string())
+            .unwrap_or_default(),
+        id: a.id,
+        identity_id: a.identity_id,
+        scopes: a.scopes.into_iter().collect(),
+        created_at: a.created_at,
+        expires_at: a.expires_at,
+        approved_by: a.approved_by,
+        reason: a.reason,
+        revoked_at: a.revoked_at.unwrap_or(0),
     }
 }

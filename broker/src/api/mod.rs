@@ -10,7 +10,9 @@ use crate::broker::RequestContext;
 use crate::error::BrokerError;
 
 pub mod admin;
+pub mod spiffe;
 pub mod tls;
+pub mod unix;
 pub mod workload;
 
 /// The request context of a tonic request.
@@ -22,6 +24,10 @@ pub fn context<T>(req: &Request<T>) -> RequestContext {
     if let Some(id) = req.extensions().get::<crate::telemetry::RequestId>() {
         ctx.request_id = id.0.clone();
     }
+    ctx.unix = req
+        .extensions()
+        .get::<crate::attest::unix::UnixPeer>()
+        .copied();
     ctx
 }
 

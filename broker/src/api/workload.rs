@@ -315,6 +315,8 @@ impl pb::broker_server::Broker for WorkloadApi {
             Some(pb::evidence::Kind::JoinToken(t)) => {
                 Evidence::JoinToken(SecretString::new(t.token))
             }
+            Some(pb::evidence::Kind::Oidc(t)) => Evidence::Oidc(SecretString::new(t.token)),
+            Some(pb::evidence::Kind::Unix(_)) => Evidence::Unix,
             None => {
                 return Err(status(
                     BrokerError::invalid("evidence", "is required (e.g. a join token)"),
@@ -328,16 +330,40 @@ impl pb::broker_server::Broker for WorkloadApi {
             dns_names: r.dns_names,
         };
         let jwts = r.jwts.into_iter().map(jwt_ask).collect();
-        let out = self
+        let spiffe_id = (!r.spiffe_id.is_empty()).then_some(r.spiffe_id);
+        let (svid, jwts) = self
             .broker
-            .attest(evidence, ask, jwts, &ctx)
+            .attest_as(&evidence, spiffe_id.as_deref(), Some(ask), jwts, &ctx)
             .await
             .map_err(|e| status(e, &ctx))?;
         let ring = self.broker.keys().current();
         Ok(Response::new(pb::AttestResponse {
-            svid: Some(x509(out.x509)),
+            svid: svid.map(x509),
             bundle: Some(bundle(&ring)),
-            jwts: out.jwts.into_iter().map(jwt).collect(),
+            jwts: jwts.into_iter().map(jwt).collect(),
+        }))
+    }
+
+    async fn exchange_jwt_svid(
+        &self,
+        req: Request<pb::ExchangeJwtSvidRequest>,
+    ) -> Result<Response<pb::ExchangeJwtSvidResponse>, Status> {
+        let ctx = context(&req);
+        let r = req.into_inner();
+        let ask = crate::exchange::ExchangeAsk {
+            subject_token: SecretString::new(r.subject_token),
+            audiences: r.audiences,
+            scopes: r.scopes,
+            ttl: ttl(r.ttl_seconds),
+        };
+        let (issued, actors) = self
+            .broker
+            .exchange_jwt(ask, &ctx)
+            .await
+            .map_err(|e| status(e, &ctx))?;
+        Ok(Response::new(pb::ExchangeJwtSvidResponse {
+            svid: Some(jwt(issued)),
+            actors: actors.into_iter().map(|a| a.to_string()).collect(),
         }))
     }
 

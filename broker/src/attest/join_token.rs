@@ -54,6 +54,7 @@ pub async fn attest(
                 actor: String,
                 identity_id: Option<String>,
                 detail: String| AttestError::Failed {
+        public: None,
         method: "join_token",
         reason,
         actor,
@@ -111,6 +112,7 @@ pub async fn attest(
         consume_join_token: Some(h),
         presented_generation: None,
         evidence_issued_at: Some(rec.created_at),
+        selectors: Default::default(),
     })
 }
 

@@ -3,13 +3,23 @@
 //!
 //! - [`join_token`]: a one-time token an operator created for one identity.
 //! - [`x509`]: renewal over mutual TLS with a current Sigil certificate.
+//! - [`oidc`]: a JWT from a configured OIDC issuer (Kubernetes, GitHub Actions, GitLab CI);
+//!   its claims are selectors.
+//! - [`unix`]: the kernel's peer credentials on the broker's Unix socket; the uid, gid and
+//!   binary are selectors.
+//!
+//! Selector-based methods find the identity whose selectors are all among those the evidence
+//! yielded ([`crate::registry::Registry::matching`]).
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use crate::model::IdentityRecord;
+use crate::model::{IdentityRecord, Selector};
 use crate::store::StoreError;
 
 pub mod join_token;
+pub mod oidc;
+pub mod unix;
 pub mod x509;
 
 /// A successful attestation.
@@ -28,6 +38,8 @@ pub struct Attested {
     /// When fresh evidence (a join token) was issued: a compromised identity is restored only
     /// by evidence newer than the compromise.
     pub evidence_issued_at: Option<i64>,
+    /// What the evidence showed (selector-based methods); empty for join tokens and renewal.
+    pub selectors: BTreeSet<Selector>,
 }
 
 /// Why attestation failed. `detail` is for the audit log only; callers learn just the method.
@@ -45,6 +57,9 @@ pub enum AttestError {
         identity_id: Option<String>,
         /// What was wrong (audit only).
         detail: String,
+        /// What the caller may be told, when it differs from the method's generic hint (e.g.
+        /// why its own OIDC token was refused).
+        public: Option<String>,
     },
     /// The store could not be read.
     Store(StoreError),

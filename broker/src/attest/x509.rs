@@ -118,6 +118,7 @@ pub async fn attest(
         .unwrap_or_else(|| format!("x509:{}", peer.serial_hex()));
     let fail =
         |reason: &'static str, identity_id: Option<String>, detail: String| AttestError::Failed {
+            public: None,
             method: "x509",
             reason,
             actor: actor.clone(),
@@ -204,5 +205,6 @@ pub async fn attest(
         consume_join_token: None,
         presented_generation: Some(generation),
         evidence_issued_at: None,
+        selectors: Default::default(),
     })
 }

@@ -1,5 +1,7 @@
-//! `sigil fetch`: attest with a join token and write the workload's credentials to files,
-//! each atomically (temporary file, then rename), keys and tokens with mode 0600.
+//! `sigil fetch`: attest (a join token, an OIDC token from a file, or — with
+//! `--broker unix:///path` — the kernel's word on this process) and write the workload's
+//! credentials to files, each atomically (temporary file, then rename), keys and tokens with
+//! mode 0600.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,7 +16,9 @@ use crate::fsutil::{create_private_dir, write_atomic};
 /// `sigil fetch`.
 #[derive(Debug, Args)]
 pub struct FetchArgs {
-    /// Broker URL, e.g. https://127.0.0.1:8443.
+    /// Broker URL, e.g. https://127.0.0.1:8443, or the broker's Unix socket,
+    /// unix:///run/sigil/workload.sock (attests by this process's uid and binary when no
+    /// other evidence is given).
     #[arg(long, env = "SIGIL_BROKER")]
     pub broker: String,
     /// The trust bundle (PEM) an operator gave you.
@@ -31,6 +35,13 @@ pub struct FetchArgs {
     /// A file holding the join token.
     #[arg(long)]
     pub join_token_file: Option<PathBuf>,
+    /// Attest with the OIDC token in this file instead (a Kubernetes projected
+    /// service-account token, a CI job's ID token).
+    #[arg(long, conflicts_with_all = ["join_token", "join_token_file"])]
+    pub oidc_token_file: Option<PathBuf>,
+    /// The identity wanted, when the evidence matches several.
+    #[arg(long)]
+    pub spiffe_id: Option<String>,
     /// Directory to write svid.pem, svid.key, bundle.pem and jwt-<audience>.txt into.
     #[arg(long)]
     pub out: PathBuf,
@@ -59,15 +70,20 @@ fn file_safe(aud: &str) -> String {
 
 /// Runs `sigil fetch`.
 pub(super) async fn run(a: FetchArgs) -> Result<()> {
-    let token = match (&a.join_token, &a.join_token_file) {
-        (Some(t), _) => t.trim().to_owned(),
-        (None, Some(f)) => std::fs::read_to_string(f)
+    let read = |f: &PathBuf| -> Result<String> {
+        Ok(std::fs::read_to_string(f)
             .with_context(|| format!("reading {}", f.display()))?
             .trim()
-            .to_owned(),
-        (None, None) => {
-            bail!("no join token: pass --join-token, --join-token-file or set SIGIL_JOIN_TOKEN")
-        }
+            .to_owned())
+    };
+    let evidence = match (&a.join_token, &a.join_token_file, &a.oidc_token_file) {
+        (Some(t), _, _) => Evidence::JoinToken(t.trim().to_owned().into()),
+        (None, Some(f), _) => Evidence::JoinToken(read(f)?.into()),
+        (None, None, Some(f)) => Evidence::Oidc(read(f)?.into()),
+        (None, None, None) if a.broker.starts_with("unix:") => Evidence::Unix,
+        (None, None, None) => bail!(
+            "no evidence: pass --join-token, --join-token-file, --oidc-token-file, or --broker unix:///PATH to attest by this process"
+        ),
     };
     let bundle = std::fs::read(&a.trust_bundle)
         .with_context(|| format!("reading trust bundle {}", a.trust_bundle.display()))?;
@@ -79,10 +95,11 @@ pub(super) async fn run(a: FetchArgs) -> Result<()> {
         .collect();
     let creds = client
         .attest(
-            Evidence::JoinToken(token.into()),
+            evidence,
             SvidOptions {
                 ttl: a.ttl,
                 dns_names: a.dns_names.clone(),
+                spiffe_id: a.spiffe_id.clone(),
             },
             &jwts,
         )

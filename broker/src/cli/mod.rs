@@ -87,7 +87,24 @@ pub enum Command {
     /// Read and check the audit log (operator).
     #[command(subcommand)]
     Audit(AuditCmd),
-    /// Attest with a join token and write the workload's credentials to files.
+    /// Approve an approval-gated scope for an identity, for a limited time (operator).
+    Approve(operator::ApproveArgs),
+    /// List or end approvals (operator).
+    #[command(subcommand)]
+    Approvals(operator::ApprovalsCmd),
+    /// Cedar policies: check files offline, or reload the broker's (operator).
+    #[command(subcommand)]
+    Policy(operator::PolicyCmd),
+    /// Operator credentials with a role: admin, operator, auditor, revoker (operator).
+    #[command(subcommand, name = "operator")]
+    OperatorCred(operator::OperatorCmd),
+    /// Show which operator and role the current credential is.
+    Whoami {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Attest (join token, OIDC token, or Unix peer credentials over the broker's socket) and
+    /// write the workload's credentials to files.
     Fetch(FetchArgs),
     /// Measure issuance throughput and latency.
     Bench(crate::bench::BenchArgs),
@@ -128,6 +145,10 @@ pub struct ServeArgs {
     /// HTTP listen address, or `off` (overrides the config).
     #[arg(long, env = "SIGIL_HTTP_LISTEN")]
     pub http_listen: Option<String>,
+    /// Also serve on this Unix socket: Unix attestation, the SPIFFE Workload API and the
+    /// Broker API (overrides `workload_socket` in the config).
+    #[arg(long, env = "SIGIL_WORKLOAD_SOCKET")]
+    pub workload_socket: Option<PathBuf>,
 }
 
 /// `sigil dev`.
@@ -446,6 +467,11 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Rotate(a) => operator::rotate(a).await,
         Command::Keys(c) => operator::keys(c).await,
         Command::Audit(c) => operator::audit(c).await,
+        Command::Approve(a) => operator::approve(a).await,
+        Command::Approvals(c) => operator::approvals(c).await,
+        Command::Policy(c) => operator::policy(c).await,
+        Command::OperatorCred(c) => operator::operator_cred(c).await,
+        Command::Whoami { conn } => operator::whoami(conn).await,
         Command::Fetch(a) => fetch::run(a).await,
         Command::Bench(a) => crate::bench::run(a).await,
     }
@@ -532,7 +558,10 @@ pub fn load_config(
 }
 
 async fn serve(a: ServeArgs) -> Result<()> {
-    let cfg = load_config(&a.data_dir, a.listen, a.http_listen.as_deref())?;
+    let mut cfg = load_config(&a.data_dir, a.listen, a.http_listen.as_deref())?;
+    if let Some(p) = a.workload_socket {
+        cfg.workload_socket = Some(p);
+    }
     let master = crate::server::load_master_key(&cfg)?;
     let running = crate::server::start(cfg, master, crate::server::StartOptions::default()).await?;
     println!("sigil broker listening on {}", running.url());

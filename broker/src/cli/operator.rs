@@ -40,6 +40,10 @@ pub struct CreateArgs {
     /// Scope it may carry (repeatable).
     #[arg(long = "scope")]
     pub scopes: Vec<String>,
+    /// Scope that is minted only while an approval (`sigil approve`) is in force (repeatable;
+    /// implies --scope).
+    #[arg(long = "approval-scope")]
+    pub approval_scopes: Vec<String>,
     /// Credential kinds: x509, jwt (comma-separated or repeated). None grants nothing.
     #[arg(long = "kind", value_delimiter = ',')]
     pub kinds: Vec<String>,
@@ -100,6 +104,12 @@ pub struct UpdateArgs {
     /// Remove a scope (repeatable).
     #[arg(long)]
     pub remove_scope: Vec<String>,
+    /// Make a scope need approval (repeatable; adds it to the scopes too).
+    #[arg(long)]
+    pub add_approval_scope: Vec<String>,
+    /// Stop requiring approval for a scope (repeatable; it stays a scope).
+    #[arg(long)]
+    pub remove_approval_scope: Vec<String>,
     /// Add a DNS name (repeatable).
     #[arg(long)]
     pub add_dns: Vec<String>,
@@ -243,7 +253,7 @@ pub(super) fn identity_json(i: &pb::Identity) -> serde_json::Value {
         "labels": i.labels.iter().collect::<BTreeMap<_, _>>(), "selectors": i.selectors,
         "entitlements": {
             "kinds": e.kinds, "max_ttl_seconds": e.max_ttl_seconds, "audiences": e.audiences,
-            "scopes": e.scopes, "dns_names": e.dns_names,
+            "scopes": e.scopes, "dns_names": e.dns_names, "approval_scopes": e.approval_scopes,
         },
         "created_at": i.created_at, "created_by": i.created_by,
         "updated_at": i.updated_at, "updated_by": i.updated_by, "revision": i.revision,
@@ -286,6 +296,9 @@ fn print_identity(i: &pb::Identity, as_json: bool) {
     );
     println!("audiences:   {}", list_or_dash(&e.audiences));
     println!("scopes:      {}", list_or_dash(&e.scopes));
+    if !e.approval_scopes.is_empty() {
+        println!("needs approval: {}", e.approval_scopes.join(", "));
+    }
     println!("dns names:   {}", list_or_dash(&e.dns_names));
     println!("selectors:   {}", list_or_dash(&i.selectors));
     let labels: Vec<String> = i
@@ -325,8 +338,17 @@ pub(super) async fn identity(cmd: IdentityCmd) -> Result<()> {
                     kinds: a.kinds,
                     max_ttl_seconds: ttl32(a.max_ttl),
                     audiences: a.audiences,
-                    scopes: a.scopes,
+                    scopes: {
+                        let mut s = a.scopes;
+                        for x in &a.approval_scopes {
+                            if !s.contains(x) {
+                                s.push(x.clone());
+                            }
+                        }
+                        s
+                    },
                     dns_names: a.dns_names,
+                    approval_scopes: a.approval_scopes,
                 }),
                 expires_in_seconds: a.expires_in.map(|d| d.as_secs()).unwrap_or(0),
             };
@@ -389,7 +411,9 @@ pub(super) async fn identity(cmd: IdentityCmd) -> Result<()> {
                     && a.add_scope.is_empty()
                     && a.remove_scope.is_empty()
                     && a.add_dns.is_empty()
-                    && a.remove_dns.is_empty());
+                    && a.remove_dns.is_empty()
+                    && a.add_approval_scope.is_empty()
+                    && a.remove_approval_scope.is_empty());
             let entitlements = if touches_entitlements {
                 let cur = c
                     .get_identity(pb::GetIdentityRequest {
@@ -410,6 +434,13 @@ pub(super) async fn identity(cmd: IdentityCmd) -> Result<()> {
                 edit(&mut e.audiences, &a.add_audience, &a.remove_audience);
                 edit(&mut e.scopes, &a.add_scope, &a.remove_scope);
                 edit(&mut e.dns_names, &a.add_dns, &a.remove_dns);
+                edit(&mut e.scopes, &a.add_approval_scope, &[]);
+                edit(
+                    &mut e.approval_scopes,
+                    &a.add_approval_scope,
+                    &a.remove_approval_scope,
+                );
+                e.approval_scopes.retain(|x| !a.remove_scope.contains(x));
                 if !a.kinds.is_empty() {
                     e.kinds = a.kinds.clone();
                 }
@@ -1077,5 +1108,289 @@ pub(super) async fn audit(cmd: AuditCmd) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// `sigil approve`.
+#[derive(Debug, Args)]
+pub struct ApproveArgs {
+    /// Identity id or SPIFFE ID.
+    pub identity: String,
+    /// Approval-gated scope to allow (repeatable).
+    #[arg(long = "scope", required = true)]
+    pub scopes: Vec<String>,
+    /// How long (at most 24h).
+    #[arg(long = "for", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Why (a ticket, an incident); required.
+    #[arg(long)]
+    pub reason: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// `sigil approvals ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum ApprovalsCmd {
+    /// Approvals in force (or all with --all), newest first.
+    List {
+        /// Only this identity's.
+        identity: Option<String>,
+        /// Include expired and ended ones.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// End an approval now.
+    Revoke {
+        /// Approval id (apr-...).
+        id: String,
+        /// Why.
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+/// `sigil policy ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum PolicyCmd {
+    /// Parse and validate policy files against Sigil's schema, offline.
+    Check {
+        /// A .cedar file or a directory of them.
+        path: PathBuf,
+    },
+    /// Make the broker re-read its policy files (as SIGHUP does).
+    Reload {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Print the Cedar schema policies are validated against.
+    Schema,
+}
+
+/// `sigil operator ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum OperatorCmd {
+    /// Issue a credential for a new operator: the key is made here and never leaves; the
+    /// certificate and key go to --out.
+    Create {
+        /// Operator name.
+        name: String,
+        /// admin, operator, auditor or revoker.
+        #[arg(long)]
+        role: String,
+        /// Lifetime.
+        #[arg(long = "for", default_value = "30d", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Directory for NAME.crt and NAME.key (0600).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+fn approval_json(a: &pb::Approval) -> serde_json::Value {
+    json!({"id": a.id, "identity_id": a.identity_id, "spiffe_id": a.spiffe_id,
+        "scopes": a.scopes, "created_at": a.created_at, "expires_at": a.expires_at,
+        "approved_by": a.approved_by, "reason": a.reason,
+        "revoked_at": (a.revoked_at != 0).then_some(a.revoked_at)})
+}
+
+/// `sigil approve`.
+pub(super) async fn approve(a: ApproveArgs) -> Result<()> {
+    let mut c = a.conn.connect()?;
+    let r = c
+        .approve(pb::ApproveRequest {
+            id_or_spiffe_id: a.identity,
+            scopes: a.scopes,
+            ttl_seconds: u32::try_from(a.duration.as_secs()).unwrap_or(u32::MAX),
+            reason: a.reason,
+        })
+        .await
+        .map_err(sigil_sdk::SdkError::from)?
+        .into_inner();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&approval_json(&r))?);
+    } else {
+        println!(
+            "approved {} for {} until {} ({})",
+            r.scopes.join(", "),
+            r.spiffe_id,
+            rfc3339(r.expires_at),
+            r.id
+        );
+    }
+    Ok(())
+}
+
+/// `sigil approvals ...`.
+pub(super) async fn approvals(cmd: ApprovalsCmd) -> Result<()> {
+    match cmd {
+        ApprovalsCmd::List {
+            identity,
+            all,
+            json,
+            conn,
+        } => {
+            let mut c = conn.connect()?;
+            let r = c
+                .list_approvals(pb::ListApprovalsRequest {
+                    id_or_spiffe_id: identity.unwrap_or_default(),
+                    all,
+                })
+                .await
+                .map_err(sigil_sdk::SdkError::from)?
+                .into_inner();
+            if json {
+                let v: Vec<_> = r.approvals.iter().map(approval_json).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            let mut rows = vec![[
+                "ID".to_owned(),
+                "SPIFFE ID".to_owned(),
+                "SCOPES".to_owned(),
+                "UNTIL".to_owned(),
+                "BY".to_owned(),
+                "REASON".to_owned(),
+            ]];
+            for x in &r.approvals {
+                rows.push([
+                    x.id.clone(),
+                    x.spiffe_id.clone(),
+                    x.scopes.join(","),
+                    if x.revoked_at != 0 {
+                        format!("ended {}", rfc3339(x.revoked_at))
+                    } else {
+                        rfc3339(x.expires_at)
+                    },
+                    x.approved_by.clone(),
+                    x.reason.clone(),
+                ]);
+            }
+            print_table(&rows);
+        }
+        ApprovalsCmd::Revoke { id, reason, conn } => {
+            let mut c = conn.connect()?;
+            let r = c
+                .revoke_approval(pb::RevokeApprovalRequest { id, reason })
+                .await
+                .map_err(sigil_sdk::SdkError::from)?
+                .into_inner();
+            println!("ended approval {} for {}", r.id, r.spiffe_id);
+        }
+    }
+    Ok(())
+}
+
+/// `sigil policy ...`.
+pub(super) async fn policy(cmd: PolicyCmd) -> Result<()> {
+    match cmd {
+        PolicyCmd::Check { path } => {
+            let e =
+                crate::policy::PolicyEngine::load(Some(path), crate::config::PolicyDefault::Permit)
+                    .map_err(|e| anyhow!("{e}"))?;
+            let r = e.report();
+            println!(
+                "ok: {} policies in {} file(s) validate against the Sigil schema",
+                r.policy_ids
+                    .iter()
+                    .filter(|i| !i.starts_with("sigil."))
+                    .count(),
+                r.files.len()
+            );
+            for id in r.policy_ids.iter().filter(|i| !i.starts_with("sigil.")) {
+                println!("  {id}");
+            }
+        }
+        PolicyCmd::Reload { conn } => {
+            let mut c = conn.connect()?;
+            let r = c
+                .reload_policy(pb::ReloadPolicyRequest {})
+                .await
+                .map_err(sigil_sdk::SdkError::from)?
+                .into_inner();
+            println!(
+                "reloaded: {} policies from {} file(s)",
+                r.policy_ids.len(),
+                r.files.len()
+            );
+        }
+        PolicyCmd::Schema => print!("{}", crate::policy::SCHEMA),
+    }
+    Ok(())
+}
+
+/// `sigil operator ...`.
+pub(super) async fn operator_cred(cmd: OperatorCmd) -> Result<()> {
+    match cmd {
+        OperatorCmd::Create {
+            name,
+            role,
+            duration,
+            out,
+            conn,
+        } => {
+            let key = sigil_pki::EcKey::generate()?;
+            let csr = sigil_pki::csr::request_for(&key)?;
+            let mut c = conn.connect()?;
+            let r = c
+                .issue_operator_credential(pb::IssueOperatorCredentialRequest {
+                    name: name.clone(),
+                    role: role.clone(),
+                    csr,
+                    ttl_seconds: u32::try_from(duration.as_secs()).unwrap_or(u32::MAX),
+                })
+                .await
+                .map_err(sigil_sdk::SdkError::from)?
+                .into_inner();
+            crate::fsutil::create_private_dir(&out)
+                .with_context(|| format!("creating {}", out.display()))?;
+            let leaf = r
+                .cert_chain
+                .first()
+                .ok_or_else(|| anyhow!("the broker returned no certificate"))?;
+            let cert_path = out.join(format!("{name}.crt"));
+            let key_path = out.join(format!("{name}.key"));
+            crate::fsutil::write_atomic(
+                &cert_path,
+                sigil_pki::certs_to_pem([&rustls_pki_types::CertificateDer::from(leaf.clone())])
+                    .as_bytes(),
+                0o644,
+            )?;
+            crate::fsutil::write_atomic(&key_path, key.to_pkcs8_pem()?.expose_secret(), 0o600)?;
+            println!(
+                "{role} credential for {name}: {} (expires {})\n  certificate: {}\n  key:         {} (0600)\nUse it with --admin-cert {} --admin-key {}",
+                r.spiffe_id,
+                rfc3339(r.expires_at),
+                cert_path.display(),
+                key_path.display(),
+                cert_path.display(),
+                key_path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `sigil whoami`.
+pub(super) async fn whoami(conn: Conn) -> Result<()> {
+    let mut c = conn.connect()?;
+    let r = c
+        .who_am_i(pb::WhoAmIRequest {})
+        .await
+        .map_err(sigil_sdk::SdkError::from)?
+        .into_inner();
+    println!("{} (role {}) {}", r.name, r.role, r.spiffe_id);
     Ok(())
 }

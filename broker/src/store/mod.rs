@@ -17,8 +17,8 @@ use sigil_pki::TrustDomain;
 
 use crate::audit::AuditDraft;
 use crate::model::{
-    IdentityRecord, JoinTokenRecord, KeyRecord, LedgerRecord, OwnerRecord, RevocationRecord,
-    UsageRecord,
+    ApprovalRecord, IdentityRecord, JoinTokenRecord, KeyRecord, LedgerRecord, OwnerRecord,
+    RevocationRecord, UsageRecord,
 };
 
 pub mod redb;
@@ -81,6 +81,8 @@ pub enum Op {
     },
     /// Adds or replaces an owner record.
     PutOwner(OwnerRecord),
+    /// Adds or replaces an approval.
+    PutApproval(ApprovalRecord),
 }
 
 /// An atomic unit of writes with the audit entries that describe it.
@@ -217,6 +219,9 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Every owner record (owners are implicit until one is deactivated).
     async fn owners(&self) -> Result<Vec<OwnerRecord>, StoreError>;
+
+    /// Every approval, in force or not.
+    async fn approvals(&self) -> Result<Vec<ApprovalRecord>, StoreError>;
 
     /// Every join token (hashes only), used or not.
     async fn join_tokens(&self) -> Result<Vec<JoinTokenRecord>, StoreError>;

@@ -31,8 +31,8 @@ use crate::audit::ChainHead;
 use std::collections::HashMap;
 
 use crate::model::{
-    IdentityRecord, JoinTokenRecord, KeyRecord, LedgerRecord, OwnerRecord, RevocationRecord,
-    UsageRecord,
+    ApprovalRecord, IdentityRecord, JoinTokenRecord, KeyRecord, LedgerRecord, OwnerRecord,
+    RevocationRecord, UsageRecord,
 };
 use crate::seal::Sealer;
 
@@ -47,6 +47,7 @@ const IDENTITY_REVISIONS: TableDefinition<&str, u64> = TableDefinition::new("ide
 /// Per-identity usage derived from the ledger (an index maintained with every ledger insert).
 const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usage");
 const OWNERS: TableDefinition<&str, &[u8]> = TableDefinition::new("owners");
+const APPROVALS: TableDefinition<&str, &[u8]> = TableDefinition::new("approvals");
 /// Keyed by expiry (big-endian seconds) then credential id, so pruning is a range delete.
 const REVOCATIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("revocations");
 
@@ -241,6 +242,7 @@ impl RedbStore {
             txn.open_table(REVOCATIONS).map_err(unavailable)?;
             txn.open_table(USAGE).map_err(unavailable)?;
             txn.open_table(OWNERS).map_err(unavailable)?;
+            txn.open_table(APPROVALS).map_err(unavailable)?;
         }
         txn.commit().map_err(unavailable)?;
         Ok(Self::start(db, path, sealer, ChainHead::default()))
@@ -451,6 +453,7 @@ struct Tables<'t> {
     revocations: redb::Table<'t, &'static [u8], &'static [u8]>,
     usage: redb::Table<'t, &'static str, &'static [u8]>,
     owners: redb::Table<'t, &'static str, &'static [u8]>,
+    approvals: redb::Table<'t, &'static str, &'static [u8]>,
 }
 
 fn apply_batch(
@@ -475,6 +478,7 @@ fn apply_batch(
             revocations: txn.open_table(REVOCATIONS).map_err(unavailable)?,
             usage: txn.open_table(USAGE).map_err(unavailable)?,
             owners: txn.open_table(OWNERS).map_err(unavailable)?,
+            approvals: txn.open_table(APPROVALS).map_err(unavailable)?,
         };
         // Usage of the identities this batch issued to, read once and written once.
         let mut usage: HashMap<String, UsageRecord> = HashMap::new();
@@ -611,7 +615,8 @@ fn check(t: &Tables<'_>, change: &Change) -> Result<Result<(), Conflict>, StoreE
             | Op::AppendLedger(_)
             | Op::PutRevocation(_)
             | Op::PruneRevocations { .. }
-            | Op::PutOwner(_) => {}
+            | Op::PutOwner(_)
+            | Op::PutApproval(_) => {}
         }
     }
     Ok(Ok(()))
@@ -722,6 +727,11 @@ fn write(t: &mut Tables<'_>, change: &Change) -> Result<(), StoreError> {
             Op::PutOwner(rec) => {
                 t.owners
                     .insert(rec.name.as_str(), to_json(rec).as_slice())
+                    .map_err(unavailable)?;
+            }
+            Op::PutApproval(rec) => {
+                t.approvals
+                    .insert(rec.id.as_str(), to_json(rec).as_slice())
                     .map_err(unavailable)?;
             }
             Op::AppendLedger(rec) => {
@@ -855,6 +865,10 @@ impl Store for RedbStore {
 
     async fn owners(&self) -> Result<Vec<OwnerRecord>, StoreError> {
         self.scan(OWNERS, "owner").await
+    }
+
+    async fn approvals(&self) -> Result<Vec<ApprovalRecord>, StoreError> {
+        self.scan(APPROVALS, "approval").await
     }
 
     async fn join_tokens(&self) -> Result<Vec<JoinTokenRecord>, StoreError> {

@@ -1,0 +1,135 @@
+//! The Unix socket: plain gRPC (the kernel, not TLS, says who the caller is). Each connection
+//! carries the peer credentials from `SO_PEERCRED` and when it was accepted, for
+//! [`crate::attest::unix`].
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::attest::unix::{UnixPeer, uptime_ticks};
+
+/// A Unix connection that tells tonic who is on the other end.
+#[derive(Debug)]
+pub struct UnixConn {
+    inner: UnixStream,
+    info: UnixPeer,
+}
+
+impl tonic::transport::server::Connected for UnixConn {
+    type ConnectInfo = UnixPeer;
+    fn connect_info(&self) -> UnixPeer {
+        self.info
+    }
+}
+
+impl AsyncRead for UnixConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for UnixConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Binds the socket at `path` with permissions `mode`, replacing a stale socket file (but
+/// never another kind of file).
+pub fn bind(path: &Path, mode: u32) -> io::Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path)?;
+        } else {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is not a socket; refusing to replace it",
+                    path.display()
+                ),
+            ));
+        }
+    }
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)?;
+    }
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(l)
+}
+
+/// Accepted connections with their peer credentials, until `cancel`.
+pub fn incoming(
+    listener: UnixListener,
+    cancel: tokio_util::sync::CancellationToken,
+) -> impl tokio_stream::Stream<Item = io::Result<UnixConn>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = cancel.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            let conn = match accepted {
+                Ok((s, _)) => {
+                    let accepted_at_ticks = uptime_ticks();
+                    match s.peer_cred() {
+                        Ok(c) => UnixConn {
+                            info: UnixPeer {
+                                uid: c.uid(),
+                                gid: c.gid(),
+                                pid: c.pid(),
+                                accepted_at_ticks,
+                            },
+                            inner: s,
+                        },
+                        Err(e) => {
+                            tracing::warn!(error = %e, "no peer credentials on a Unix connection");
+                            continue;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept on the Unix socket failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            if tx.send(Ok(conn)).await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Removes the socket file when dropped.
+#[derive(Debug)]
+pub struct SocketGuard(pub PathBuf);
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

@@ -1,0 +1,317 @@
+//! Unix attestation: on the broker's Unix socket the kernel tells us who connected (uid, gid,
+//! pid, from `SO_PEERCRED`); `/proc/<pid>` gives the binary behind the pid (its path and the
+//! SHA-256 of its contents).
+//!
+//! Guarding against pid reuse: the peer may exit and its pid be given to another process
+//! between `connect()` and our look at `/proc`. We accept the process only if it (1) started
+//! no later than the connection was accepted, (2) is the same process (same start time) after
+//! we read its binary as before, and (3) still runs as the uid the kernel reported.
+//!
+//! Selectors: `unix:uid:N`, `unix:gid:N`, `unix:supplementary_gid:N`, `unix:path:/abs/path`,
+//! `unix:sha256:HEX`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::Read as _;
+use std::os::unix::fs::MetadataExt as _;
+use std::sync::Mutex;
+
+use crate::model::Selector;
+
+/// What the kernel said about a connection on the Unix socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnixPeer {
+    /// Effective uid at `connect()`.
+    pub uid: u32,
+    /// Effective gid at `connect()`.
+    pub gid: u32,
+    /// The connecting process.
+    pub pid: Option<i32>,
+    /// System uptime (clock ticks since boot, as in `/proc/<pid>/stat`) when the connection
+    /// was accepted; a process that started later cannot be the peer.
+    pub accepted_at_ticks: Option<u64>,
+}
+
+/// The process behind a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessInfo {
+    /// uid.
+    pub uid: u32,
+    /// gid.
+    pub gid: u32,
+    /// pid.
+    pub pid: i32,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+    /// The binary's path (as the kernel reports it; ` (deleted)` when replaced on disk).
+    pub path: String,
+    /// Hex SHA-256 of the binary's contents.
+    pub sha256: String,
+}
+
+impl ProcessInfo {
+    /// The selectors this process yields.
+    pub fn selectors(&self) -> BTreeSet<Selector> {
+        let mut out = BTreeSet::new();
+        let mut add = |v: String| {
+            if let Ok(s) = format!("unix:{v}").parse() {
+                out.insert(s);
+            }
+        };
+        add(format!("uid:{}", self.uid));
+        add(format!("gid:{}", self.gid));
+        for g in &self.groups {
+            add(format!("supplementary_gid:{g}"));
+        }
+        add(format!("path:{}", self.path));
+        add(format!("sha256:{}", self.sha256));
+        out
+    }
+
+    /// How the process appears in audit entries.
+    pub fn actor(&self) -> String {
+        format!("unix:uid={},pid={},path={}", self.uid, self.pid, self.path)
+    }
+}
+
+/// A refusal: reason code and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// `no_pid`, `process_gone`, `pid_reused`, `uid_changed`, `unreadable`.
+    pub reason: &'static str,
+    /// What was wrong.
+    pub message: String,
+}
+
+fn reject(reason: &'static str, message: impl Into<String>) -> Rejection {
+    Rejection {
+        reason,
+        message: message.into(),
+    }
+}
+
+/// Clock ticks since boot now (from `/proc/uptime`, in the 100 Hz ticks `/proc/<pid>/stat`
+/// uses on Linux).
+pub fn uptime_ticks() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/uptime").ok()?;
+    let secs: f64 = s.split_whitespace().next()?.parse().ok()?;
+    Some((secs * TICKS_PER_SEC as f64) as u64)
+}
+
+/// `sysconf(_SC_CLK_TCK)`; 100 on every Linux architecture Sigil targets.
+const TICKS_PER_SEC: u64 = 100;
+
+/// Caches binary hashes by (device, inode, size, mtime), so a busy workload's binary is read
+/// once, not on every call.
+#[derive(Debug, Default)]
+pub struct HashCache {
+    inner: Mutex<HashMap<BinaryId, String>>,
+}
+
+/// (device, inode, size, mtime seconds, mtime nanoseconds) of a binary.
+type BinaryId = (u64, u64, u64, i64, i64);
+
+const HASH_CACHE_MAX: usize = 4096;
+
+fn start_time(pid: i32) -> Result<u64, Rejection> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|_| reject("process_gone", format!("process {pid} is gone")))?;
+    // The command name (field 2) may contain spaces and ')'; fields after the last ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| reject("unreadable", "unexpected /proc stat format"))?;
+    // After ')' come field 3 (state) onwards; starttime is field 22.
+    rest.split_whitespace()
+        .nth(22 - 3)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| reject("unreadable", "unexpected /proc stat format"))
+}
+
+fn status_ids(pid: i32) -> Result<(Vec<u32>, Vec<u32>), Rejection> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|_| reject("process_gone", format!("process {pid} is gone")))?;
+    let mut uids = Vec::new();
+    let mut groups = Vec::new();
+    for line in status.lines() {
+        if let Some(v) = line.strip_prefix("Uid:") {
+            uids = v
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
+        } else if let Some(v) = line.strip_prefix("Groups:") {
+            groups = v
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
+        }
+    }
+    Ok((uids, groups))
+}
+
+impl HashCache {
+    /// Inspects the peer's process.
+    pub fn inspect(&self, peer: &UnixPeer) -> Result<ProcessInfo, Rejection> {
+        let pid = peer
+            .pid
+            .filter(|p| *p > 0)
+            .ok_or_else(|| reject("no_pid", "the kernel did not report the caller's pid"))?;
+        let before = start_time(pid)?;
+        if let Some(accepted) = peer.accepted_at_ticks
+            && before > accepted + 1
+        {
+            return Err(reject(
+                "pid_reused",
+                format!("process {pid} started after the connection was made; its pid was reused"),
+            ));
+        }
+        let path = std::fs::read_link(format!("/proc/{pid}/exe"))
+            .map_err(|e| {
+                reject(
+                    "unreadable",
+                    format!("cannot read process {pid}'s binary: {e}"),
+                )
+            })?
+            .to_string_lossy()
+            .into_owned();
+        // /proc/<pid>/exe opens the very file the process runs, even if it was replaced.
+        let mut f = std::fs::File::open(format!("/proc/{pid}/exe")).map_err(|e| {
+            reject(
+                "unreadable",
+                format!("cannot read process {pid}'s binary: {e}"),
+            )
+        })?;
+        let meta = f
+            .metadata()
+            .map_err(|e| reject("unreadable", e.to_string()))?;
+        let key = (
+            meta.dev(),
+            meta.ino(),
+            meta.size(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+        );
+        let cached = self
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned();
+        let sha256 = match cached {
+            Some(h) => h,
+            None => {
+                let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    let n = f
+                        .read(&mut buf)
+                        .map_err(|e| reject("unreadable", e.to_string()))?;
+                    if n == 0 {
+                        break;
+                    }
+                    ctx.update(&buf[..n]);
+                }
+                let h = sigil_pki::ids::to_hex(ctx.finish().as_ref());
+                let mut c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+                if c.len() >= HASH_CACHE_MAX {
+                    c.clear();
+                }
+                c.insert(key, h.clone());
+                h
+            }
+        };
+        let (uids, groups) = status_ids(pid)?;
+        let after = start_time(pid)?;
+        if after != before {
+            return Err(reject(
+                "pid_reused",
+                format!("process {pid} was replaced while it was being inspected"),
+            ));
+        }
+        // Real, effective, saved, filesystem: the reported uid must still be the effective one.
+        if uids.get(1) != Some(&peer.uid) {
+            return Err(reject(
+                "uid_changed",
+                format!(
+                    "process {pid} no longer runs as uid {} (it connected as that uid)",
+                    peer.uid
+                ),
+            ));
+        }
+        Ok(ProcessInfo {
+            uid: peer.uid,
+            gid: peer.gid,
+            pid,
+            groups: groups.into_iter().filter(|g| *g != peer.gid).collect(),
+            path,
+            sha256,
+        })
+    }
+}
+
+/// Hex SHA-256 of a file, as `unix:sha256:` selectors want it (for `sigil identity create`
+/// helpers and tests).
+pub fn file_sha256(path: &std::path::Path) -> std::io::Result<String> {
+    let bytes = std::fs::read(path)?;
+    Ok(sigil_pki::ids::to_hex(
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes).as_ref(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me() -> UnixPeer {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let field = |name: &str| -> u32 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().nth(1))
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        UnixPeer {
+            uid: field("Uid:"),
+            gid: field("Gid:"),
+            pid: Some(std::process::id() as i32),
+            accepted_at_ticks: uptime_ticks(),
+        }
+    }
+
+    #[test]
+    fn inspecting_this_process_names_its_binary_and_hash() {
+        let cache = HashCache::default();
+        let info = cache.inspect(&me()).unwrap();
+        let exe = std::env::current_exe().unwrap();
+        assert_eq!(info.path, exe.to_string_lossy());
+        assert_eq!(info.sha256, file_sha256(&exe).unwrap());
+        let sel: Vec<String> = info.selectors().iter().map(|s| s.to_string()).collect();
+        assert!(sel.contains(&format!("unix:uid:{}", me().uid)), "{sel:?}");
+        assert!(sel.contains(&format!("unix:sha256:{}", info.sha256)));
+        // Cached the second time, same answer.
+        assert_eq!(cache.inspect(&me()).unwrap(), info);
+    }
+
+    #[test]
+    fn a_process_that_started_after_the_connection_is_refused() {
+        let mut p = me();
+        p.accepted_at_ticks = Some(0);
+        assert_eq!(
+            HashCache::default().inspect(&p).unwrap_err().reason,
+            "pid_reused"
+        );
+        let mut p = me();
+        p.uid = p.uid.wrapping_add(4242);
+        assert_eq!(
+            HashCache::default().inspect(&p).unwrap_err().reason,
+            "uid_changed"
+        );
+        p.pid = None;
+        assert_eq!(
+            HashCache::default().inspect(&p).unwrap_err().reason,
+            "no_pid"
+        );
+    }
+}
