@@ -1,0 +1,337 @@
+//! The Unix socket: Unix attestation by uid and binary, and the SPIFFE Workload API driven by
+//! the SPIFFE project's own Rust client (the `spiffe` crate), unmodified.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sigil_broker::clock::SystemClock;
+use sigil_proto::v1 as pb;
+use sigil_sdk::{ClientConfig, Evidence, SvidOptions, WorkloadClient};
+use sigil_tests::TestBroker;
+use tokio_stream::StreamExt as _;
+
+const PROBE: &str = env!("CARGO_BIN_EXE_unix-probe");
+
+fn my_uid() -> u32 {
+    std::fs::metadata("/proc/self").unwrap().uid()
+}
+
+fn sha256_of(path: &Path) -> String {
+    sigil_broker::attest::unix::file_sha256(path).unwrap()
+}
+
+struct World {
+    b: TestBroker,
+    socket: PathBuf,
+    bundle_file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn world() -> World {
+    world_on(Arc::new(SystemClock)).await
+}
+
+async fn world_on(clock: Arc<dyn sigil_broker::clock::Clock>) -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("workload.sock");
+    let s = socket.clone();
+    let b = TestBroker::start_configured(clock, move |c| {
+        c.workload_socket = Some(s);
+        c.workload_socket_mode = 0o660;
+    })
+    .await;
+    let bundle_file = dir.path().join("bundle.pem");
+    std::fs::write(&bundle_file, &b.bundle_pem).unwrap();
+    World {
+        b,
+        socket,
+        bundle_file,
+        _dir: dir,
+    }
+}
+
+fn unix_client(w: &World) -> WorkloadClient {
+    WorkloadClient::new(ClientConfig::new(
+        format!("unix://{}", w.socket.display()),
+        w.b.bundle_pem.clone(),
+    ))
+    .unwrap()
+}
+
+async fn attest_here(w: &World, spiffe_id: Option<&str>) -> Result<String, sigil_sdk::SdkError> {
+    unix_client(w)
+        .attest(
+            Evidence::Unix,
+            SvidOptions {
+                spiffe_id: spiffe_id.map(str::to_owned),
+                ..Default::default()
+            },
+            &[],
+        )
+        .await
+        .map(|c| c.svid.spiffe_id.to_string())
+}
+
+fn probe(w: &World, spiffe_id: Option<&str>) -> (bool, String) {
+    let mut cmd = std::process::Command::new(PROBE);
+    cmd.arg(&w.socket).arg(&w.bundle_file);
+    if let Some(s) = spiffe_id {
+        cmd.arg(s);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_attest_by_uid_and_binary_hash_and_another_binary_does_not() {
+    let w = world().await;
+    let uid = my_uid();
+    let mode = std::fs::metadata(&w.socket).unwrap().mode() & 0o777;
+    assert_eq!(mode, 0o660, "the socket has the configured permissions");
+    let me = std::env::current_exe().unwrap();
+    w.b.identity("local/probe", |r| {
+        r.selectors = vec![
+            format!("unix:uid:{uid}"),
+            format!("unix:sha256:{}", sha256_of(Path::new(PROBE))),
+        ];
+    })
+    .await;
+    w.b.identity("local/tests", |r| {
+        r.selectors = vec![
+            format!("unix:uid:{uid}"),
+            format!("unix:path:{}", me.display()),
+        ];
+    })
+    .await;
+
+    // The probe binary gets the identity pinned to its hash...
+    let (ok, out) = probe(&w, None);
+    assert!(ok, "{out}");
+    assert_eq!(out, "spiffe://example.org/local/probe");
+    // ...and this test binary, same uid, gets its own, never the probe's.
+    assert_eq!(
+        attest_here(&w, None).await.unwrap(),
+        "spiffe://example.org/local/tests"
+    );
+    let e = attest_here(&w, Some("spiffe://example.org/local/probe"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::Unauthenticated));
+    assert!(
+        e.message()
+            .contains("does not match identity spiffe://example.org/local/probe"),
+        "{e}"
+    );
+
+    // By uid alone: both binaries match, and must say which identity they want.
+    w.b.identity("local/any", |r| r.selectors = vec![format!("unix:uid:{uid}")])
+        .await;
+    let e = attest_here(&w, None).await.unwrap_err();
+    assert!(e.message().contains("matches several identities"), "{e}");
+    assert_eq!(
+        attest_here(&w, Some("spiffe://example.org/local/any"))
+            .await
+            .unwrap(),
+        "spiffe://example.org/local/any"
+    );
+    let (ok, out) = probe(&w, Some("spiffe://example.org/local/any"));
+    assert!(ok, "{out}");
+    assert_eq!(out, "spiffe://example.org/local/any");
+
+    // Unix evidence means nothing over TCP.
+    let e = w
+        .b
+        .workload()
+        .attest(Evidence::Unix, SvidOptions::default(), &[])
+        .await
+        .unwrap_err();
+    assert!(
+        e.message().contains("only on the broker's Unix socket"),
+        "{e}"
+    );
+
+    // The audit log names the process.
+    let probe_entry = w
+        .b
+        .audit_for("attest")
+        .await
+        .into_iter()
+        .find(|e| e["decision"] == "allow" && e["detail"]["spiffe_id"] == "spiffe://example.org/local/probe")
+        .unwrap();
+    let actor = probe_entry["actor"].as_str().unwrap();
+    assert!(
+        actor.starts_with(&format!("unix:uid={uid},pid=")) && actor.ends_with(PROBE),
+        "{actor}"
+    );
+}
+
+/// The generated Workload API client over the socket, without the spec's security header.
+async fn raw_workload_client(
+    socket: &Path,
+) -> sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<
+    tonic::transport::Channel,
+> {
+    let path = socket.to_owned();
+    let ch = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap();
+    sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(ch)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spiffe_crate_fetches_svids_and_bundles_and_sees_rotation_on_its_stream() {
+    // Behind real time, so it can be advanced while certificates stay valid for real clocks.
+    let clock = Arc::new(sigil_broker::clock::ManualClock::new(
+        std::time::SystemTime::now() - Duration::from_secs(4 * 3600),
+    ));
+    let w = world_on(clock.clone()).await;
+    let uid = my_uid();
+    let me = std::env::current_exe().unwrap();
+    w.b.identity("local/app", |r| {
+        r.selectors = vec![
+            format!("unix:uid:{uid}"),
+            format!("unix:path:{}", me.display()),
+        ];
+        r.labels.insert("hint".into(), "internal".into());
+    })
+    .await;
+    let td = spiffe::TrustDomain::new("example.org").unwrap();
+    let client = spiffe::WorkloadApiClient::connect_to(format!("unix:{}", w.socket.display()))
+        .await
+        .unwrap();
+
+    // X.509-SVID: ours, with a private key that belongs to the leaf, and the SAN DNS names.
+    let svid = client.fetch_x509_svid().await.unwrap();
+    assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/local/app");
+    assert_eq!(svid.hint(), Some("internal"));
+    let key = sigil_pki::EcKey::from_pkcs8(svid.private_key().as_bytes()).unwrap();
+    let (_, leaf) =
+        x509_parser::parse_x509_certificate(svid.leaf().as_bytes()).unwrap();
+    assert_eq!(
+        leaf.public_key().subject_public_key.data.as_ref(),
+        key.public_point()
+    );
+    // Bundles: the broker's root.
+    let bundles = client.fetch_x509_bundles().await.unwrap();
+    let ours = bundles.get(&td).unwrap();
+    let roots = sigil_pki::certs_from_pem(&w.b.bundle_pem).unwrap();
+    assert_eq!(ours.authorities().len(), roots.len());
+    assert_eq!(ours.authorities()[0].as_bytes(), roots[0].as_ref());
+
+    // JWT-SVID, validated by the broker through the same API; JWT bundle has its key.
+    let jwt = client.fetch_jwt_svid(["db"], None).await.unwrap();
+    assert_eq!(jwt.spiffe_id().to_string(), "spiffe://example.org/local/app");
+    assert_eq!(jwt.audience(), ["db".to_string()]);
+    let checked = client.validate_jwt_token("db", jwt.token()).await.unwrap();
+    assert_eq!(checked.spiffe_id(), jwt.spiffe_id());
+    let wrong = client.validate_jwt_token("prod-db", jwt.token()).await;
+    assert!(wrong.is_err(), "a token for db is not valid for prod-db");
+    let jwt_bundles = client.fetch_jwt_bundles().await.unwrap();
+    assert!(
+        jwt_bundles
+            .get(&td)
+            .unwrap()
+            .find_jwt_authority(jwt.key_id())
+            .is_some()
+    );
+    // Not entitled: gate 2 refuses, and the caller hears PermissionDenied.
+    let refused = client.fetch_jwt_svid(["prod-db"], None).await;
+    assert!(refused.is_err());
+
+    // The stream: the first SVID at once, a new one half-way through its life (SVID
+    // rotation), and another at once when the identity's credentials are revoked.
+    let mut stream = client.stream_x509_svids().await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let serial = |s: &spiffe::X509Svid| {
+        let (_, c) = x509_parser::parse_x509_certificate(s.leaf().as_bytes()).unwrap();
+        (c.raw_serial().to_vec(), c.issuer().to_string())
+    };
+    clock.advance(Duration::from_secs(20 * 60));
+    let quiet = tokio::time::timeout(Duration::from_millis(1500), stream.next()).await;
+    assert!(quiet.is_err(), "nothing new before half-life");
+    clock.advance(Duration::from_secs(11 * 60));
+    let rotated = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("a renewed SVID at half-life")
+        .unwrap()
+        .unwrap();
+    assert_ne!(serial(&rotated).0, serial(&first).0);
+
+    // The signing CA rotates; the next SVID the stream carries (pushed at once on
+    // revocation) is signed by the new intermediate.
+    let mut admin = w.b.admin();
+    admin
+        .rotate(pb::RotateRequest {
+            kind: "x509".into(),
+            now: true,
+        })
+        .await
+        .unwrap();
+    admin
+        .revoke_identity(pb::RevokeIdentityRequest {
+            id_or_spiffe_id: "spiffe://example.org/local/app".into(),
+            reason: "rotate everything".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let after_revoke = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let s = stream.next().await.unwrap().unwrap();
+            if serial(&s).1 != serial(&rotated).1 {
+                return s;
+            }
+        }
+    })
+    .await
+    .expect("a new SVID from the new intermediate after revocation");
+    assert_ne!(serial(&after_revoke).0, serial(&rotated).0);
+
+    // Without the security header: InvalidArgument, per the specification.
+    let mut raw = raw_workload_client(&w.socket).await;
+    let e = raw
+        .fetch_jwtsvid(sigil_proto::workload::JwtsvidRequest {
+            audience: vec!["db".into()],
+            spiffe_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("workload.spiffe.io"), "{e}");
+
+    // A process that matches no identity: PermissionDenied.
+    admin
+        .update_identity(pb::UpdateIdentityRequest {
+            id_or_spiffe_id: "spiffe://example.org/local/app".into(),
+            set_selectors: true,
+            selectors: vec!["unix:uid:4294967".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut req = tonic::Request::new(sigil_proto::workload::X509svidRequest {});
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let e = raw.fetch_x509svid(req).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    assert!(e.message().contains("no identity issued"), "{e}");
+}
