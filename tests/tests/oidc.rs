@@ -31,7 +31,13 @@ fn rsa_key(dir: &Path, kid: &str) -> RsaIssuerKey {
     let pem = dir.join(format!("{kid}.pem"));
     let der = dir.join(format!("{kid}.der"));
     let (ok, out) = openssl::run(
-        &["genrsa", "-traditional", "-out", pem.to_str().unwrap(), "2048"],
+        &[
+            "genrsa",
+            "-traditional",
+            "-out",
+            pem.to_str().unwrap(),
+            "2048",
+        ],
         dir,
     );
     assert!(ok, "{out}");
@@ -49,7 +55,10 @@ fn rsa_key(dir: &Path, kid: &str) -> RsaIssuerKey {
         dir,
     );
     assert!(ok, "{out}");
-    let (ok, modulus) = openssl::run(&["rsa", "-in", pem.to_str().unwrap(), "-noout", "-modulus"], dir);
+    let (ok, modulus) = openssl::run(
+        &["rsa", "-in", pem.to_str().unwrap(), "-noout", "-modulus"],
+        dir,
+    );
     assert!(ok, "{modulus}");
     let hex = modulus.trim().trim_start_matches("Modulus=");
     let n: Vec<u8> = (0..hex.len())
@@ -285,7 +294,9 @@ async fn kubernetes_and_github_tokens_attest_to_the_right_identities() {
         )
     };
     assert_eq!(
-        attest(&w.b, gh("acme/payments", "refs/heads/main")).await.unwrap(),
+        attest(&w.b, gh("acme/payments", "refs/heads/main"))
+            .await
+            .unwrap(),
         "spiffe://example.org/ci/deploy"
     );
     let e = attest(&w.b, gh("acme/payments", "refs/heads/feature"))
@@ -341,30 +352,50 @@ async fn each_bad_token_is_refused_with_a_clear_reason() {
     let cases: Vec<(&str, String, &str)> = vec![
         (
             "expired",
-            sign(Algorithm::RS256, "k8s-1", &rsa, &with(&|c| {
-                c["exp"] = json!(now - 120);
-            })),
+            sign(
+                Algorithm::RS256,
+                "k8s-1",
+                &rsa,
+                &with(&|c| {
+                    c["exp"] = json!(now - 120);
+                }),
+            ),
             "the token expired at",
         ),
         (
             "not yet valid",
-            sign(Algorithm::RS256, "k8s-1", &rsa, &with(&|c| {
-                c["nbf"] = json!(now + 600);
-            })),
+            sign(
+                Algorithm::RS256,
+                "k8s-1",
+                &rsa,
+                &with(&|c| {
+                    c["nbf"] = json!(now + 600);
+                }),
+            ),
             "is not valid before",
         ),
         (
             "wrong audience",
-            sign(Algorithm::RS256, "k8s-1", &rsa, &with(&|c| {
-                c["aud"] = json!(["vault"]);
-            })),
+            sign(
+                Algorithm::RS256,
+                "k8s-1",
+                &rsa,
+                &with(&|c| {
+                    c["aud"] = json!(["vault"]);
+                }),
+            ),
             "is not one this broker accepts",
         ),
         (
             "unknown issuer",
-            sign(Algorithm::RS256, "k8s-1", &rsa, &with(&|c| {
-                c["iss"] = json!("https://evil.example");
-            })),
+            sign(
+                Algorithm::RS256,
+                "k8s-1",
+                &rsa,
+                &with(&|c| {
+                    c["iss"] = json!("https://evil.example");
+                }),
+            ),
             "issuer \"https://evil.example\" is not trusted",
         ),
         (
@@ -375,16 +406,26 @@ async fn each_bad_token_is_refused_with_a_clear_reason() {
         ("alg HS256", hmac, "HMAC tokens cannot prove a workload"),
         (
             "exp as a string",
-            sign(Algorithm::RS256, "k8s-1", &rsa, &with(&|c| {
-                c["exp"] = json!((now + 3600).to_string());
-            })),
+            sign(
+                Algorithm::RS256,
+                "k8s-1",
+                &rsa,
+                &with(&|c| {
+                    c["exp"] = json!((now + 3600).to_string());
+                }),
+            ),
             "exp must be a JSON number",
         ),
         (
             "nbf as a string",
-            sign(Algorithm::RS256, "k8s-1", &rsa, &with(&|c| {
-                c["nbf"] = json!(now.to_string());
-            })),
+            sign(
+                Algorithm::RS256,
+                "k8s-1",
+                &rsa,
+                &with(&|c| {
+                    c["nbf"] = json!(now.to_string());
+                }),
+            ),
             "nbf must be a JSON number",
         ),
         (
@@ -433,7 +474,10 @@ async fn each_bad_token_is_refused_with_a_clear_reason() {
         let e = attest(&w.b, token.clone()).await.unwrap_err();
         assert_eq!(e.code(), Some(tonic::Code::Unauthenticated), "{name}: {e}");
         assert!(e.message().contains(want), "{name}: {e}");
-        assert!(!e.message().contains(token.as_str()), "{name}: echoed the token");
+        assert!(
+            !e.message().contains(token.as_str()),
+            "{name}: echoed the token"
+        );
     }
     // Each refusal was audited (without the token), and nothing was issued.
     let after = w.b.audit().await;
@@ -459,7 +503,11 @@ async fn an_unknown_key_refetches_the_jwks_at_most_once_per_interval() {
         )
     };
     attest(&w.b, token("gh-1", &w.gh)).await.unwrap();
-    assert_eq!(w.hits.load(Ordering::SeqCst), 1, "fetched once, then cached");
+    assert_eq!(
+        w.hits.load(Ordering::SeqCst),
+        1,
+        "fetched once, then cached"
+    );
     attest(&w.b, token("gh-1", &w.gh)).await.unwrap();
     assert_eq!(w.hits.load(Ordering::SeqCst), 1);
 

@@ -131,8 +131,10 @@ async fn processes_attest_by_uid_and_binary_hash_and_another_binary_does_not() {
     );
 
     // By uid alone: both binaries match, and must say which identity they want.
-    w.b.identity("local/any", |r| r.selectors = vec![format!("unix:uid:{uid}")])
-        .await;
+    w.b.identity("local/any", |r| {
+        r.selectors = vec![format!("unix:uid:{uid}")]
+    })
+    .await;
     let e = attest_here(&w, None).await.unwrap_err();
     assert!(e.message().contains("matches several identities"), "{e}");
     assert_eq!(
@@ -146,25 +148,26 @@ async fn processes_attest_by_uid_and_binary_hash_and_another_binary_does_not() {
     assert_eq!(out, "spiffe://example.org/local/any");
 
     // Unix evidence means nothing over TCP.
-    let e = w
-        .b
-        .workload()
-        .attest(Evidence::Unix, SvidOptions::default(), &[])
-        .await
-        .unwrap_err();
+    let e =
+        w.b.workload()
+            .attest(Evidence::Unix, SvidOptions::default(), &[])
+            .await
+            .unwrap_err();
     assert!(
         e.message().contains("only on the broker's Unix socket"),
         "{e}"
     );
 
     // The audit log names the process.
-    let probe_entry = w
-        .b
-        .audit_for("attest")
-        .await
-        .into_iter()
-        .find(|e| e["decision"] == "allow" && e["detail"]["spiffe_id"] == "spiffe://example.org/local/probe")
-        .unwrap();
+    let probe_entry =
+        w.b.audit_for("attest")
+            .await
+            .into_iter()
+            .find(|e| {
+                e["decision"] == "allow"
+                    && e["detail"]["spiffe_id"] == "spiffe://example.org/local/probe"
+            })
+            .unwrap();
     let actor = probe_entry["actor"].as_str().unwrap();
     assert!(
         actor.starts_with(&format!("unix:uid={uid},pid=")) && actor.ends_with(PROBE),
@@ -217,11 +220,13 @@ async fn the_spiffe_crate_fetches_svids_and_bundles_and_sees_rotation_on_its_str
 
     // X.509-SVID: ours, with a private key that belongs to the leaf, and the SAN DNS names.
     let svid = client.fetch_x509_svid().await.unwrap();
-    assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/local/app");
+    assert_eq!(
+        svid.spiffe_id().to_string(),
+        "spiffe://example.org/local/app"
+    );
     assert_eq!(svid.hint(), Some("internal"));
     let key = sigil_pki::EcKey::from_pkcs8(svid.private_key().as_bytes()).unwrap();
-    let (_, leaf) =
-        x509_parser::parse_x509_certificate(svid.leaf().as_bytes()).unwrap();
+    let (_, leaf) = x509_parser::parse_x509_certificate(svid.leaf().as_bytes()).unwrap();
     assert_eq!(
         leaf.public_key().subject_public_key.data.as_ref(),
         key.public_point()
@@ -235,7 +240,10 @@ async fn the_spiffe_crate_fetches_svids_and_bundles_and_sees_rotation_on_its_str
 
     // JWT-SVID, validated by the broker through the same API; JWT bundle has its key.
     let jwt = client.fetch_jwt_svid(["db"], None).await.unwrap();
-    assert_eq!(jwt.spiffe_id().to_string(), "spiffe://example.org/local/app");
+    assert_eq!(
+        jwt.spiffe_id().to_string(),
+        "spiffe://example.org/local/app"
+    );
     assert_eq!(jwt.audience(), ["db".to_string()]);
     let checked = client.validate_jwt_token("db", jwt.token()).await.unwrap();
     assert_eq!(checked.spiffe_id(), jwt.spiffe_id());
@@ -334,4 +342,91 @@ async fn the_spiffe_crate_fetches_svids_and_bundles_and_sees_rotation_on_its_str
     let e = raw.fetch_x509svid(req).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
     assert!(e.message().contains("no identity issued"), "{e}");
+}
+
+/// A Python virtualenv with py-spiffe from PyPI, made once per target dir; `None` (the test
+/// says why and passes) when there is no Python or PyPI cannot be reached.
+fn py_spiffe() -> Option<PathBuf> {
+    let python = ["python3", "python"].into_iter().find(|p| {
+        std::process::Command::new(p)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })?;
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("py-spiffe-venv");
+    let bin = venv.join("bin/python");
+    let ready = venv.join(".installed-spiffe");
+    if !ready.exists() {
+        let ok = std::process::Command::new(python)
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .is_ok_and(|s| s.success())
+            && std::process::Command::new(&bin)
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    "--disable-pip-version-check",
+                    "spiffe==0.3.2",
+                ])
+                .status()
+                .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!(
+                "skipped: could not install py-spiffe from PyPI into {}",
+                venv.display()
+            );
+            return None;
+        }
+        std::fs::write(&ready, b"").unwrap();
+    }
+    Some(bin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn py_spiffe_from_pypi_works_unmodified_when_python_is_present() {
+    let Some(python) = tokio::task::spawn_blocking(py_spiffe).await.unwrap() else {
+        eprintln!("skipped: no Python on this machine");
+        return;
+    };
+    let w = world().await;
+    w.b.identity("local/python", |r| {
+        r.selectors = vec![
+            format!("unix:uid:{}", my_uid()),
+            format!(
+                "unix:path:{}",
+                std::fs::canonicalize(&python).unwrap().display()
+            ),
+        ];
+    })
+    .await;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/py_spiffe_check.py");
+    let out = tokio::process::Command::new(&python)
+        .arg(&script)
+        .arg(format!("unix://{}", w.socket.display()))
+        .arg("db")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({
+            "x509_spiffe_id": "spiffe://example.org/local/python",
+            "chain_len": 2,
+            "x509_authorities": 1,
+            "jwt_spiffe_id": "spiffe://example.org/local/python",
+            "jwt_audience": ["db"],
+            "validated_spiffe_id": "spiffe://example.org/local/python",
+            "jwt_authorities": 1,
+        })
+    );
 }

@@ -13,8 +13,8 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let socket = &args[1];
     let bundle = std::fs::read(&args[2]).expect("bundle");
-    let client = WorkloadClient::new(ClientConfig::new(format!("unix://{socket}"), bundle))
-        .expect("client");
+    let client =
+        WorkloadClient::new(ClientConfig::new(format!("unix://{socket}"), bundle)).expect("client");
     let options = SvidOptions {
         spiffe_id: args.get(3).cloned(),
         ..Default::default()
