@@ -57,8 +57,8 @@ pub struct Config {
     pub trust_domain: Option<String>,
     /// gRPC (TLS) listen address.
     pub listen: SocketAddr,
-    /// HTTP listen address (health, bundle); `None` turns it off.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// HTTP listen address (health, bundle); `None` (written `"off"`) turns it off.
+    #[serde(with = "addr_or_off")]
     pub http_listen: Option<SocketAddr>,
     /// DNS names in the broker's own server certificate (loopback IPs are always added).
     pub server_names: Vec<String>,
@@ -84,7 +84,9 @@ pub struct Config {
     pub workload_socket: Option<PathBuf>,
     /// Permissions of the socket file. Workloads are told apart by their peer credentials, not
     /// by who may connect, so every local user may connect by default (like SPIRE's agent
-    /// socket); narrow it (e.g. 0o660 with a group) to hide the broker from other users.
+    /// socket); narrow it (e.g. "0660" with a group) to hide the broker from other users.
+    /// Written as an octal string ("0666") or a TOML octal integer (0o666).
+    #[serde(with = "mode")]
     pub workload_socket_mode: u32,
     /// Trusted OIDC issuers (`[[oidc]]`): Kubernetes, GitHub Actions, GitLab CI, any provider.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -619,6 +621,65 @@ impl Config {
     }
 }
 
+/// serde for an optional listen address: `"off"` is none.
+pub mod addr_or_off {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes the address, or `"off"`.
+    pub fn serialize<S: Serializer>(a: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match a {
+            Some(a) => s.serialize_str(&a.to_string()),
+            None => s.serialize_str("off"),
+        }
+    }
+
+    /// Reads an address or `"off"`.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let t = String::deserialize(d)?;
+        if t.eq_ignore_ascii_case("off") || t.eq_ignore_ascii_case("none") {
+            return Ok(None);
+        }
+        t.parse().map(Some).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "{t:?} is not an address; write e.g. \"127.0.0.1:8080\" or \"off\""
+            ))
+        })
+    }
+}
+
+/// serde for file modes: written `"0666"`, read from that or a TOML integer (`0o666`).
+pub mod mode {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes `m` as an octal string.
+    pub fn serialize<S: Serializer>(m: &u32, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{m:04o}"))
+    }
+
+    /// Reads `"0660"`, `"0o660"` or an integer.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u32),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(i) => Ok(i),
+            Raw::Text(t) => {
+                let digits = t.trim().trim_start_matches("0o");
+                u32::from_str_radix(digits, 8).map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "{t:?} is not an octal file mode; write e.g. \"0660\""
+                    ))
+                })
+            }
+        }
+    }
+}
+
 /// serde for durations as humantime text (`10m`, `1h 30m`).
 pub mod dur {
     use std::time::Duration;
@@ -679,6 +740,29 @@ mod tests {
         .unwrap();
         assert_eq!(partial.issuance.default_jwt_ttl, Duration::from_secs(120));
         assert_eq!(partial.issuance.default_x509_ttl, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn an_http_listener_turned_off_stays_off_and_modes_are_octal() {
+        let mut c = Config {
+            http_listen: None,
+            workload_socket_mode: 0o660,
+            ..Config::default()
+        };
+        let text = c.to_toml();
+        assert!(text.contains("http_listen = \"off\""), "{text}");
+        assert!(text.contains("workload_socket_mode = \"0660\""), "{text}");
+        let back = Config::parse(&text, "t").unwrap();
+        assert_eq!(back.http_listen, None, "not the default 8080");
+        assert_eq!(back.workload_socket_mode, 0o660);
+        c.http_listen = Some(SocketAddr::from(([127, 0, 0, 1], 9090)));
+        assert_eq!(
+            Config::parse(&c.to_toml(), "t").unwrap().http_listen,
+            c.http_listen
+        );
+        let m = Config::parse("workload_socket_mode = 0o600\n", "t").unwrap();
+        assert_eq!(m.workload_socket_mode, 0o600);
+        assert!(Config::parse("workload_socket_mode = \"rw\"\n", "t").is_err());
     }
 
     #[test]

@@ -411,3 +411,150 @@ fn sigil_dev_prints_a_fetch_command_that_works_as_printed() {
         );
     }
 }
+
+/// Polls the audit log for `action` entries until there are `n`, for up to 10 s.
+async fn audit_entries(
+    admin: &mut sigil_proto::v1::admin_client::AdminClient<Channel>,
+    action: &str,
+    n: usize,
+) -> Vec<serde_json::Value> {
+    for _ in 0..200 {
+        let r = admin
+            .list_audit(pb::ListAuditRequest {
+                from_sequence: 1,
+                limit: 1000,
+                action: action.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if r.entries.len() >= n {
+            return r
+                .entries
+                .iter()
+                .map(|e| serde_json::from_str(e).unwrap())
+                .collect();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("fewer than {n} {action} audit entries after 10s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_policies_and_sigil_fetch_attests_over_the_unix_socket() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = init(tmp.path());
+    let policies = tmp.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::write(
+        policies.join("base.cedar"),
+        "@id(\"no-ledger\")\nforbid(principal, action == Sigil::Action::\"mint_jwt\", resource == Sigil::Audience::\"ledger\");\n",
+    )
+    .unwrap();
+    let mut cfg = sigil_broker::config::Config::load(&data).unwrap();
+    cfg.policy.path = Some(policies.clone());
+    std::fs::write(data.join("sigil.toml"), cfg.to_toml()).unwrap();
+    let socket = tmp.path().join("workload.sock");
+    let p = Proc::spawn(
+        &[
+            "serve",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--workload-socket",
+            socket.to_str().unwrap(),
+        ],
+        tmp.path(),
+        &[],
+    );
+    let line = p.wait_for("sigil broker listening on ");
+    let url = line.rsplit(' ').next().unwrap().to_owned();
+    let mut admin = admin(&data, &url);
+
+    // `sigil fetch` over the socket, attested by the uid it runs as and its own binary.
+    let uid = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap();
+    let sha = sigil_broker::attest::unix::file_sha256(Path::new(SIGIL)).unwrap();
+    admin
+        .create_identity(pb::CreateIdentityRequest {
+            spiffe_id: "spiffe://example.org/host/agent".into(),
+            owner: "platform".into(),
+            purpose: "the host's sigil agent".into(),
+            selectors: vec![format!("unix:uid:{uid}"), format!("unix:sha256:{sha}")],
+            entitlements: Some(pb::Entitlements {
+                kinds: vec!["x509".into(), "jwt".into()],
+                audiences: vec!["db".into(), "ledger".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let out_dir = tmp.path().join("creds");
+    let fetch = |aud: &str| {
+        sigil(
+            &[
+                "fetch",
+                "--broker",
+                &format!("unix://{}", socket.display()),
+                "--trust-bundle",
+                data.join("bundle.pem").to_str().unwrap(),
+                "--out",
+                out_dir.to_str().unwrap(),
+                "--audience",
+                aud,
+            ],
+            tmp.path(),
+        )
+    };
+    let out = fetch("db");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("spiffe://example.org/host/agent"));
+    let out = fetch("ledger");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no-ledger"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A broken file and SIGHUP: refused, audited, the old policy stays.
+    std::fs::write(policies.join("zz.cedar"), "permit(principal,\n").unwrap();
+    let hup = |pid: u32| {
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &pid.to_string()])
+                .status()
+                .unwrap()
+                .success()
+        )
+    };
+    hup(p.child.id());
+    let entries = audit_entries(&mut admin, "policy.reload", 1).await;
+    assert_eq!(entries[0]["decision"], "deny");
+    assert_eq!(entries[0]["actor"], "signal:SIGHUP");
+    assert!(
+        entries[0]["reason"].as_str().unwrap().contains("zz.cedar:"),
+        "{}",
+        entries[0]
+    );
+    assert!(!fetch("ledger").status.success(), "old policy in force");
+
+    // Fixed, and the forbid lifted: SIGHUP puts it in force.
+    std::fs::remove_file(policies.join("zz.cedar")).unwrap();
+    std::fs::write(policies.join("base.cedar"), "// nothing forbidden\n").unwrap();
+    hup(p.child.id());
+    let entries = audit_entries(&mut admin, "policy.reload", 2).await;
+    assert_eq!(entries[1]["decision"], "allow");
+    let out = fetch("ledger");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

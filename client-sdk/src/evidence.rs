@@ -3,8 +3,9 @@
 //!
 //! Join tokens are one-time: a workload that only ever had one cannot re-attest on its own.
 //! Give it a [`JoinTokenFile`] an operator (or a provisioning system) can drop a fresh token
-//! into, or — once available — platform evidence it always has (a Kubernetes projected
-//! service-account token, Unix peer credentials).
+//! into, or platform evidence it always has: an [`OidcTokenFile`] (a Kubernetes projected
+//! service-account token, refreshed by the kubelet) or [`UnixEvidence`] (the kernel's word,
+//! over the broker's Unix socket).
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -91,5 +92,44 @@ impl EvidenceSource for JoinTokenFile {
         }
         *last = Some(digest);
         Ok(Evidence::JoinToken(token))
+    }
+}
+
+/// An OIDC token in a file, read afresh each time (the kubelet rotates projected
+/// service-account tokens in place; a CI runner writes its ID token there).
+#[derive(Debug)]
+pub struct OidcTokenFile {
+    path: PathBuf,
+}
+
+impl OidcTokenFile {
+    /// Reads tokens from `path` (e.g. `/var/run/secrets/tokens/sigil`).
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        OidcTokenFile { path: path.into() }
+    }
+}
+
+#[async_trait]
+impl EvidenceSource for OidcTokenFile {
+    async fn evidence(&self) -> Result<Evidence, SdkError> {
+        let text = tokio::fs::read_to_string(&self.path).await.map_err(|e| {
+            SdkError::new(
+                ErrorKind::Reattest,
+                format!("reading OIDC token file {}: {e}", self.path.display()),
+            )
+        })?;
+        Ok(Evidence::Oidc(SecretString::new(text.trim().to_owned())))
+    }
+}
+
+/// The caller's Unix peer credentials: always available to a workload talking to the broker's
+/// Unix socket (`unix:///run/sigil/workload.sock`).
+#[derive(Debug, Default)]
+pub struct UnixEvidence;
+
+#[async_trait]
+impl EvidenceSource for UnixEvidence {
+    async fn evidence(&self) -> Result<Evidence, SdkError> {
+        Ok(Evidence::Unix)
     }
 }

@@ -43,7 +43,7 @@ pub mod workload;
 
 pub use admin::connect_admin;
 pub use error::{ErrorKind, SdkError};
-pub use evidence::{EvidenceSource, JoinTokenFile, OneTimeEvidence};
+pub use evidence::{EvidenceSource, JoinTokenFile, OidcTokenFile, OneTimeEvidence, UnixEvidence};
 pub use source::{Source, SourceConfig, SourceEvent};
 pub use tls::Authorizer;
 pub use trust::{RevocationView, TrustBundle, TrustState};

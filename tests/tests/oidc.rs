@@ -527,3 +527,58 @@ async fn an_unknown_key_refetches_the_jwks_at_most_once_per_interval() {
     assert_eq!(w.hits.load(Ordering::SeqCst), 2);
     assert!(w.clock.unix() > now);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_with_a_projected_token_file_reattests_on_its_own_after_revocation() {
+    let w = world().await;
+    let token_file = w.b.dir.path().join("sigil-token");
+    let write_token = |now: i64| {
+        let t = sign(
+            Algorithm::RS256,
+            "k8s-1",
+            &EncodingKey::from_rsa_der(&w.k8s.der),
+            &k8s_claims(now, "payments", "api"),
+        );
+        std::fs::write(&token_file, t).unwrap();
+    };
+    write_token(w.clock.unix());
+    let source = sigil_sdk::Source::start(
+        w.b.workload(),
+        Arc::new(sigil_sdk::OidcTokenFile::new(&token_file)),
+        sigil_sdk::SourceConfig {
+            min_interval: Duration::from_millis(100),
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(1),
+            ..sigil_sdk::SourceConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let first = source.x509_svid().unwrap();
+    assert_eq!(
+        first.spiffe_id.to_string(),
+        "spiffe://example.org/k8s/payments/api"
+    );
+    let mut events = source.events();
+    w.b.admin()
+        .revoke_identity(sigil_proto::v1::RevokeIdentityRequest {
+            id_or_spiffe_id: "spiffe://example.org/k8s/payments/api".into(),
+            reason: "node compromised".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // The kubelet keeps the token fresh; the SDK presents it again without anyone's help.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(sigil_sdk::SourceEvent::Reattested { .. }) = events.recv().await {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("re-attested with the OIDC token");
+    let second = source.x509_svid().unwrap();
+    assert_ne!(second.serial, first.serial);
+    assert!(second.generation > first.generation);
+}
