@@ -99,6 +99,8 @@ pub struct PolicyEngine {
     default: PolicyDefault,
     current: ArcSwap<Loaded>,
     authorizer: Authorizer,
+    /// Check each request's entities and context against the schema (tests).
+    strict: bool,
 }
 
 /// What was loaded.
@@ -159,6 +161,7 @@ impl PolicyEngine {
             default,
             current: ArcSwap::from_pointee(loaded),
             authorizer: Authorizer::new(),
+            strict: cfg!(test),
         }))
     }
 
@@ -216,12 +219,14 @@ impl PolicyEngine {
         }
         let ruid = resource.uid()?;
         entities.push(Entity::new_no_attrs(ruid.clone(), HashSet::new()));
-        let entities =
-            Entities::from_entities(entities, Some(&self.schema)).map_err(|e| e.to_string())?;
+        // Entities and context are built here, in one shape, and policies were validated
+        // against the schema at load; checking every request against the schema again would
+        // cost more than the decision (the unit tests check the shape matches the schema).
+        let schema = self.strict.then_some(&self.schema);
+        let entities = Entities::from_entities(entities, schema).map_err(|e| e.to_string())?;
         let action_uid = uid("Action", action)?;
         let ctx = Context::from_pairs(context).map_err(|e| e.to_string())?;
-        let req = Request::new(puid, action_uid, ruid, ctx, Some(&self.schema))
-            .map_err(|e| e.to_string())?;
+        let req = Request::new(puid, action_uid, ruid, ctx, schema).map_err(|e| e.to_string())?;
         let resp = self.authorizer.is_authorized(&req, &loaded.set, &entities);
         let decided: Vec<String> = resp
             .diagnostics()
@@ -574,6 +579,103 @@ mod tests {
         let ids = e.report().policy_ids;
         assert!(ids.iter().any(|i| i == "sigil.default"), "{ids:?}");
         assert!(ids.len() > 6, "{ids:?}");
+    }
+
+    fn identity() -> IdentityRecord {
+        IdentityRecord {
+            id: "id-1".into(),
+            spiffe_id: "spiffe://example.org/ci/build".parse().unwrap(),
+            owner: "ci-team".into(),
+            purpose: "builds".into(),
+            labels: [
+                ("roles".to_owned(), "ci, batch".to_owned()),
+                ("tier".to_owned(), "batch".to_owned()),
+            ]
+            .into(),
+            selectors: Default::default(),
+            entitlements: Default::default(),
+            status: crate::model::IdentityStatus::Active,
+            status_reason: String::new(),
+            status_since: 0,
+            expires_at: i64::MAX,
+            generation: 1,
+            created_at: 0,
+            created_by: "t".into(),
+            updated_at: 0,
+            updated_by: "t".into(),
+            revision: 1,
+            recertified_at: 0,
+            recertified_by: String::new(),
+        }
+    }
+
+    #[test]
+    fn requests_match_the_schema_and_the_examples_decide_as_documented() {
+        // In tests every request is checked against the schema (`strict`), so a change to the
+        // entities or context that the schema does not describe fails here.
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/policies");
+        let e = PolicyEngine::load(Some(dir), PolicyDefault::Permit).unwrap();
+        assert!(e.strict);
+        let id = identity();
+        let at = |hour: i64| 1_800_000_000 - 1_800_000_000 % 86400 + hour * 3600;
+        let facts = |method: &'static str, hour: i64, ttl: u64| MintFacts {
+            method,
+            selectors: vec!["unix:uid:1000".into()],
+            source: Some("10.1.2.3".parse().unwrap()),
+            ttl_secs: ttl,
+            audiences: vec!["prod-db".into()],
+            scopes: vec!["read".into()],
+            dns_names: vec![],
+            approvals: Default::default(),
+            now: at(hour),
+        };
+        let mint_jwt = |f: &MintFacts<'_>| {
+            e.authorize(
+                Principal::Identity(&id),
+                "mint_jwt",
+                Resource::Audience("prod-db"),
+                f.context(),
+            )
+        };
+        let d = mint_jwt(&facts("unix", 12, 300));
+        assert!(d.allowed, "{d:?}");
+        assert_eq!(d.policies, ["sigil.default"]);
+        let d = mint_jwt(&facts("join_token", 12, 300));
+        assert!(!d.allowed);
+        assert_eq!(d.policies, ["prod-db-needs-unix"]);
+        // A CI identity (roles label) at 22:00 UTC.
+        let d = mint_jwt(&facts("unix", 22, 300));
+        assert_eq!(d.policies, ["ci-office-hours"], "{d:?}");
+        // Tags: batch identities get short certificates only.
+        let x = |ttl| {
+            e.authorize(
+                Principal::Identity(&id),
+                "mint_x509",
+                Resource::Kind("x509"),
+                facts("unix", 12, ttl).context(),
+            )
+        };
+        assert!(x(900).allowed);
+        assert_eq!(x(3600).policies, ["no-long-lived-certs-for-batch"]);
+        // Operators and roles.
+        let admin = |role: &str, action: &str| {
+            let mut c = vec![("target".to_owned(), ctx::s(""))];
+            c.extend(ctx::time(at(12)));
+            e.authorize(
+                Principal::Operator { name: "ana", role },
+                action,
+                Resource::Broker,
+                c,
+            )
+            .allowed
+        };
+        assert!(admin("auditor", "audit.read"));
+        assert!(!admin("auditor", "credential.revoke"));
+        assert!(admin("revoker", "credential.revoke"));
+        assert!(!admin("revoker", "identity.create"));
+        assert!(admin("operator", "identity.create"));
+        assert!(!admin("operator", "operator.issue"));
+        assert!(admin("admin", "operator.issue"));
     }
 
     #[test]
