@@ -126,7 +126,7 @@ impl Broker {
             },
             action,
             crate::policy::Resource::Broker,
-            context,
+            || context,
         );
         if d.allowed {
             return Ok(op);

@@ -412,11 +412,12 @@ impl Gate for RequestPolicy {
                 };
             }
         }
-        let facts = MintFacts {
+        let ttl_secs = grant.ttl.as_secs();
+        let facts = || MintFacts {
             method: ctx.method,
             selectors: ctx.selectors.iter().map(ToString::to_string).collect(),
             source: ctx.source,
-            ttl_secs: grant.ttl.as_secs(),
+            ttl_secs,
             audiences: audiences.to_vec(),
             scopes: scopes.to_vec(),
             dns_names: dns.to_vec(),
@@ -441,7 +442,7 @@ impl Gate for RequestPolicy {
         for (action, resource) in checks {
             let d = self
                 .engine
-                .authorize(principal, action, resource, facts.context());
+                .authorize(principal, action, resource, || facts().context());
             if !d.allowed {
                 return Err(match resource {
                     Resource::Audience(a) => format!("{} (audience {a:?})", d.reason),

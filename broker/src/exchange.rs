@@ -186,7 +186,7 @@ impl Broker {
                 Principal::Identity(&actor.identity),
                 "exchange",
                 Resource::Audience(a),
-                context.clone(),
+                || context.clone(),
             );
             if !d.allowed {
                 let reason = if d.policies.is_empty() {

@@ -89,6 +89,35 @@ struct Loaded {
     /// `@reason` annotations, by policy id.
     reasons: BTreeMap<String, String>,
     forbids: HashSet<String>,
+    /// Workload actions some non-built-in policy could apply to (by its action scope). For
+    /// the others the decision is known without evaluating: the built-in default decides.
+    user_actions: HashSet<&'static str>,
+    default: PolicyDefault,
+}
+
+/// Actions of workloads (not in any action group), which the fast path covers.
+const WORKLOAD_ACTIONS: [&str; 4] = ["attest", "mint_x509", "mint_jwt", "exchange"];
+
+/// Cached type names (parsing one runs Cedar's parser).
+fn type_name(kind: &str) -> Result<cedar_policy::EntityTypeName, String> {
+    use std::sync::OnceLock;
+    static NAMES: OnceLock<BTreeMap<&'static str, cedar_policy::EntityTypeName>> = OnceLock::new();
+    let names = NAMES.get_or_init(|| {
+        [
+            "Identity", "Operator", "Role", "Audience", "Kind", "Broker", "Action",
+        ]
+        .into_iter()
+        .filter_map(|k| {
+            cedar_policy::EntityTypeName::from_str(&format!("Sigil::{k}"))
+                .ok()
+                .map(|n| (k, n))
+        })
+        .collect()
+    });
+    names
+        .get(kind)
+        .cloned()
+        .ok_or_else(|| format!("unknown entity type Sigil::{kind}"))
 }
 
 /// Policies in force, swapped atomically on reload.
@@ -185,13 +214,14 @@ impl PolicyEngine {
         }
     }
 
-    /// Decides `action` by `principal` on `resource` in `context`.
+    /// Decides `action` by `principal` on `resource` in the context `context` builds (only
+    /// built when a policy has to be evaluated).
     pub fn authorize(
         &self,
         principal: Principal<'_>,
         action: &str,
         resource: Resource<'_>,
-        context: Vec<(String, RestrictedExpression)>,
+        context: impl FnOnce() -> Vec<(String, RestrictedExpression)>,
     ) -> PolicyDecision {
         match self.try_authorize(principal, action, resource, context) {
             Ok(d) => d,
@@ -208,9 +238,30 @@ impl PolicyEngine {
         principal: Principal<'_>,
         action: &str,
         resource: Resource<'_>,
-        context: Vec<(String, RestrictedExpression)>,
+        context: impl FnOnce() -> Vec<(String, RestrictedExpression)>,
     ) -> Result<PolicyDecision, String> {
         let loaded = self.current.load();
+        if let Some(a) = WORKLOAD_ACTIONS.iter().find(|a| **a == action)
+            && !loaded.user_actions.contains(a)
+        {
+            // No policy of the operator's applies to this action: the built-in default
+            // decides, exactly as evaluating would.
+            return Ok(
+                if loaded.default == PolicyDefault::Permit && action != "exchange" {
+                    PolicyDecision {
+                        allowed: true,
+                        policies: vec!["sigil.default".into()],
+                        reason: String::new(),
+                    }
+                } else {
+                    PolicyDecision {
+                        allowed: false,
+                        policies: Vec::new(),
+                        reason: format!("no policy permits {action}"),
+                    }
+                },
+            );
+        }
         let mut entities = Vec::new();
         let (puid, pentity) = principal.entity()?;
         entities.push(pentity);
@@ -225,7 +276,7 @@ impl PolicyEngine {
         let schema = self.strict.then_some(&self.schema);
         let entities = Entities::from_entities(entities, schema).map_err(|e| e.to_string())?;
         let action_uid = uid("Action", action)?;
-        let ctx = Context::from_pairs(context).map_err(|e| e.to_string())?;
+        let ctx = Context::from_pairs(context()).map_err(|e| e.to_string())?;
         let req = Request::new(puid, action_uid, ruid, ctx, schema).map_err(|e| e.to_string())?;
         let resp = self.authorizer.is_authorized(&req, &loaded.set, &entities);
         let decided: Vec<String> = resp
@@ -280,10 +331,8 @@ impl PolicyEngine {
 }
 
 fn uid(kind: &str, id: &str) -> Result<EntityUid, String> {
-    let name = cedar_policy::EntityTypeName::from_str(&format!("Sigil::{kind}"))
-        .map_err(|e| e.to_string())?;
     Ok(EntityUid::from_type_name_and_id(
-        name,
+        type_name(kind)?,
         cedar_policy::EntityId::new(id),
     ))
 }
@@ -450,6 +499,7 @@ fn build(
     let mut ids = Vec::new();
     let mut reasons = BTreeMap::new();
     let mut forbids = HashSet::new();
+    let mut user_actions = HashSet::new();
     // Which source each policy came from, for locating validation errors.
     let mut origin: BTreeMap<String, usize> = BTreeMap::new();
     for (k, (name, text)) in sources.iter().enumerate() {
@@ -490,6 +540,19 @@ fn build(
             if p.effect() == Effect::Forbid {
                 forbids.insert(id.clone());
             }
+            if k >= builtin {
+                for a in WORKLOAD_ACTIONS {
+                    let me = uid("Action", a).map_err(PolicyError)?;
+                    let applies = match p.action_constraint() {
+                        cedar_policy::ActionConstraint::Any => true,
+                        cedar_policy::ActionConstraint::Eq(x) => x == me,
+                        cedar_policy::ActionConstraint::In(xs) => xs.contains(&me),
+                    };
+                    if applies {
+                        user_actions.insert(a);
+                    }
+                }
+            }
             set.add(p.new_id(PolicyId::new(&id)))
                 .map_err(|e| PolicyError(format!("{name}: policy {id:?}: {e}")))?;
             origin.insert(id.clone(), k);
@@ -517,6 +580,8 @@ fn build(
         files,
         reasons,
         forbids,
+        user_actions,
+        default,
     })
 }
 
@@ -634,7 +699,7 @@ mod tests {
                 Principal::Identity(&id),
                 "mint_jwt",
                 Resource::Audience("prod-db"),
-                f.context(),
+                || f.context(),
             )
         };
         let d = mint_jwt(&facts("unix", 12, 300));
@@ -652,7 +717,7 @@ mod tests {
                 Principal::Identity(&id),
                 "mint_x509",
                 Resource::Kind("x509"),
-                facts("unix", 12, ttl).context(),
+                || facts("unix", 12, ttl).context(),
             )
         };
         assert!(x(900).allowed);
@@ -665,7 +730,7 @@ mod tests {
                 Principal::Operator { name: "ana", role },
                 action,
                 Resource::Broker,
-                c,
+                || c,
             )
             .allowed
         };

@@ -165,7 +165,7 @@ where
             .unwrap_or_else(|| sigil_pki::ids::to_hex(&sigil_pki::ids::random_bytes::<8>()));
         req.extensions_mut().insert(RequestId(id.clone()));
         let method = req.uri().path().rsplit('/').next().unwrap_or("").to_owned();
-        let span = tracing::info_span!("request", request_id = %id, method = %method);
+        let span = tracing::debug_span!("request", request_id = %id, method = %method);
         let started = Instant::now();
         let fut = {
             let _entered = span.enter();
