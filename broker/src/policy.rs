@@ -271,9 +271,11 @@ impl PolicyEngine {
         let ruid = resource.uid()?;
         entities.push(Entity::new_no_attrs(ruid.clone(), HashSet::new()));
         // Entities and context are built here, in one shape, and policies were validated
-        // against the schema at load; checking every request against the schema again would
-        // cost more than the decision (the unit tests check the shape matches the schema).
-        let schema = self.strict.then_some(&self.schema);
+        // against the schema at load; checking every workload request against the schema
+        // again would cost more than the decision (the unit tests check the shape matches the
+        // schema). Admin actions keep the schema: it supplies the action groups roles use.
+        let workload = WORKLOAD_ACTIONS.contains(&action);
+        let schema = (self.strict || !workload).then_some(&self.schema);
         let entities = Entities::from_entities(entities, schema).map_err(|e| e.to_string())?;
         let action_uid = uid("Action", action)?;
         let ctx = Context::from_pairs(context()).map_err(|e| e.to_string())?;
@@ -741,6 +743,52 @@ mod tests {
         assert!(admin("operator", "identity.create"));
         assert!(!admin("operator", "operator.issue"));
         assert!(admin("admin", "operator.issue"));
+    }
+
+    #[test]
+    fn roles_and_forbids_hold_without_per_request_schema_checks() {
+        // What the broker runs outside tests: no per-request schema check for workloads.
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/policies");
+        let loaded = PolicyEngine::load(Some(dir), PolicyDefault::Permit).unwrap();
+        let e = PolicyEngine {
+            schema: loaded.schema.clone(),
+            path: None,
+            default: PolicyDefault::Permit,
+            current: ArcSwap::new(loaded.current.load_full()),
+            authorizer: Authorizer::new(),
+            strict: false,
+        };
+        let admin = |role: &str, action: &str| {
+            e.authorize(
+                Principal::Operator { name: "ana", role },
+                action,
+                Resource::Broker,
+                || {
+                    let mut c = vec![("target".to_owned(), ctx::s(""))];
+                    c.extend(ctx::time(1_800_000_000));
+                    c
+                },
+            )
+            .allowed
+        };
+        assert!(admin("auditor", "identity.read"));
+        assert!(!admin("auditor", "credential.revoke"));
+        assert!(admin("revoker", "credential.revoke"));
+        let id = identity();
+        let d = e.authorize(
+            Principal::Identity(&id),
+            "mint_jwt",
+            Resource::Audience("prod-db"),
+            || {
+                MintFacts {
+                    method: "join_token",
+                    now: 1_800_000_000 - 1_800_000_000 % 86400 + 12 * 3600,
+                    ..Default::default()
+                }
+                .context()
+            },
+        );
+        assert_eq!(d.policies, ["prod-db-needs-unix"], "{d:?}");
     }
 
     #[test]
