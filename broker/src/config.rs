@@ -379,6 +379,11 @@ pub struct Rotation {
     /// How often the schedule is checked and expired revocations are pruned.
     #[serde(with = "dur")]
     pub check_interval: Duration,
+    /// Ledger records of credentials issued longer ago than this are dropped (garbage
+    /// collection, in small batches in the background). At least issuance.max_ttl_ceiling, so
+    /// only expired credentials go. The audit log keeps every issuance regardless.
+    #[serde(with = "dur")]
+    pub ledger_retention: Duration,
 }
 
 impl Default for Rotation {
@@ -389,6 +394,7 @@ impl Default for Rotation {
             x509_ca_rotate_after: Duration::from_secs(15 * 86400),
             prepare: Duration::from_secs(600),
             check_interval: Duration::from_secs(30),
+            ledger_retention: Duration::from_secs(30 * 86400),
         }
     }
 }
@@ -566,6 +572,11 @@ impl Config {
         if r.x509_ca_rotate_after * 2 > r.x509_ca_ttl {
             return Err(ConfigError::Invalid(
                 "rotation.x509_ca_rotate_after must be at most half of rotation.x509_ca_ttl".into(),
+            ));
+        }
+        if r.ledger_retention < i.max_ttl_ceiling {
+            return Err(ConfigError::Invalid(
+                "rotation.ledger_retention must be at least issuance.max_ttl_ceiling (only expired credentials may be forgotten)".into(),
             ));
         }
         if r.check_interval < Duration::from_millis(100) {

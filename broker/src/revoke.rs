@@ -504,6 +504,46 @@ impl Broker {
         Ok(n)
     }
 
+    /// Drops ledger records past `rotation.ledger_retention`, a batch per commit so that
+    /// issuance commits interleave. Returns how many went.
+    pub async fn prune_ledger(&self) -> Result<usize, BrokerError> {
+        const BATCH: usize = 2000;
+        let before = self.clock.unix() - self.cfg.rotation.ledger_retention.as_secs() as i64;
+        let mut total = 0;
+        loop {
+            let n = self.store.ledger_count_before(before, BATCH).await?;
+            if n == 0 {
+                return Ok(total);
+            }
+            self.store
+                .commit(Change {
+                    ops: vec![Op::PruneLedger {
+                        issued_before: before,
+                        limit: BATCH,
+                    }],
+                    audit: vec![
+                        crate::audit::AuditDraft::new(
+                            self.now_nanos(),
+                            "sigil",
+                            "ledger.prune",
+                            "ledger",
+                            crate::audit::Decision::Allow,
+                            "ledger records past rotation.ledger_retention dropped",
+                            "schedule",
+                        )
+                        .with("rows", n as u64)
+                        .with("issued_before", before),
+                    ],
+                })
+                .await?;
+            total += n;
+            if n < BATCH {
+                return Ok(total);
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// Introspects a JWT-SVID.
     pub fn introspect_token(&self, token: &str) -> Introspection {
         let ring = self.keys.current();

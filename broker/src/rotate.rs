@@ -466,6 +466,11 @@ pub async fn schedule_loop(
             Ok(n) => tracing::info!(pruned = n, "dropped revocations of expired credentials"),
             Err(e) => tracing::warn!(error = %e, "pruning revocations failed; will retry"),
         }
+        match broker.prune_ledger().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(rows = n, "dropped ledger records past their retention"),
+            Err(e) => tracing::warn!(error = %e, "pruning the ledger failed; will retry"),
+        }
         if let Err(e) = broker.record_expired_approvals().await {
             tracing::warn!(error = %e, "recording expired approvals failed; will retry");
         }
@@ -500,6 +505,7 @@ mod tests {
             x509_ca_rotate_after: Duration::from_secs(2000),
             prepare: Duration::from_secs(100),
             check_interval: Duration::from_secs(1),
+            ledger_retention: Duration::from_secs(30 * 86400),
         }
     }
 

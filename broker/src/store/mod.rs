@@ -83,6 +83,14 @@ pub enum Op {
     PutOwner(OwnerRecord),
     /// Adds or replaces an approval.
     PutApproval(ApprovalRecord),
+    /// Drops at most `limit` ledger records of credentials issued before `issued_before`
+    /// (Unix seconds), oldest first (garbage collection of long-expired credentials).
+    PruneLedger {
+        /// Cut-off.
+        issued_before: i64,
+        /// Most rows in one commit, so issuance is never held up for long.
+        limit: usize,
+    },
 }
 
 /// An atomic unit of writes with the audit entries that describe it.
@@ -222,6 +230,13 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Every approval, in force or not.
     async fn approvals(&self) -> Result<Vec<ApprovalRecord>, StoreError>;
+
+    /// How many ledger records (at most `limit`) were issued before `issued_before`.
+    async fn ledger_count_before(
+        &self,
+        issued_before: i64,
+        limit: usize,
+    ) -> Result<usize, StoreError>;
 
     /// Every join token (hashes only), used or not.
     async fn join_tokens(&self) -> Result<Vec<JoinTokenRecord>, StoreError>;

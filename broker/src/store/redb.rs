@@ -616,7 +616,8 @@ fn check(t: &Tables<'_>, change: &Change) -> Result<Result<(), Conflict>, StoreE
             | Op::PutRevocation(_)
             | Op::PruneRevocations { .. }
             | Op::PutOwner(_)
-            | Op::PutApproval(_) => {}
+            | Op::PutApproval(_)
+            | Op::PruneLedger { .. } => {}
         }
     }
     Ok(Ok(()))
@@ -663,6 +664,26 @@ fn write(t: &mut Tables<'_>, change: &Change) -> Result<(), StoreError> {
                 t.revocations
                     .insert(key.as_slice(), to_json(rec).as_slice())
                     .map_err(unavailable)?;
+            }
+            Op::PruneLedger {
+                issued_before,
+                limit,
+            } => {
+                // Ledger keys start with the issue time in big-endian nanoseconds.
+                let end = ((*issued_before).max(0) as u64)
+                    .saturating_mul(1_000_000_000)
+                    .to_be_bytes();
+                let doomed: Vec<Vec<u8>> = t
+                    .ledger
+                    .range::<&[u8]>(..end.as_slice())
+                    .map_err(unavailable)?
+                    .take(*limit)
+                    .map(|item| item.map(|(k, _)| k.value().to_vec()))
+                    .collect::<Result<_, _>>()
+                    .map_err(unavailable)?;
+                for k in doomed {
+                    t.ledger.remove(k.as_slice()).map_err(unavailable)?;
+                }
             }
             Op::PruneRevocations { expired_before } => {
                 let end = (*expired_before).max(0).to_be_bytes();
@@ -828,6 +849,25 @@ impl Store for RedbStore {
                 )),
                 None => Ok(None),
             }
+        })
+        .await
+    }
+
+    async fn ledger_count_before(
+        &self,
+        issued_before: i64,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        self.read(move |db| {
+            let r = db.begin_read().map_err(unavailable)?;
+            let t = r.open_table(LEDGER).map_err(unavailable)?;
+            let end = (issued_before.max(0) as u64)
+                .saturating_mul(1_000_000_000)
+                .to_be_bytes();
+            Ok(t.range::<&[u8]>(..end.as_slice())
+                .map_err(unavailable)?
+                .take(limit)
+                .count())
         })
         .await
     }
