@@ -558,3 +558,42 @@ async fn sighup_reloads_policies_and_sigil_fetch_attests_over_the_unix_socket() 
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn sigil_bench_runs_embedded_and_prints_the_documented_json() {
+    // Small counts: this checks the tool works end to end, not how fast anything is.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = sigil(
+        &[
+            "bench",
+            "--embedded",
+            "--scenario",
+            "jwt,x509,attest,mixed",
+            "--count",
+            "40",
+            "--concurrency",
+            "4",
+            "--connections",
+            "2",
+            "--warmup",
+            "0s",
+            "--attest-tokens",
+            "60",
+            "--json",
+        ],
+        tmp.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for s in ["jwt", "x509", "attest", "mixed"] {
+        let f = &v["scenarios"][s];
+        assert!(f["ops_per_s"].as_f64().unwrap() > 0.0, "{s}: {f}");
+        assert!(f["ops"].as_u64().unwrap() >= 40, "{s}: {f}");
+        assert_eq!(f["errors"], 0, "{s}: {f}");
+        assert!(f["p99_ms"].as_f64().unwrap() >= f["p50_ms"].as_f64().unwrap());
+    }
+}

@@ -1002,3 +1002,82 @@ async fn revocations_are_dropped_once_the_credential_would_have_expired_anyway()
     b.restart().await;
     assert!(b.broker().revocations().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_rows_past_their_retention_are_collected_and_issuance_goes_on() {
+    // A short retention (it may not be shorter than the TTL ceiling), and a clock behind real
+    // time so that advancing it past the retention keeps the broker's TLS certificate valid.
+    let clock = Arc::new(sigil_broker::clock::ManualClock::new(
+        std::time::SystemTime::now() - Duration::from_secs(4 * 3600),
+    ));
+    let b = TestBroker::start_configured(clock.clone(), |c| {
+        c.issuance.max_ttl_ceiling = Duration::from_secs(3600);
+        c.rotation.ledger_retention = Duration::from_secs(2 * 3600);
+    })
+    .await;
+    pair(&b, 600).await;
+    let attest = || async {
+        let token = b.join_token(A).await;
+        sigil_tests::raw::anon(&b.url, &b.bundle_pem)
+            .attest(pb::AttestRequest {
+                evidence: Some(pb::Evidence {
+                    kind: Some(pb::evidence::Kind::JoinToken(pb::JoinTokenEvidence {
+                        token,
+                    })),
+                }),
+                csr: sigil_pki::csr::request_for(&sigil_pki::EcKey::generate().unwrap()).unwrap(),
+                jwts: vec![pb::JwtRequest {
+                    audiences: vec!["svc".into()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .svid
+            .unwrap()
+            .serial
+    };
+    let row = |serial: String| {
+        let store = b.broker().store().clone();
+        async move {
+            let key = sigil_broker::model::credential_key(
+                sigil_broker::model::CredentialKind::X509,
+                &serial,
+            )
+            .unwrap();
+            store.ledger_record(&key).await.unwrap()
+        }
+    };
+    let old = attest().await;
+    assert!(row(old.clone()).await.is_some());
+    assert_eq!(
+        b.broker().prune_ledger().await.unwrap(),
+        0,
+        "nothing old enough yet"
+    );
+
+    clock.advance(Duration::from_secs(3 * 3600));
+    let gone = b.broker().prune_ledger().await.unwrap();
+    assert!(
+        gone >= 2,
+        "the certificate and token of 3h ago went ({gone})"
+    );
+    assert!(
+        row(old).await.is_none(),
+        "the expired certificate's row is gone"
+    );
+    let pruned = b.audit_for("ledger.prune").await;
+    assert_eq!(
+        pruned
+            .iter()
+            .map(|e| e["detail"]["rows"].as_u64().unwrap())
+            .sum::<u64>(),
+        gone as u64
+    );
+    // Issuance goes on, and its rows stay.
+    let fresh = attest().await;
+    assert!(row(fresh).await.is_some());
+    assert_eq!(b.broker().prune_ledger().await.unwrap(), 0);
+}

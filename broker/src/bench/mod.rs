@@ -1462,7 +1462,7 @@ fn targets(
         None => "not measured",
     };
     let row = |what: &str, target: &str, got: String, ok: Option<bool>| {
-        println!("  {what:<34} {target:<30} {got:<34} {}", mark(ok));
+        println!("  {what:<46} {target:<30} {got:<36} {}", mark(ok));
     };
     println!(
         "targets (2 cores, client on the same machine, TLS, every issuance durable with its audit entry):"
