@@ -75,9 +75,30 @@ fn find(records: &[KeyRecord], kind: KeyKind, state: KeyState) -> Option<&KeyRec
         .max_by_key(|r| r.changed_at)
 }
 
-/// What the schedule wants done at `now` (Unix seconds). Pure, for testing on any clock.
-pub fn plan(records: &[KeyRecord], now: i64, policy: &Rotation, max_ttl: Duration) -> Vec<Step> {
+/// Whether `next` has been in the published bundle for at least `prepare` at `now_nanos`.
+/// Measured from its publication instant in nanoseconds: comparing whole seconds would let a
+/// key published at x.99 s sign at x+prepare s, up to a second early, before verifiers that
+/// follow the bundle have had the promised time to pick it up.
+fn published_for(next: &KeyRecord, now_nanos: i64, prepare: Duration) -> bool {
+    let published = if next.changed_at > 0 {
+        next.changed_at
+    } else {
+        next.created_at.saturating_mul(1_000_000_000)
+    };
+    let prepare = i64::try_from(prepare.as_nanos()).unwrap_or(i64::MAX);
+    now_nanos >= published.saturating_add(prepare)
+}
+
+/// What the schedule wants done at `now_nanos` (Unix nanoseconds). Pure, for testing on any
+/// clock.
+pub fn plan(
+    records: &[KeyRecord],
+    now_nanos: i64,
+    policy: &Rotation,
+    max_ttl: Duration,
+) -> Vec<Step> {
     let mut steps = Vec::new();
+    let now = now_nanos.div_euclid(1_000_000_000);
     let prepare = policy.prepare.as_secs() as i64;
     for (kind, lifetime) in [
         (RotateKind::Jwt, policy.jwt_key_lifetime),
@@ -95,7 +116,9 @@ pub fn plan(records: &[KeyRecord], now: i64, policy: &Rotation, max_ttl: Duratio
             None if now >= due - prepare => steps.push(Step::Prepare(kind)),
             // An intermediate is vouched for by the root already in the bundle: nothing to
             // publish ahead, so it takes over as soon as it exists.
-            Some(next) if kind == RotateKind::X509 || now >= next.created_at + prepare => {
+            Some(next)
+                if kind == RotateKind::X509 || published_for(next, now_nanos, policy.prepare) =>
+            {
                 steps.push(Step::Activate(kind, next.id.clone()))
             }
             _ => {}
@@ -103,7 +126,7 @@ pub fn plan(records: &[KeyRecord], now: i64, policy: &Rotation, max_ttl: Duratio
     }
     // A root rotation is started by an operator; the schedule finishes it.
     if let Some(next) = find(records, KeyKind::RootCa, KeyState::Next)
-        && now >= next.created_at + prepare
+        && published_for(next, now_nanos, policy.prepare)
     {
         steps.push(Step::Activate(RotateKind::Root, next.id.clone()));
     }
@@ -278,7 +301,7 @@ impl Broker {
             let ring = self.keys.current();
             let steps = plan(
                 &ring.records,
-                unix_secs(now),
+                unix_nanos(now),
                 &self.cfg.rotation,
                 self.cfg.issuance.max_ttl_ceiling,
             );
@@ -498,6 +521,8 @@ mod tests {
         }
     }
 
+    const S: i64 = 1_000_000_000;
+
     fn policy() -> Rotation {
         Rotation {
             jwt_key_lifetime: Duration::from_secs(1000),
@@ -516,35 +541,50 @@ mod tests {
             rec("j1", KeyKind::Jwt, KeyState::Current, 0),
             rec("i1", KeyKind::IntermediateCa, KeyState::Current, 0),
         ];
-        assert!(plan(&recs, 899, &policy(), max).is_empty());
+        assert!(plan(&recs, 899 * S, &policy(), max).is_empty());
         assert_eq!(
-            plan(&recs, 900, &policy(), max),
+            plan(&recs, 900 * S, &policy(), max),
             vec![Step::Prepare(RotateKind::Jwt)]
         );
         recs.push(rec("j2", KeyKind::Jwt, KeyState::Next, 900));
         assert!(
-            plan(&recs, 999, &policy(), max).is_empty(),
+            plan(&recs, 999 * S, &policy(), max).is_empty(),
             "published, not yet long enough"
         );
         assert_eq!(
-            plan(&recs, 1000, &policy(), max),
+            plan(&recs, 1000 * S, &policy(), max),
             vec![Step::Activate(RotateKind::Jwt, "j2".into())]
         );
         recs[0].state = KeyState::Previous;
         recs[0].retire_at = Some(1500);
         recs[2].state = KeyState::Current;
         recs[2].activated_at = Some(1000);
-        assert!(plan(&recs, 1499, &policy(), max).is_empty());
+        assert!(plan(&recs, 1499 * S, &policy(), max).is_empty());
         assert_eq!(
-            plan(&recs, 1500, &policy(), max),
+            plan(&recs, 1500 * S, &policy(), max),
             vec![Step::Retire("j1".into())]
         );
-        assert!(plan(&recs, 1900, &policy(), max).contains(&Step::Prepare(RotateKind::X509)));
+        assert!(plan(&recs, 1900 * S, &policy(), max).contains(&Step::Prepare(RotateKind::X509)));
         recs.push(rec("i2", KeyKind::IntermediateCa, KeyState::Next, 1900));
         assert!(
-            plan(&recs, 1900, &policy(), max)
+            plan(&recs, 1900 * S, &policy(), max)
                 .contains(&Step::Activate(RotateKind::X509, "i2".into())),
             "an intermediate needs no publication ahead: the root vouches for it"
+        );
+    }
+
+    #[test]
+    fn a_key_signs_only_after_a_full_prepare_period_in_the_bundle() {
+        let max = Duration::from_secs(60);
+        let mut next = rec("j2", KeyKind::Jwt, KeyState::Next, 900);
+        // Published at 900.9 s: 1000.0 s is only 99.1 s later.
+        next.changed_at = 900 * S + 900_000_000;
+        let recs = vec![rec("j1", KeyKind::Jwt, KeyState::Current, 0), next];
+        assert!(plan(&recs, 1000 * S, &policy(), max).is_empty());
+        assert!(plan(&recs, 1000 * S + 899_999_999, &policy(), max).is_empty());
+        assert_eq!(
+            plan(&recs, 1000 * S + 900_000_000, &policy(), max),
+            vec![Step::Activate(RotateKind::Jwt, "j2".into())]
         );
     }
 
@@ -552,7 +592,7 @@ mod tests {
     fn an_intermediate_rotates_early_when_its_remaining_life_is_short() {
         let mut i = rec("i1", KeyKind::IntermediateCa, KeyState::Current, 0);
         i.not_after = 1000;
-        let steps = plan(&[i], 600, &policy(), Duration::from_secs(300));
+        let steps = plan(&[i], 600 * S, &policy(), Duration::from_secs(300));
         assert_eq!(steps, vec![Step::Prepare(RotateKind::X509)]);
     }
 }
