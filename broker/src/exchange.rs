@@ -90,6 +90,16 @@ impl Broker {
         if self.is_revoked(CredentialKind::Jwt, &p.jti) {
             return Err(BrokerError::invalid("subject_token", "it was revoked"));
         }
+        if let Some(j) = p
+            .parents
+            .iter()
+            .find(|j| self.is_revoked(CredentialKind::Jwt, j))
+        {
+            return Err(BrokerError::invalid(
+                "subject_token",
+                format!("it was exchanged from token {j}, which was revoked"),
+            ));
+        }
         if let Some(why) = self.identity_inactive(p.sub.as_str(), p.generation) {
             return Err(BrokerError::invalid("subject_token", why));
         }
@@ -229,6 +239,9 @@ impl Broker {
             scopes: ask.scopes.clone(),
             generation: subject.generation,
             actors: actors.clone(),
+            parents: std::iter::once(p.jti.clone())
+                .chain(p.parents.iter().cloned())
+                .collect(),
         };
         let signed = SecretString::new(ring.jwt.sign(&claims)?);
         let ledger = LedgerRecord {

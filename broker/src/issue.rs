@@ -735,6 +735,7 @@ impl Broker {
             scopes: ask.scopes.clone(),
             generation: id.generation,
             actors: Vec::new(),
+            parents: Vec::new(),
         };
         let token = SecretString::new(ring.jwt.sign(&claims)?);
         let ledger = LedgerRecord {

@@ -579,6 +579,13 @@ impl Broker {
         if self.is_revoked(CredentialKind::Jwt, &c.jti) {
             return inactive("revoked");
         }
+        if let Some(j) = c
+            .parents
+            .iter()
+            .find(|j| self.is_revoked(CredentialKind::Jwt, j))
+        {
+            return inactive(&format!("exchanged from token {j}, which was revoked"));
+        }
         if let Some(why) = self.identity_inactive(c.sub.as_str(), c.generation) {
             return inactive(&why);
         }

@@ -1,7 +1,8 @@
 //! [`Verifier`]: offline checks for resource servers. JWT-SVIDs are checked against the
 //! bundle's keys, the pushed revocation set (by `jti`, by revoked signing key, and by identity
 //! generation); X.509 peers against the bundle's roots and the revocation set. Kept current by
-//! the watch stream of the [`crate::Source`] or [`crate::WatchedTrust`] it came from.
+//! the watch stream of the [`crate::Source`] it came from (or by whoever feeds the
+//! [`TrustState`] it was built on).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -25,6 +26,9 @@ pub enum VerifyError {
     /// Listed as revoked.
     #[error("credential {0} has been revoked")]
     Revoked(String),
+    /// Exchanged (RFC 8693) from a token that was revoked.
+    #[error("credential was exchanged from credential {0}, which has been revoked")]
+    ParentRevoked(String),
     /// Signed by a key that was revoked.
     #[error("credential was signed by revoked key {0}")]
     KeyRevoked(String),
@@ -81,6 +85,9 @@ impl Verifier {
         let v = sigil_pki::jwt::verify(token, bundle.jwt_keys(), &opts)?;
         if !v.claims.jti.is_empty() && revs.is_revoked(&v.claims.jti) {
             return Err(VerifyError::Revoked(v.claims.jti.clone()));
+        }
+        if let Some(j) = v.claims.parents.iter().find(|j| revs.is_revoked(j)) {
+            return Err(VerifyError::ParentRevoked(j.clone()));
         }
         if let Some(floor) = revs.floors.get(v.claims.sub.as_str())
             && v.claims.generation < *floor

@@ -96,6 +96,10 @@ pub struct JwtSvidClaims {
     /// Delegation (RFC 8693 `act`): who acts on behalf of `sub`, most recent actor first.
     /// Empty for a workload's own token.
     pub actors: Vec<SpiffeId>,
+    /// For an exchanged token: the `jti`s of the tokens it was derived from, its direct parent
+    /// first (claim `sigil_parents`). Verifiers treat the token as revoked when any of them is,
+    /// so revoking a leaked token also disables everything exchanged from it, offline.
+    pub parents: Vec<String>,
 }
 
 /// Most actors a token may name; a longer `act` chain is refused.
@@ -162,6 +166,8 @@ struct WireClaims<'a> {
     sigil_gen: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     act: Option<Box<Act<'a>>>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    sigil_parents: &'a [String],
 }
 
 #[derive(Serialize)]
@@ -224,6 +230,7 @@ impl JwtSigner {
             scope: (!claims.scopes.is_empty()).then(|| claims.scopes.join(" ")),
             sigil_gen: claims.generation,
             act: act_claim(&claims.actors),
+            sigil_parents: &claims.parents,
         };
         let payload =
             serde_json::to_vec(&wire).map_err(|_| PkiError::Internal("claims encoding"))?;
@@ -451,6 +458,29 @@ pub fn verify(
         Some(_) => return Err(JwtError::WrongClaimType("iss", "must be a string")),
     };
     let actors = parse_act(claims.get("act"))?;
+    let parents = match claims.get("sigil_parents") {
+        None => Vec::new(),
+        Some(Value::Array(items)) if items.len() <= MAX_ACTORS => items
+            .iter()
+            .map(|i| i.as_str().filter(|j| !j.is_empty()).map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .ok_or(JwtError::WrongClaimType(
+                "sigil_parents",
+                "must be an array of non-empty token ids",
+            ))?,
+        Some(Value::Array(_)) => {
+            return Err(JwtError::WrongClaimType(
+                "sigil_parents",
+                "names more parent tokens than the delegation depth allows",
+            ));
+        }
+        Some(_) => {
+            return Err(JwtError::WrongClaimType(
+                "sigil_parents",
+                "must be an array of non-empty token ids",
+            ));
+        }
+    };
     if let Some(td) = opts.trust_domain
         && let Some(a) = actors.iter().find(|a| !a.is_member_of(td))
     {
@@ -468,6 +498,7 @@ pub fn verify(
             scopes,
             generation,
             actors,
+            parents,
         },
     })
 }
@@ -511,6 +542,7 @@ mod tests {
             scopes: vec!["read".into(), "write".into()],
             generation: 3,
             actors: Vec::new(),
+            parents: Vec::new(),
         }
     }
 
@@ -537,6 +569,43 @@ mod tests {
         t.push('.');
         t.push_str(&B64URL.encode(sig));
         t
+    }
+
+    #[test]
+    fn parent_token_ids_round_trip_and_malformed_ones_are_refused() {
+        let (signer, keys) = setup();
+        let mut c = claims(300);
+        let plain = signer.sign(&c).unwrap();
+        assert!(
+            peek_unverified(&plain)
+                .unwrap()
+                .1
+                .get("sigil_parents")
+                .is_none(),
+            "a workload's own token names no parents"
+        );
+        c.parents = vec!["p1".into(), "p0".into()];
+        let token = signer.sign(&c).unwrap();
+        assert_eq!(
+            peek_unverified(&token).unwrap().1["sigil_parents"],
+            serde_json::json!(["p1", "p0"])
+        );
+        assert_eq!(verify(&token, &keys, &opts(Some("db"))).unwrap().claims, c);
+        let header = r#"{"alg":"ES256","typ":"JWT","kid":"KID"}"#.replace("KID", signer.kid());
+        let too_many = serde_json::to_string(&vec!["p"; MAX_ACTORS + 1]).unwrap();
+        for bad in [r#""p1""#, "[1]", r#"[""]"#, too_many.as_str()] {
+            let payload = format!(
+                r#"{{"sub":"spiffe://example.org/app","aud":"db","exp":1800000300,"sigil_parents":{bad}}}"#
+            );
+            let t = raw_token(&signer, &header, &payload);
+            assert!(
+                matches!(
+                    verify(&t, &keys, &opts(Some("db"))),
+                    Err(JwtError::WrongClaimType("sigil_parents", _))
+                ),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -448,6 +448,7 @@ async fn a_leaked_jwt_is_rejected_within_a_second_and_only_fresh_attestation_res
             scopes: vec![],
             generation: 2,
             actors: vec![],
+            parents: vec![],
         })
         .unwrap();
     let e = b

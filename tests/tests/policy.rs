@@ -545,3 +545,134 @@ async fn an_exchanged_token_is_narrower_names_its_actors_and_dies_with_its_subje
     );
     assert_eq!(ok[0]["detail"]["parent_jti"], parent.jti);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_token_disables_every_token_exchanged_from_it_and_nothing_else() {
+    let (b, _dir) = broker_with_policies(Arc::new(SystemClock), &[("agents.cedar", AGENTS)]).await;
+    b.identity("payments/api", |r| {
+        r.entitlements.as_mut().unwrap().audiences = vec!["db".into()];
+    })
+    .await;
+    for agent in ["agents/summarizer", "agents/planner", "agents/verifier"] {
+        b.identity(agent, |_| {}).await;
+    }
+    let (api, _) = b.attested(API, &[]).await;
+    let (summarizer, _) = b
+        .attested("spiffe://example.org/agents/summarizer", &[])
+        .await;
+    let (planner, _) = b.attested("spiffe://example.org/agents/planner", &[]).await;
+    let db = JwtRequest::audience("db");
+    let leaked = api.fetch_jwt_svid(&db).await.unwrap();
+    let kept = api.fetch_jwt_svid(&db).await.unwrap();
+    let (child, _) = summarizer
+        .exchange_jwt_svid(leaked.token.expose_secret(), &db)
+        .await
+        .unwrap();
+    let (grandchild, _) = planner
+        .exchange_jwt_svid(child.token.expose_secret(), &db)
+        .await
+        .unwrap();
+    let (sibling, _) = summarizer
+        .exchange_jwt_svid(kept.token.expose_secret(), &db)
+        .await
+        .unwrap();
+    assert_eq!(
+        claims(grandchild.token.expose_secret())["sigil_parents"],
+        json!([child.jti, leaked.jti]),
+        "a token names the tokens it came from, nearest first"
+    );
+
+    // A resource server's offline verifier, following the broker's watch stream.
+    let token_file = _dir.path().join("verifier-token");
+    std::fs::write(
+        &token_file,
+        b.join_token("spiffe://example.org/agents/verifier").await,
+    )
+    .unwrap();
+    let source = sigil_sdk::Source::start(
+        b.workload(),
+        Arc::new(sigil_sdk::JoinTokenFile::new(&token_file)),
+        sigil_sdk::SourceConfig::default(),
+    )
+    .await
+    .unwrap();
+    let verifier = source.verifier();
+    for t in [&leaked, &kept, &child, &grandchild, &sibling] {
+        verifier.verify_jwt(t.token.expose_secret(), "db").unwrap();
+    }
+
+    b.admin()
+        .revoke_credential(pb::RevokeCredentialRequest {
+            credential_id: leaked.jti.clone(),
+            reason: "pasted into a chat".into(),
+        })
+        .await
+        .unwrap();
+
+    // The broker's introspection (and the Workload API's ValidateJWTSVID behind it).
+    for (t, why) in [
+        (&leaked, "revoked".to_owned()),
+        (
+            &child,
+            format!("exchanged from token {}, which was revoked", leaked.jti),
+        ),
+        (
+            &grandchild,
+            format!("exchanged from token {}, which was revoked", leaked.jti),
+        ),
+    ] {
+        // A workload hears only "inactive" (RFC 7662); the broker knows why.
+        let i = planner
+            .introspect_token(t.token.expose_secret())
+            .await
+            .unwrap();
+        assert!(!i.active, "{}", t.jti);
+        let i = b.broker().introspect_token(t.token.expose_secret());
+        assert_eq!((i.active, i.reason), (false, why));
+    }
+    for t in [&kept, &sibling] {
+        assert!(
+            planner
+                .introspect_token(t.token.expose_secret())
+                .await
+                .unwrap()
+                .active,
+            "another lineage of the same workload is untouched"
+        );
+    }
+    // Nothing more can be derived from the dead lineage.
+    let e = planner
+        .exchange_jwt_svid(child.token.expose_secret(), &db)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(Code::InvalidArgument));
+    assert!(
+        e.message().contains("subject_token")
+            && e.message()
+                .contains(&format!("exchanged from token {}", leaked.jti)),
+        "{e}"
+    );
+
+    // Offline verifiers hear the revocation and refuse the descendants too.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while verifier
+        .verify_jwt(grandchild.token.expose_secret(), "db")
+        .is_ok()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the verifier never heard of the revocation"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for t in [&child, &grandchild] {
+        assert_eq!(
+            verifier.verify_jwt(t.token.expose_secret(), "db"),
+            Err(sigil_sdk::VerifyError::ParentRevoked(leaked.jti.clone()))
+        );
+    }
+    for t in [&kept, &sibling] {
+        verifier.verify_jwt(t.token.expose_secret(), "db").unwrap();
+    }
+    source.shutdown().await;
+}
