@@ -579,6 +579,10 @@ fn sigil_bench_runs_embedded_and_prints_the_documented_json() {
             "0s",
             "--attest-tokens",
             "60",
+            "--populate",
+            "2000",
+            "--live-revocations",
+            "100",
             "--json",
         ],
         tmp.path(),
@@ -596,4 +600,22 @@ fn sigil_bench_runs_embedded_and_prints_the_documented_json() {
         assert_eq!(f["errors"], 0, "{s}: {f}");
         assert!(f["p99_ms"].as_f64().unwrap() >= f["p50_ms"].as_f64().unwrap());
     }
+    // The scale run: filled, restarted, and compared with an empty broker run by turns.
+    let p = &v["populated"];
+    assert_eq!(p["ledger_rows"], 2000, "{p}");
+    assert_eq!(p["live_revocations"], 100, "{p}");
+    assert!(p["ready_after_restart_ms"].as_u64().is_some(), "{p}");
+    for s in ["jwt", "x509"] {
+        let rounds = p["alternate_rounds"].as_u64().unwrap();
+        for side in ["scenarios", "empty_alternated"] {
+            let f = &p[side][s];
+            assert!(f["ops"].as_u64().unwrap() >= 40 * rounds, "{side} {s}: {f}");
+            assert_eq!(f["errors"], 0, "{side} {s}: {f}");
+        }
+        assert!(p["vs_empty"][s].as_f64().unwrap() > 0.0, "{p}");
+    }
+    assert!(
+        p["scenarios"]["revoke_call"]["ops"].as_u64().unwrap() > 0,
+        "{p}"
+    );
 }

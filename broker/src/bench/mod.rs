@@ -1196,23 +1196,32 @@ pub async fn run(mut a: BenchArgs) -> Result<()> {
         target.child = Some(child);
         target.url = url.clone();
         target.conn.broker = Some(url);
-        let (mut again, _, _) = issuance(
-            &target,
-            &spiffe_id,
-            &scenarios
-                .iter()
-                .copied()
-                .filter(|s| matches!(s, Scenario::Jwt | Scenario::X509))
-                .collect::<Vec<_>>(),
+        // The comparison with an empty store: a fresh broker measured alternately with the
+        // populated one, so both see the same stretch of a shared machine.
+        let reference = embedded().await?;
+        let reference_id = bench_identity(&reference).await?;
+        let issuing: Vec<Scenario> = scenarios
+            .iter()
+            .copied()
+            .filter(|s| matches!(s, Scenario::Jwt | Scenario::X509))
+            .collect();
+        let full = a.duration;
+        a.duration = (full / 2).max(Duration::from_secs(2));
+        let alternated = alternate(
+            (&target, &spiffe_id),
+            (&reference, &reference_id),
+            &issuing,
             &a,
-            false,
         )
-        .await?;
+        .await;
+        a.duration = full;
+        let (mut again, empty) = alternated?;
+        drop(reference);
         again.push((
             "revoke_call".into(),
             revoke_calls(&target, &spiffe_id, 200).await?,
         ));
-        scale = Some((p, size, ready, again));
+        scale = Some((p, size, ready, again, empty));
     }
 
     report(
@@ -1227,7 +1236,76 @@ pub async fn run(mut a: BenchArgs) -> Result<()> {
     )
 }
 
-type Scale = (populate::Populated, u64, Duration, Vec<(String, Figures)>);
+/// The populated store: what was written, its size, time to ready, its figures, and the
+/// figures of an empty store measured alternately with it.
+type Scale = (
+    populate::Populated,
+    u64,
+    Duration,
+    Vec<(String, Figures)>,
+    Vec<(String, Figures)>,
+);
+
+/// Rounds of [`alternate`]: populated then empty, then empty then populated (ABBA), so a
+/// machine that speeds up or slows down during the run favours neither.
+const ALTERNATE_ROUNDS: usize = 2;
+
+/// Runs each of `scenarios` on `first` and `second` by turns and returns each one's mean
+/// figures over [`ALTERNATE_ROUNDS`].
+async fn alternate(
+    first: (&Target, &str),
+    second: (&Target, &str),
+    scenarios: &[Scenario],
+    a: &BenchArgs,
+) -> Result<(Vec<(String, Figures)>, Vec<(String, Figures)>)> {
+    let mut runs: [BTreeMap<String, Vec<Figures>>; 2] = Default::default();
+    for round in 0..ALTERNATE_ROUNDS {
+        for s in scenarios {
+            let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            for which in order {
+                let (t, id) = if which == 0 { first } else { second };
+                let (r, _, _) = issuance(t, id, &[*s], a, false).await?;
+                for (k, f) in r {
+                    runs[which].entry(k).or_default().push(f);
+                }
+            }
+        }
+    }
+    let means = |m: &BTreeMap<String, Vec<Figures>>| {
+        scenarios
+            .iter()
+            .filter_map(|s| m.get(s.name()).map(|f| (s.name().to_owned(), mean(f))))
+            .collect::<Vec<_>>()
+    };
+    Ok((means(&runs[0]), means(&runs[1])))
+}
+
+/// Mean throughput and percentiles of several runs of one scenario; the worst maximum; errors
+/// and operations summed.
+fn mean(runs: &[Figures]) -> Figures {
+    let n = runs.len().max(1) as f64;
+    let avg = |f: fn(&Figures) -> f64| runs.iter().map(f).sum::<f64>() / n;
+    let cores: Vec<f64> = runs.iter().filter_map(|f| f.broker_cores).collect();
+    let mut errors = BTreeMap::new();
+    for f in runs {
+        for (k, v) in &f.errors {
+            *errors.entry(k.clone()).or_insert(0) += v;
+        }
+    }
+    Figures {
+        ops_per_s: avg(|f| f.ops_per_s),
+        p50_ms: avg(|f| f.p50_ms),
+        p90_ms: avg(|f| f.p90_ms),
+        p99_ms: avg(|f| f.p99_ms),
+        max_ms: runs.iter().map(|f| f.max_ms).fold(0.0, f64::max),
+        ops: runs.iter().map(|f| f.ops).sum(),
+        errors,
+        broker_cores: (!cores.is_empty()).then(|| cores.iter().sum::<f64>() / cores.len() as f64),
+        broker_rss_mb: runs.iter().filter_map(|f| f.broker_rss_mb).reduce(f64::max),
+        watchers: 0,
+        from_start_ms: None,
+    }
+}
 
 #[allow(clippy::too_many_arguments)]
 fn report(
@@ -1270,11 +1348,11 @@ fn report(
         if let (Some(x), Some(c)) = (x509, cfssl) {
             ratios.insert("x509_vs_cfssl".into(), json!(x.ops_per_s / c.ops_per_s));
         }
-        if let Some((p, size, ready, again)) = scale {
+        if let Some((p, size, ready, again, empty)) = scale {
             let vs: serde_json::Map<String, serde_json::Value> = again
                 .iter()
                 .filter_map(|(k, f)| {
-                    by_name(results, k)
+                    by_name(empty, k)
                         .filter(|e| e.ops_per_s > 0.0 && k != "revoke_call")
                         .map(|e| (k.clone(), json!(f.ops_per_s / e.ops_per_s)))
                 })
@@ -1284,6 +1362,8 @@ fn report(
                 "populate_s": p.took.as_secs_f64(), "store_mb": (*size as f64 / 1e6).round(),
                 "ready_after_restart_ms": ready.as_millis() as u64,
                 "scenarios": again.iter().map(|(k, f)| (k.clone(), figures_json(f))).collect::<serde_json::Map<_, _>>(),
+                "empty_alternated": empty.iter().map(|(k, f)| (k.clone(), figures_json(f))).collect::<serde_json::Map<_, _>>(),
+                "alternate_rounds": ALTERNATE_ROUNDS,
                 "vs_empty": vs,
             });
         }
@@ -1383,7 +1463,7 @@ fn report(
         }
         None => {}
     }
-    if let Some((p, size, ready, again)) = scale {
+    if let Some((p, size, ready, again, empty)) = scale {
         println!();
         println!(
             "scale: {} ledger rows and {} live revocations written in {:.1}s (store {:.0} MB); broker ready {} ms after restart",
@@ -1393,10 +1473,14 @@ fn report(
             *size as f64 / 1e6,
             ready.as_millis()
         );
+        println!(
+            "populated and a fresh empty broker measured by turns ({ALTERNATE_ROUNDS} runs each, ABBA); means:"
+        );
         print_table(again);
+        println!("empty store:");
+        print_table(empty);
         for (k, f) in again {
-            if let Some(e) = by_name(results, k).filter(|e| e.ops_per_s > 0.0 && k != "revoke_call")
-            {
+            if let Some(e) = by_name(empty, k).filter(|e| e.ops_per_s > 0.0 && k != "revoke_call") {
                 println!(
                     "  {k}: {:.0}% of the empty-store rate",
                     100.0 * f.ops_per_s / e.ops_per_s
@@ -1511,11 +1595,11 @@ fn targets(
         );
     }
     match scale {
-        Some((p, _, ready, again)) => {
+        Some((p, _, ready, again, empty)) => {
             let worst = again
                 .iter()
                 .filter(|(k, _)| k != "revoke_call")
-                .filter_map(|(k, f)| by_name(results, k).map(|e| f.ops_per_s / e.ops_per_s))
+                .filter_map(|(k, f)| by_name(empty, k).map(|e| f.ops_per_s / e.ops_per_s))
                 .fold(f64::INFINITY, f64::min);
             row(
                 &format!(
