@@ -118,7 +118,9 @@ pub struct OidcIssuer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwks_file: Option<PathBuf>,
     /// The issuer's JWKS over HTTPS (cached; refetched on an unknown `kid`, at most once per
-    /// `jwks_min_refresh`). Defaults for `github` and `gitlab`.
+    /// `jwks_min_refresh`). Defaults for `github` and `gitlab`. With neither `jwks_file` nor
+    /// `jwks_url`, the JWKS is found by OpenID Connect discovery: the `jwks_uri` of
+    /// `{issuer}/.well-known/openid-configuration`, whose `issuer` must equal ours exactly.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwks_url: Option<String>,
     /// PEM CA certificates to trust for `jwks_url` instead of the public web PKI (e.g. a
@@ -199,6 +201,18 @@ impl OidcIssuer {
         r
     }
 
+    /// Where the OpenID Connect discovery document is, when the JWKS is to be discovered
+    /// (neither `jwks_file` nor `jwks_url` given, after preset defaults).
+    pub fn discovery_url(&self) -> Option<String> {
+        let r = self.resolved();
+        (r.jwks_file.is_none() && r.jwks_url.is_none()).then(|| {
+            format!(
+                "{}/.well-known/openid-configuration",
+                r.issuer.trim_end_matches('/')
+            )
+        })
+    }
+
     fn validate(&self) -> Result<(), String> {
         let n = &self.name;
         if n.is_empty()
@@ -226,9 +240,12 @@ impl OidcIssuer {
                 ));
             }
             (None, None) => {
-                return Err(format!(
-                    "oidc issuer {n:?}: `jwks_file` or `jwks_url` is required"
-                ));
+                if !r.issuer.starts_with("https://") {
+                    return Err(format!(
+                        "oidc issuer {n:?}: give `jwks_file` or `jwks_url`; keys can only be discovered from an https:// issuer (not {:?})",
+                        r.issuer
+                    ));
+                }
             }
             (None, Some(u)) => {
                 if !u.starts_with("https://") {

@@ -13,7 +13,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
-use sigil_broker::clock::{Clock as _, ManualClock};
+use sigil_broker::clock::{Clock as _, ManualClock, SystemClock};
 use sigil_broker::config::{OidcIssuer, OidcPreset};
 use sigil_sdk::{Evidence, SvidOptions};
 use sigil_tests::{TestBroker, openssl};
@@ -115,6 +115,28 @@ async fn serve_jwks(
     jwks: Arc<std::sync::Mutex<Value>>,
     hits: Arc<AtomicU64>,
 ) -> (String, std::path::PathBuf) {
+    let (base, ca) = serve_https(dir, |_| {
+        axum::Router::new().route(
+            "/.well-known/jwks",
+            axum::routing::get(move || {
+                let jwks = jwks.clone();
+                let hits = hits.clone();
+                async move {
+                    hits.fetch_add(1, Ordering::SeqCst);
+                    axum::Json(jwks.lock().unwrap().clone())
+                }
+            }),
+        )
+    })
+    .await;
+    (format!("{base}/.well-known/jwks"), ca)
+}
+
+/// Serves `app(base_url)` over HTTPS on loopback; returns the base URL and the CA to trust.
+async fn serve_https(
+    dir: &Path,
+    app: impl FnOnce(&str) -> axum::Router,
+) -> (String, std::path::PathBuf) {
     let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
     let ca = dir.join("jwks-ca.pem");
     std::fs::write(&ca, cert.cert.pem()).unwrap();
@@ -131,18 +153,8 @@ async fn serve_jwks(
     .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new().route(
-        "/.well-known/jwks",
-        axum::routing::get(move || {
-            let jwks = jwks.clone();
-            let hits = hits.clone();
-            async move {
-                hits.fetch_add(1, Ordering::SeqCst);
-                axum::Json(jwks.lock().unwrap().clone())
-            }
-        }),
-    );
+    let base = format!("https://{}", listener.local_addr().unwrap());
+    let app = app(&base);
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
@@ -163,7 +175,7 @@ async fn serve_jwks(
             });
         }
     });
-    (format!("https://{addr}/.well-known/jwks"), ca)
+    (base, ca)
 }
 
 struct World {
@@ -581,4 +593,95 @@ async fn a_source_with_a_projected_token_file_reattests_on_its_own_after_revocat
     let second = source.x509_svid().unwrap();
     assert_ne!(second.serial, first.serial);
     assert!(second.generation > first.generation);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_found_by_openid_discovery_and_a_document_for_another_issuer_is_refused() {
+    let keys = tempfile::tempdir().unwrap();
+    let (key, jwk) = ec_key("idp-1");
+    let jwks = json!({ "keys": [jwk] });
+    let (base, ca) = serve_https(keys.path(), |base| {
+        let doc = |issuer: String, jwks_uri: String| {
+            axum::routing::get(move || {
+                let d = json!({"issuer": issuer, "jwks_uri": jwks_uri,
+                               "id_token_signing_alg_values_supported": ["ES256"]});
+                async move { axum::Json(d) }
+            })
+        };
+        axum::Router::new()
+            .route(
+                "/.well-known/openid-configuration",
+                doc(base.to_owned(), format!("{base}/keys")),
+            )
+            // A document at the right place that names another issuer.
+            .route(
+                "/liar/.well-known/openid-configuration",
+                doc(format!("{base}/other"), format!("{base}/keys")),
+            )
+            .route(
+                "/keys",
+                axum::routing::get(move || {
+                    let j = jwks.clone();
+                    async move { axum::Json(j) }
+                }),
+            )
+    })
+    .await;
+    let liar = format!("{base}/liar");
+    let issuer = |name: &str, iss: &str| OidcIssuer {
+        name: name.into(),
+        preset: OidcPreset::Generic,
+        issuer: iss.into(),
+        audiences: vec!["sigil".into()],
+        jwks_file: None,
+        jwks_url: None,
+        ca_file: Some(ca.clone()),
+        algorithms: vec!["ES256".into()],
+        clock_skew: Duration::from_secs(30),
+        jwks_cache: Duration::from_secs(300),
+        jwks_min_refresh: Duration::from_secs(30),
+    };
+    let issuers = vec![issuer("idp", &base), issuer("liar", &liar)];
+    let b = TestBroker::start_configured(Arc::new(SystemClock), move |c| c.oidc = issuers).await;
+    for iss in [&base, &liar] {
+        b.identity(&format!("idp/{}", iss.len()), |r| {
+            r.selectors = vec![format!("oidc:iss:{iss}"), "oidc:sub:batch-7".into()];
+        })
+        .await;
+    }
+    let token = |iss: &str| {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        sign(
+            Algorithm::ES256,
+            "idp-1",
+            &key,
+            &json!({"iss": iss, "sub": "batch-7", "aud": "sigil", "iat": now, "exp": now + 300}),
+        )
+    };
+    assert_eq!(
+        attest(&b, token(&base)).await.unwrap(),
+        format!("spiffe://example.org/idp/{}", base.len())
+    );
+    let e = attest(&b, token(&liar)).await.unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::Unauthenticated), "{e}");
+    assert!(
+        e.message().contains(&format!(
+            "the discovery document is for issuer \"{base}/other\", not \"{liar}\""
+        )),
+        "{e}"
+    );
+
+    // An issuer that is not https:// cannot be discovered: refused at start.
+    let cfg = sigil_broker::config::Config {
+        oidc: vec![issuer("plain", "http://idp.example")],
+        ..Default::default()
+    };
+    let err = cfg.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("keys can only be discovered from an https:// issuer"),
+        "{err}"
+    );
 }

@@ -127,9 +127,10 @@ impl OidcVerifier {
         for raw in issuers {
             let cfg = raw.resolved();
             let algorithms = cfg.algorithms.iter().filter_map(|a| parse_alg(a)).collect();
-            let http = match &cfg.jwks_url {
-                Some(_) => Some(http_client(cfg.ca_file.as_ref())?),
-                None => None,
+            let http = if cfg.jwks_url.is_some() || cfg.discovery_url().is_some() {
+                Some(http_client(cfg.ca_file.as_ref())?)
+            } else {
+                None
             };
             map.insert(
                 cfg.issuer.clone(),
@@ -617,9 +618,39 @@ impl IssuerState {
         let bytes = match (&self.cfg.jwks_file, &self.cfg.jwks_url, &self.http) {
             (Some(path), _, _) => read_file(path.clone()).await?,
             (None, Some(url), Some(http)) => fetch_url(http, url).await?,
+            (None, None, Some(http)) => {
+                let url = self.discover(http).await?;
+                fetch_url(http, &url).await?
+            }
             _ => return Err("no JWKS source".into()),
         };
         parse_jwks(&bytes)
+    }
+
+    /// OpenID Connect Discovery 1.0, section 4: the issuer's `jwks_uri`, from a document whose
+    /// `issuer` is exactly ours (else anyone able to serve that path could name the keys).
+    async fn discover(&self, http: &HttpClient) -> Result<String, String> {
+        let url = self
+            .cfg
+            .discovery_url()
+            .ok_or("no discovery URL for this issuer")?;
+        let doc: Value = serde_json::from_slice(&fetch_url(http, &url).await?)
+            .map_err(|e| format!("{url}: not JSON: {e}"))?;
+        match doc.get("issuer").and_then(Value::as_str) {
+            Some(i) if i == self.cfg.issuer => {}
+            Some(i) => {
+                return Err(format!(
+                    "{url}: the discovery document is for issuer {i:?}, not {:?}",
+                    self.cfg.issuer
+                ));
+            }
+            None => return Err(format!("{url}: the discovery document has no \"issuer\"")),
+        }
+        match doc.get("jwks_uri").and_then(Value::as_str) {
+            Some(u) if u.starts_with("https://") => Ok(u.to_owned()),
+            Some(u) => Err(format!("{url}: jwks_uri {u:?} is not https://")),
+            None => Err(format!("{url}: the discovery document has no \"jwks_uri\"")),
+        }
     }
 }
 
