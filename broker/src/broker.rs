@@ -73,6 +73,9 @@ pub struct RequestContext {
     pub peer: Option<Arc<PeerCert>>,
     /// The kernel's word on the caller, when it came over the Unix socket.
     pub unix: Option<crate::attest::unix::UnixPeer>,
+    /// On the Unix socket: which of the identities the caller's process matches it acts as
+    /// (metadata `sigil-spiffe-id`; the SDK sends the SPIFFE ID of the SVID it holds).
+    pub spiffe_id_hint: Option<String>,
 }
 
 impl RequestContext {
@@ -83,6 +86,7 @@ impl RequestContext {
             remote,
             peer,
             unix: None,
+            spiffe_id_hint: None,
         }
     }
 }

@@ -501,6 +501,17 @@ impl Broker {
         action: &str,
     ) -> Result<Attested, BrokerError> {
         let Some(peer) = &ctx.peer else {
+            // On the Unix socket the kernel vouches for the caller on every call, as on the
+            // SPIFFE Workload API: there is no client certificate to present there.
+            if ctx.unix.is_some() {
+                return match self
+                    .attest_unix(ctx, ctx.spiffe_id_hint.as_deref(), self.clock.unix())
+                    .await
+                {
+                    Ok(a) => Ok(a),
+                    Err(e) => Err(self.attestation_failed(e, action, ctx).await),
+                };
+            }
             return Err(BrokerError::Unauthenticated(
                 "this call needs mutual TLS with your current X.509-SVID; attest first to get one"
                     .into(),

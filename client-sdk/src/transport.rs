@@ -29,6 +29,11 @@ pub struct BrokerTarget {
 }
 
 impl BrokerTarget {
+    /// Whether this is the broker's Unix socket (no TLS; the kernel vouches for the caller).
+    pub fn is_unix(&self) -> bool {
+        self.unix.is_some()
+    }
+
     /// Parses `https://host:port` (or `host:port`). Plain `http://` is refused: the broker
     /// only speaks TLS.
     pub fn parse(url: &str) -> Result<Self, SdkError> {

@@ -8,6 +8,7 @@ use arc_swap::ArcSwapOption;
 use rustls_pki_types::{CertificateDer, UnixTime};
 use sigil_pki::{EcKey, SecretString, SpiffeBundle, SpiffeId, TrustDomain};
 use sigil_proto::v1 as pb;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -15,7 +16,22 @@ use crate::transport::{self, BrokerTarget, ClientCertSlot};
 use crate::trust::TrustState;
 use crate::{Credentials, ErrorKind, Grant, JwtSvid, SdkError, TrustBundle, X509Svid};
 
-type BrokerClient = pb::broker_client::BrokerClient<Channel>;
+type BrokerClient = pb::broker_client::BrokerClient<InterceptedService<Channel, ActAs>>;
+
+/// On the broker's Unix socket the kernel vouches for the calling process on every call, and a
+/// process may match several identities: this names the one whose SVID the client holds
+/// (metadata `sigil-spiffe-id`). Over TLS the client certificate says it and this is empty.
+#[derive(Clone, Default)]
+struct ActAs(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for ActAs {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("sigil-spiffe-id", v.clone());
+        }
+        Ok(req)
+    }
+}
 
 /// How to reach the broker.
 #[derive(Debug, Clone)]
@@ -140,11 +156,14 @@ impl WorkloadClient {
         let roots = sigil_pki::certs_from_pem(&cfg.trust_bundle_pem)
             .map_err(|e| SdkError::fatal(format!("trust bundle: {e}")))?;
         let trust = Arc::new(TrustState::new(roots)?);
-        let anon = BrokerClient::new(transport::channel(
-            &target,
-            transport::dynamic_client_config(trust.clone(), None)?,
-            cfg.timeout,
-        )?);
+        let anon = pb::broker_client::BrokerClient::with_interceptor(
+            transport::channel(
+                &target,
+                transport::dynamic_client_config(trust.clone(), None)?,
+                cfg.timeout,
+            )?,
+            ActAs::default(),
+        );
         Ok(WorkloadClient {
             inner: Arc::new(Inner {
                 target,
@@ -392,7 +411,16 @@ impl WorkloadClient {
         let resolver: Arc<dyn rustls::client::ResolvesClientCert> = self.inner.cert_slot.clone();
         let tls = transport::dynamic_client_config(self.inner.trust.clone(), Some(resolver))?;
         let ch = transport::channel(&self.inner.target, tls, self.inner.timeout)?;
-        self.inner.mtls.store(Some(Arc::new(BrokerClient::new(ch))));
+        let act_as = ActAs(
+            self.inner
+                .target
+                .is_unix()
+                .then(|| svid.spiffe_id.as_str().parse().ok())
+                .flatten(),
+        );
+        self.inner.mtls.store(Some(Arc::new(
+            pb::broker_client::BrokerClient::with_interceptor(ch, act_as),
+        )));
         self.inner.svid.store(Some(svid));
         Ok(())
     }

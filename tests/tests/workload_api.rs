@@ -430,3 +430,167 @@ async fn py_spiffe_from_pypi_works_unmodified_when_python_is_present() {
         })
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sdk_source_on_the_unix_socket_renews_and_reattests_by_itself() {
+    let w = world().await;
+    let me = std::env::current_exe().unwrap();
+    w.b.identity("local/svc", |r| {
+        r.selectors = vec![
+            format!("unix:uid:{}", my_uid()),
+            format!("unix:path:{}", me.display()),
+        ];
+        let e = r.entitlements.as_mut().unwrap();
+        e.max_ttl_seconds = 4;
+        e.audiences = vec!["svc".into()];
+    })
+    .await;
+    let source = sigil_sdk::Source::start(
+        unix_client(&w),
+        Arc::new(sigil_sdk::UnixEvidence),
+        sigil_sdk::SourceConfig {
+            min_interval: Duration::from_millis(100),
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(1),
+            ..sigil_sdk::SourceConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let first = source.x509_svid().unwrap();
+    assert_eq!(
+        first.spiffe_id.to_string(),
+        "spiffe://example.org/local/svc"
+    );
+    let jwt = source
+        .jwt_svid(&sigil_sdk::JwtRequest::audience("svc"))
+        .await
+        .unwrap();
+    source
+        .verifier()
+        .verify_jwt(jwt.token.expose_secret(), "svc")
+        .unwrap();
+
+    // A 4 s certificate is replaced before it expires, with no one's help.
+    let mut events = source.events();
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(6), async {
+        while source.x509_svid().unwrap().serial == first.serial {
+            let _ = events.recv().await;
+        }
+    })
+    .await
+    .expect("renewed over the Unix socket");
+    let renewed_after = started.elapsed();
+    let second = source.x509_svid().unwrap();
+    assert_eq!(second.generation, first.generation);
+    // Half of 4 s, less 10% jitter and up to a second lost to whole-second timestamps; a
+    // renewal right away (the backdated notBefore taken as the start) comes within ~100 ms.
+    assert!(
+        renewed_after >= Duration::from_millis(600),
+        "renewed at about half of its 4 s life, not at once ({renewed_after:?})"
+    );
+
+    // Revoked: the kernel's word about the process is evidence that never runs out.
+    w.b.admin()
+        .revoke_identity(pb::RevokeIdentityRequest {
+            id_or_spiffe_id: "spiffe://example.org/local/svc".into(),
+            reason: "host rebuilt".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(sigil_sdk::SourceEvent::Reattested { .. }) = events.recv().await {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("re-attested by Unix peer credentials");
+    let third = source.x509_svid().unwrap();
+    assert!(third.generation > first.generation);
+    // The JWT-SVID of the old generation is dead; the Source hands out a new one.
+    let verifier = source.verifier();
+    assert!(
+        verifier
+            .verify_jwt(jwt.token.expose_secret(), "svc")
+            .is_err()
+    );
+    let fresh = source
+        .jwt_svid(&sigil_sdk::JwtRequest::audience("svc"))
+        .await
+        .unwrap();
+    let (_, claims) = sigil_pki::jwt::peek_unverified(fresh.token.expose_secret()).unwrap();
+    assert_eq!(claims["sigil_gen"], third.generation);
+    verifier
+        .verify_jwt(fresh.token.expose_secret(), "svc")
+        .unwrap();
+    source.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_unix_socket_a_process_matching_two_identities_acts_as_the_one_it_attested_as() {
+    let w = world().await;
+    for name in ["local/reader", "local/writer"] {
+        w.b.identity(name, |r| {
+            r.selectors = vec![format!("unix:uid:{}", my_uid())];
+            r.entitlements.as_mut().unwrap().audiences = vec!["svc".into()];
+        })
+        .await;
+    }
+    let writer = "spiffe://example.org/local/writer";
+    let client = unix_client(&w);
+    client
+        .attest(
+            Evidence::Unix,
+            SvidOptions {
+                spiffe_id: Some(writer.into()),
+                ..Default::default()
+            },
+            &[],
+        )
+        .await
+        .unwrap();
+    // Every later call is attested afresh by the kernel; the client says which identity.
+    let jwt = client
+        .fetch_jwt_svid(&sigil_sdk::JwtRequest::audience("svc"))
+        .await
+        .unwrap();
+    assert_eq!(jwt.spiffe_id.as_str(), writer);
+    let renewed = client.renew_x509_svid().await.unwrap();
+    assert_eq!(renewed.spiffe_id.as_str(), writer);
+
+    // Without that, the broker cannot choose and says so.
+    let mut raw = pb::broker_client::BrokerClient::new(
+        tonic::transport::Endpoint::from_static("http://localhost")
+            .connect_with_connector({
+                let path = w.socket.clone();
+                tower::service_fn(move |_: tonic::transport::Uri| {
+                    let path = path.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                            tokio::net::UnixStream::connect(path).await?,
+                        ))
+                    }
+                })
+            })
+            .await
+            .unwrap(),
+    );
+    let e = raw
+        .mint_jwt_svid(pb::MintJwtSvidRequest {
+            request: Some(pb::JwtRequest {
+                audiences: vec!["svc".into()],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert!(
+        e.message().contains("local/reader") && e.message().contains("local/writer"),
+        "{e:?}"
+    );
+}

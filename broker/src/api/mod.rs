@@ -28,8 +28,20 @@ pub fn context<T>(req: &Request<T>) -> RequestContext {
         .extensions()
         .get::<crate::attest::unix::UnixPeer>()
         .copied();
+    if ctx.unix.is_some() {
+        ctx.spiffe_id_hint = req
+            .metadata()
+            .get(SPIFFE_ID_HINT)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 2048)
+            .map(str::to_owned);
+    }
     ctx
 }
+
+/// Metadata naming which identity a Unix-socket caller acts as, when its process matches
+/// several.
+pub const SPIFFE_ID_HINT: &str = "sigil-spiffe-id";
 
 /// Turns a broker error into the status the caller sees. Gate denials carry the gate in
 /// `sigil-gate` metadata; every status carries `sigil-request-id`, which is also in the audit
