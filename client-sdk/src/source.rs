@@ -75,7 +75,9 @@ pub enum SourceEvent {
         /// New expiry.
         expires_at: i64,
     },
-    /// The workload attested again with fresh evidence.
+    /// The workload attested again with fresh evidence (or, on the broker's Unix socket where
+    /// every call is attested afresh, a renewal returned a new identity generation): earlier
+    /// credentials are revoked and cached JWT-SVIDs are fetched again.
     Reattested {
         /// New serial.
         serial: String,
@@ -127,6 +129,8 @@ struct Shared {
     resolver: Arc<SvidResolver>,
     jwts: Mutex<HashMap<JwtRequest, JwtEntry>>,
     renew_now: Arc<Notify>,
+    /// Wakes the loop to recompute when to act (a JWT-SVID was cached), without renewing.
+    reschedule: Notify,
     last_error: Mutex<Option<SdkError>>,
 }
 
@@ -193,6 +197,7 @@ impl Source {
             resolver,
             jwts: Mutex::new(HashMap::new()),
             renew_now: Arc::new(Notify::new()),
+            reschedule: Notify::new(),
             last_error: Mutex::new(None),
         });
         let cancel = CancellationToken::new();
@@ -299,7 +304,9 @@ impl Source {
                         },
                     );
                 }
-                self.shared.renew_now.notify_one();
+                // Only so the loop refreshes this token in time: fetching a JWT-SVID must not
+                // renew the certificate.
+                self.shared.reschedule.notify_one();
                 Ok(svid)
             }
             Err(e) => match cached {
@@ -380,17 +387,28 @@ fn publish(shared: &Shared, svid: Arc<X509Svid>) {
 
 async fn renew_x509(shared: &Shared) -> Result<(), SdkError> {
     // An expired certificate cannot prove anything over mTLS: go straight to fresh evidence.
-    let expired = shared
+    let (expired, generation) = shared
         .svid
         .borrow()
         .as_ref()
-        .is_some_and(|s| s.expires_at <= unix_now());
+        .map_or((false, 0), |s| (s.expires_at <= unix_now(), s.generation));
     let renewed = if expired {
         Err(SdkError::new(ErrorKind::Reattest, "the X.509-SVID expired"))
     } else {
         shared.client.renew_x509_svid().await
     };
     match renewed {
+        Ok(svid) if svid.generation > generation => {
+            // Over the Unix socket the kernel re-attests every call, so a renewal after the
+            // identity was revoked already carries the new generation.
+            let event = SourceEvent::Reattested {
+                serial: svid.serial.clone(),
+            };
+            refetch_jwts(shared);
+            publish(shared, svid);
+            let _ = shared.events.send(event);
+            Ok(())
+        }
         Ok(svid) => {
             let event = SourceEvent::Renewed {
                 serial: svid.serial.clone(),
@@ -411,17 +429,24 @@ async fn renew_x509(shared: &Shared) -> Result<(), SdkError> {
             let event = SourceEvent::Reattested {
                 serial: creds.svid.serial.clone(),
             };
+            refetch_jwts(shared);
             publish(shared, creds.svid);
             let _ = shared.events.send(event);
-            // Cached JWTs belong to the old generation; fetch new ones.
-            if let Ok(mut m) = shared.jwts.lock() {
-                for e in m.values_mut() {
-                    e.next = 0;
-                }
-            }
             Ok(())
         }
         Err(e) => Err(e),
+    }
+}
+
+/// Cached JWT-SVIDs belong to the old generation, which is revoked: never serve them again
+/// (not even as a fallback while the broker is unreachable) and fetch new ones at once. Done
+/// before the new SVID is published, so whoever reacts to the event gets a fresh token.
+fn refetch_jwts(shared: &Shared) {
+    if let Ok(mut m) = shared.jwts.lock() {
+        for e in m.values_mut() {
+            e.next = 0;
+            e.svid.expires_at = 0;
+        }
     }
 }
 
@@ -489,12 +514,24 @@ async fn refresh_jwts(shared: &Shared, now: i64) -> Option<i64> {
         .and_then(|m| m.values().map(|e| e.next).min())
 }
 
+/// When a certificate was issued: its expiry less the granted lifetime (`ttl_seconds`), or
+/// `not_before` if the grant is unknown.
+fn issued_at(not_before: i64, expires_at: i64, ttl_seconds: u32) -> i64 {
+    match i64::from(ttl_seconds) {
+        0 => not_before,
+        ttl => (expires_at - ttl).max(not_before),
+    }
+}
+
 fn x509_deadline(shared: &Shared) -> tokio::time::Instant {
     let now = unix_now();
     let wait = match shared.svid.borrow().as_ref() {
+        // The lifetime runs from issuance, not from `not_before`: the broker backdates that for
+        // clock skew (30 s by default), which would make a short-lived certificate look
+        // half-spent the moment it arrives and renew it at every `min_interval`.
         Some(s) => renew_delay(
             now,
-            s.not_before,
+            issued_at(s.not_before, s.expires_at, s.grant.ttl_seconds),
             s.expires_at,
             &shared.cfg,
             jitter() * 2.0 - 1.0,
@@ -525,6 +562,7 @@ async fn renew_loop(shared: Arc<Shared>, cancel: CancellationToken) {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = shared.renew_now.notified() => forced = true,
+            _ = shared.reschedule.notified() => continue,
             _ = tokio::time::sleep_until(wake) => {}
         }
         if forced || tokio::time::Instant::now() >= x509_at {
@@ -567,6 +605,25 @@ async fn renew_loop(shared: Arc<Shared>, cancel: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_backdated_short_certificate_is_renewed_at_half_its_granted_life() {
+        let short = SourceConfig {
+            min_interval: Duration::from_millis(100),
+            ..SourceConfig::default()
+        };
+        // Issued at 1000 for 4 s, notBefore backdated 30 s for clock skew.
+        let start = issued_at(970, 1004, 4);
+        assert_eq!(start, 1000);
+        assert_eq!(
+            renew_delay(1000, start, 1004, &short, 0.0),
+            Duration::from_secs(2)
+        );
+        // Measured from notBefore it would look nearly spent already.
+        assert!(renew_delay(1000, 970, 1004, &short, 0.0) < Duration::from_secs(1));
+        assert_eq!(issued_at(970, 1004, 0), 970, "no grant: notBefore");
+        assert_eq!(issued_at(990, 1004, 60), 990, "never before notBefore");
+    }
 
     #[test]
     fn renewal_lands_at_the_configured_share_with_bounded_jitter() {
