@@ -1,6 +1,7 @@
 //! OIDC attestation against a local test issuer: the test makes its own keys, signs tokens
 //! shaped like a Kubernetes projected service-account token and a GitHub Actions ID token, and
-//! serves the JWKS from a file (Kubernetes) and over HTTPS on loopback (GitHub).
+//! serves the JWKS from a file (Kubernetes, GitLab), over HTTPS on loopback (GitHub) and by
+//! OpenID Connect discovery.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -684,4 +685,70 @@ async fn keys_are_found_by_openid_discovery_and_a_document_for_another_issuer_is
         err.contains("keys can only be discovered from an https:// issuer"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gitlab_ci_token_attests_only_from_a_protected_ref_of_its_project() {
+    const GL_ISS: &str = "https://gitlab.example.com";
+    let keys = tempfile::tempdir().unwrap();
+    let (key, jwk) = ec_key("gl-1");
+    let jwks = keys.path().join("gitlab-jwks.json");
+    std::fs::write(&jwks, json!({ "keys": [jwk] }).to_string()).unwrap();
+    let b = TestBroker::start_configured(Arc::new(SystemClock), move |c| {
+        c.oidc = vec![OidcIssuer {
+            name: "gitlab".into(),
+            preset: OidcPreset::Gitlab,
+            // A self-managed instance: the preset's default is gitlab.com.
+            issuer: GL_ISS.into(),
+            audiences: vec!["https://sigil.example.org".into()],
+            jwks_file: Some(jwks),
+            jwks_url: None,
+            ca_file: None,
+            algorithms: vec!["ES256".into()],
+            clock_skew: Duration::from_secs(30),
+            jwks_cache: Duration::from_secs(300),
+            jwks_min_refresh: Duration::from_secs(30),
+        }];
+    })
+    .await;
+    b.identity("ci/gitlab-deploy", |r| {
+        r.selectors = vec![
+            format!("oidc:iss:{GL_ISS}"),
+            "gitlab:project_path:acme/payments".into(),
+            "gitlab:ref_protected:true".into(),
+            "gitlab:environment:production".into(),
+        ];
+    })
+    .await;
+    // The claims of a GitLab CI/CD ID token (`id_tokens:` in .gitlab-ci.yml); GitLab sends
+    // booleans such as ref_protected as strings.
+    let token = |git_ref: &str, protected: &str| {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        sign(
+            Algorithm::ES256,
+            "gl-1",
+            &key,
+            &json!({
+                "iss": GL_ISS, "aud": "https://sigil.example.org", "iat": now, "nbf": now,
+                "exp": now + 300,
+                "sub": format!("project_path:acme/payments:ref_type:branch:ref:{git_ref}"),
+                "namespace_id": "7", "namespace_path": "acme", "project_id": "42",
+                "project_path": "acme/payments", "user_id": "3", "user_login": "alice",
+                "pipeline_id": "1001", "pipeline_source": "push", "job_id": "2002",
+                "ref": git_ref, "ref_type": "branch", "ref_protected": protected,
+                "environment": "production", "environment_protected": "true",
+            }),
+        )
+    };
+    assert_eq!(
+        attest(&b, token("main", "true")).await.unwrap(),
+        "spiffe://example.org/ci/gitlab-deploy"
+    );
+    let e = attest(&b, token("feature-x", "false")).await.unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::Unauthenticated), "{e}");
+    assert!(e.message().contains("matches no identity"), "{e}");
+    assert!(e.message().contains("gitlab:ref_protected:false"), "{e}");
 }
