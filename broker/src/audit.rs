@@ -119,10 +119,16 @@ impl Default for ChainHead {
 }
 
 fn entry_mac(sealer: &Sealer, entry: &AuditEntry) -> String {
-    let mut unhashed = entry.clone();
-    unhashed.hash = String::new();
-    // Serializing plain data with string keys cannot fail.
-    let bytes = serde_json::to_vec(&unhashed).unwrap_or_default();
+    // The MAC covers the entry with an empty `hash`. Serializing plain data with string keys
+    // cannot fail.
+    let bytes = if entry.hash.is_empty() {
+        serde_json::to_vec(entry)
+    } else {
+        let mut unhashed = entry.clone();
+        unhashed.hash = String::new();
+        serde_json::to_vec(&unhashed)
+    }
+    .unwrap_or_default();
     sigil_pki::ids::to_hex(&sealer.audit_mac(&bytes))
 }
 

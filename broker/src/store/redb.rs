@@ -401,7 +401,7 @@ fn writer_loop(
         let batch_size = jobs.len();
         let started = std::time::Instant::now();
         let mut next_head = head.clone();
-        match apply_batch(db, sealer, &mut next_head, &jobs) {
+        match apply_batch(db, sealer, &mut next_head, &mut jobs) {
             Ok(results) => {
                 head = next_head;
                 if let Ok(mut f) = failure.lock() {
@@ -460,7 +460,7 @@ fn apply_batch(
     db: &Database,
     sealer: &Sealer,
     head: &mut ChainHead,
-    jobs: &[Job],
+    jobs: &mut [Job],
 ) -> Result<Vec<Result<Committed, Conflict>>, StoreError> {
     let mut txn: WriteTransaction = db.begin_write().map_err(unavailable)?;
     txn.set_durability(Durability::Immediate)
@@ -482,7 +482,7 @@ fn apply_batch(
         };
         // Usage of the identities this batch issued to, read once and written once.
         let mut usage: HashMap<String, UsageRecord> = HashMap::new();
-        for job in jobs {
+        for job in jobs.iter_mut() {
             match check(&t, &job.change)? {
                 Err(conflict) => results.push(Err(conflict)),
                 Ok(()) => {
@@ -509,9 +509,12 @@ fn apply_batch(
                             }
                         }
                     }
-                    let mut seqs = Vec::with_capacity(job.change.audit.len());
-                    for draft in &job.change.audit {
-                        let (entry, bytes) = head.append(sealer, draft.clone());
+                    // The drafts are not needed once chained (whatever the batch's fate, the
+                    // change is answered, never retried): move them instead of copying.
+                    let drafts = std::mem::take(&mut job.change.audit);
+                    let mut seqs = Vec::with_capacity(drafts.len());
+                    for draft in drafts {
+                        let (entry, bytes) = head.append(sealer, draft);
                         t.audit
                             .insert(entry.seq, bytes.as_slice())
                             .map_err(unavailable)?;
