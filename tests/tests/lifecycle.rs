@@ -22,7 +22,10 @@ const A: &str = "spiffe://example.org/svc/a";
 const B: &str = "spiffe://example.org/svc/b";
 
 fn fast(cfg: &mut Config) {
-    cfg.rotation.prepare = Duration::from_secs(1);
+    // A next JWT key is in the bundle this long before it signs: the peer's verifier must
+    // have it by then (pushed on its watch stream, normally within milliseconds; 2 s leaves
+    // room on a loaded CI machine). Rotations are 3 s apart.
+    cfg.rotation.prepare = Duration::from_secs(2);
     cfg.rotation.check_interval = Duration::from_millis(200);
 }
 
