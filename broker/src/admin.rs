@@ -347,7 +347,9 @@ impl Broker {
         self.commit_update(op, &cur, next, draft).await
     }
 
-    async fn commit_update(
+    /// Commits `next` as the new revision of `cur` (revision, update time and author set
+    /// here), with its audit entry; refused if `cur` changed meanwhile.
+    pub(crate) async fn commit_update(
         &self,
         op: &Operator,
         cur: &IdentityRecord,

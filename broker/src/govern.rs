@@ -360,9 +360,6 @@ impl Broker {
         next.expires_at = now + life.as_secs() as i64;
         next.recertified_at = now;
         next.recertified_by = op.actor();
-        next.revision += 1;
-        next.updated_at = now;
-        next.updated_by = op.actor();
         let reason = if reason.trim().is_empty() {
             "recertified"
         } else {
@@ -380,16 +377,7 @@ impl Broker {
         .with("spiffe_id", cur.spiffe_id.as_str())
         .with("owner", cur.owner.as_str())
         .with("expires_at", next.expires_at);
-        self.store
-            .commit(Change {
-                ops: vec![Op::UpdateIdentity {
-                    record: next.clone(),
-                    expected_revision: cur.revision,
-                }],
-                audit: vec![draft],
-            })
-            .await?;
-        Ok(next)
+        self.commit_update(op, &cur, next, draft).await
     }
 
     /// Marks an owner as gone (or back). Their identities are reported until reassigned.

@@ -270,6 +270,26 @@ impl TestBroker {
     }
 }
 
+/// The next event from a `Source` that `want` accepts, within `within` (panics otherwise, or
+/// if the stream ends).
+pub async fn next_event(
+    rx: &mut tokio::sync::broadcast::Receiver<sigil_sdk::SourceEvent>,
+    within: Duration,
+    want: impl Fn(&sigil_sdk::SourceEvent) -> bool,
+) -> sigil_sdk::SourceEvent {
+    tokio::time::timeout(within, async {
+        loop {
+            match rx.recv().await {
+                Ok(e) if want(&e) => return e,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("event stream ended: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("the event arrived in time")
+}
+
 /// `GET path` over plain HTTP/1.1 on loopback; returns the status code and the body.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let (status, body) = http_get_bytes(addr, path).await;

@@ -15,7 +15,7 @@ use sigil_sdk::{
     Authorizer, ClientConfig, Evidence, JoinTokenFile, JwtRequest, Source, SourceConfig,
     SourceEvent, SvidOptions, WorkloadClient,
 };
-use sigil_tests::{TestBroker, peer};
+use sigil_tests::{TestBroker, next_event, peer};
 use tonic::Code;
 
 const A: &str = "spiffe://example.org/svc/a";
@@ -69,24 +69,6 @@ async fn source(b: &TestBroker, spiffe_id: &str) -> (Source, std::path::PathBuf)
 
 fn exact(id: &str) -> Authorizer {
     Authorizer::Exact(id.parse().unwrap())
-}
-
-async fn next_event(
-    rx: &mut tokio::sync::broadcast::Receiver<SourceEvent>,
-    within: Duration,
-    want: impl Fn(&SourceEvent) -> bool,
-) -> SourceEvent {
-    tokio::time::timeout(within, async {
-        loop {
-            match rx.recv().await {
-                Ok(e) if want(&e) => return e,
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(e) => panic!("event stream ended: {e}"),
-            }
-        }
-    })
-    .await
-    .expect("the event arrived in time")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -582,15 +582,10 @@ async fn a_source_with_a_projected_token_file_reattests_on_its_own_after_revocat
         .await
         .unwrap();
     // The kubelet keeps the token fresh; the SDK presents it again without anyone's help.
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let Ok(sigil_sdk::SourceEvent::Reattested { .. }) = events.recv().await {
-                return;
-            }
-        }
+    sigil_tests::next_event(&mut events, Duration::from_secs(10), |e| {
+        matches!(e, sigil_sdk::SourceEvent::Reattested { .. })
     })
-    .await
-    .expect("re-attested with the OIDC token");
+    .await;
     let second = source.x509_svid().unwrap();
     assert_ne!(second.serial, first.serial);
     assert!(second.generation > first.generation);

@@ -505,15 +505,10 @@ async fn an_sdk_source_on_the_unix_socket_renews_and_reattests_by_itself() {
         })
         .await
         .unwrap();
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let Ok(sigil_sdk::SourceEvent::Reattested { .. }) = events.recv().await {
-                return;
-            }
-        }
+    sigil_tests::next_event(&mut events, Duration::from_secs(10), |e| {
+        matches!(e, sigil_sdk::SourceEvent::Reattested { .. })
     })
-    .await
-    .expect("re-attested by Unix peer credentials");
+    .await;
     let third = source.x509_svid().unwrap();
     assert!(third.generation > first.generation);
     // The JWT-SVID of the old generation is dead; the Source hands out a new one.

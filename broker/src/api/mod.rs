@@ -2,8 +2,12 @@
 //! operator [`admin::AdminApi`]. [`status`] is the one place a [`BrokerError`] becomes a
 //! `tonic::Status`.
 
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::{Code, Request, Status};
 
 use crate::broker::RequestContext;
@@ -14,6 +18,65 @@ pub mod spiffe;
 pub mod tls;
 pub mod unix;
 pub mod workload;
+
+/// An accepted connection with what the listener learned about its peer (the verified client
+/// certificate, or the kernel's peer credentials), which tonic puts in every request's
+/// extensions.
+#[derive(Debug)]
+pub struct Conn<S, I> {
+    inner: S,
+    info: I,
+}
+
+impl<S, I> Conn<S, I> {
+    /// Wraps `inner`, accepted from a peer described by `info`.
+    pub fn new(inner: S, info: I) -> Self {
+        Conn { inner, info }
+    }
+}
+
+impl<S, I: Clone + Send + Sync + 'static> tonic::transport::server::Connected for Conn<S, I> {
+    type ConnectInfo = I;
+    fn connect_info(&self) -> I {
+        self.info.clone()
+    }
+}
+
+impl<S: AsyncRead + Unpin, I: Unpin> AsyncRead for Conn<S, I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin, I: Unpin> AsyncWrite for Conn<S, I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
 
 /// The request context of a tonic request.
 pub fn context<T>(req: &Request<T>) -> RequestContext {

@@ -221,6 +221,31 @@ async fn wait_for_change<T>(
     }
 }
 
+/// A bundle stream: `message` at once, then again whenever the bundle changes (a rotation or
+/// a revoked key), until the caller goes away or the broker stops.
+fn bundle_stream<T: Send + 'static>(
+    broker: Arc<Broker>,
+    message: impl Fn(&Broker) -> Result<T, Status> + Send + 'static,
+) -> Response<Out<T>> {
+    let (mut rx, _) = broker.hub().subscribe(0);
+    let (tx, out) = mpsc::channel(2);
+    tokio::spawn(async move {
+        loop {
+            if tx.send(message(&broker)).await.is_err() {
+                return;
+            }
+            if !wait_for_change(&broker, &mut rx, &tx, i64::MAX, |ev| {
+                matches!(ev, HubEvent::Bundle | HubEvent::KeysRevoked(_))
+            })
+            .await
+            {
+                return;
+            }
+        }
+    });
+    Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out)))
+}
+
 #[tonic::async_trait]
 impl w::spiffe_workload_api_server::SpiffeWorkloadApi for SpiffeApi {
     type FetchX509SVIDStream = Out<w::X509svidResponse>;
@@ -272,30 +297,12 @@ impl w::spiffe_workload_api_server::SpiffeWorkloadApi for SpiffeApi {
         check_header(&req)?;
         let ctx = context(&req);
         caller_identities(&self.broker, &ctx).await?;
-        let broker = self.broker.clone();
-        let (mut rx, _) = broker.hub().subscribe(0);
-        let (tx, out) = mpsc::channel(2);
-        tokio::spawn(async move {
-            loop {
-                let msg = w::X509BundlesResponse {
-                    crl: Vec::new(),
-                    bundles: HashMap::from([(td_id(&broker), x509_bundle_der(&broker))]),
-                };
-                if tx.send(Ok(msg)).await.is_err() {
-                    return;
-                }
-                if !wait_for_change(&broker, &mut rx, &tx, i64::MAX, |ev| {
-                    matches!(ev, HubEvent::Bundle | HubEvent::KeysRevoked(_))
-                })
-                .await
-                {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(out),
-        )))
+        Ok(bundle_stream(self.broker.clone(), |broker| {
+            Ok(w::X509BundlesResponse {
+                crl: Vec::new(),
+                bundles: HashMap::from([(td_id(broker), x509_bundle_der(broker))]),
+            })
+        }))
     }
 
     async fn fetch_jwtsvid(
@@ -370,29 +377,11 @@ impl w::spiffe_workload_api_server::SpiffeWorkloadApi for SpiffeApi {
         check_header(&req)?;
         let ctx = context(&req);
         caller_identities(&self.broker, &ctx).await?;
-        let broker = self.broker.clone();
-        let (mut rx, _) = broker.hub().subscribe(0);
-        let (tx, out) = mpsc::channel(2);
-        tokio::spawn(async move {
-            loop {
-                let msg = jwt_bundle(&broker).map(|jwks| w::JwtBundlesResponse {
-                    bundles: HashMap::from([(td_id(&broker), jwks)]),
-                });
-                if tx.send(msg).await.is_err() {
-                    return;
-                }
-                if !wait_for_change(&broker, &mut rx, &tx, i64::MAX, |ev| {
-                    matches!(ev, HubEvent::Bundle | HubEvent::KeysRevoked(_))
-                })
-                .await
-                {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(out),
-        )))
+        Ok(bundle_stream(self.broker.clone(), |broker| {
+            jwt_bundle(broker).map(|jwks| w::JwtBundlesResponse {
+                bundles: HashMap::from([(td_id(broker), jwks)]),
+            })
+        }))
     }
 
     async fn validate_jwtsvid(

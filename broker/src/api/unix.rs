@@ -4,53 +4,13 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::attest::unix::{UnixPeer, uptime_ticks};
 
 /// A Unix connection that tells tonic who is on the other end.
-#[derive(Debug)]
-pub struct UnixConn {
-    inner: UnixStream,
-    info: UnixPeer,
-}
-
-impl tonic::transport::server::Connected for UnixConn {
-    type ConnectInfo = UnixPeer;
-    fn connect_info(&self) -> UnixPeer {
-        self.info
-    }
-}
-
-impl AsyncRead for UnixConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for UnixConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
+pub type UnixConn = super::Conn<UnixStream, UnixPeer>;
 
 /// Binds the socket at `path` with permissions `mode`, replacing a stale socket file (but
 /// never another kind of file).
@@ -95,15 +55,15 @@ pub fn incoming(
                 Ok((s, _)) => {
                     let accepted_at_ticks = uptime_ticks();
                     match s.peer_cred() {
-                        Ok(c) => UnixConn {
-                            info: UnixPeer {
+                        Ok(c) => UnixConn::new(
+                            s,
+                            UnixPeer {
                                 uid: c.uid(),
                                 gid: c.gid(),
                                 pid: c.pid(),
                                 accepted_at_ticks,
                             },
-                            inner: s,
-                        },
+                        ),
                         Err(e) => {
                             tracing::warn!(error = %e, "no peer credentials on a Unix connection");
                             continue;

@@ -22,6 +22,23 @@ pub mod oidc;
 pub mod unix;
 pub mod x509;
 
+/// Why evidence was refused: a stable reason code (for metrics) and a message for the caller
+/// and the audit log. Neither ever contains the evidence itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The reason code; each method lists its own.
+    pub reason: &'static str,
+    /// What was wrong, in plain words.
+    pub message: String,
+}
+
+pub(crate) fn reject(reason: &'static str, message: impl Into<String>) -> Rejection {
+    Rejection {
+        reason,
+        message: message.into(),
+    }
+}
+
 /// A successful attestation.
 #[derive(Debug, Clone)]
 pub struct Attested {

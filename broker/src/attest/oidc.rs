@@ -38,24 +38,11 @@ pub fn parse_alg(name: &str) -> Option<Algorithm> {
     }
 }
 
-/// A refusal: a stable reason code (metrics) and a message for the caller and the audit log.
-/// Neither contains the token.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejection {
-    /// `malformed`, `alg_refused`, `alg_not_allowed`, `unknown_issuer`, `unknown_key`,
-    /// `key_mismatch`, `bad_signature`, `expired`, `not_yet_valid`, `wrong_audience`,
-    /// `bad_claim`, `jwks_unavailable`.
-    pub reason: &'static str,
-    /// What was wrong, in plain words.
-    pub message: String,
-}
-
-fn reject(reason: &'static str, message: impl Into<String>) -> Rejection {
-    Rejection {
-        reason,
-        message: message.into(),
-    }
-}
+// Reason codes: `malformed`, `alg_refused`, `alg_not_allowed`, `unknown_issuer`,
+// `unknown_key`, `key_mismatch`, `bad_signature`, `expired`, `not_yet_valid`,
+// `wrong_audience`, `bad_claim`, `jwks_unavailable`.
+pub use super::Rejection;
+use super::reject;
 
 /// A token that passed every check.
 #[derive(Debug, Clone)]

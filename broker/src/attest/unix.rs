@@ -73,21 +73,9 @@ impl ProcessInfo {
     }
 }
 
-/// A refusal: reason code and message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejection {
-    /// `no_pid`, `process_gone`, `pid_reused`, `uid_changed`, `unreadable`.
-    pub reason: &'static str,
-    /// What was wrong.
-    pub message: String,
-}
-
-fn reject(reason: &'static str, message: impl Into<String>) -> Rejection {
-    Rejection {
-        reason,
-        message: message.into(),
-    }
-}
+// Reason codes: `no_pid`, `process_gone`, `pid_reused`, `uid_changed`, `unreadable`.
+pub use super::Rejection;
+use super::reject;
 
 /// Clock ticks since boot now (from `/proc/uptime`, in the 100 Hz ticks `/proc/<pid>/stat`
 /// uses on Linux).

@@ -356,6 +356,32 @@ async fn workloads(t: &Target, spiffe_id: &str, n: usize) -> Result<Vec<BrokerCl
         .collect())
 }
 
+/// A workload client of `spiffe_id`, attested with a join token made for it.
+async fn attested_workload(
+    t: &Target,
+    admin: &mut pb::admin_client::AdminClient<Channel>,
+    spiffe_id: &str,
+) -> Result<(WorkloadClient, sigil_sdk::Credentials)> {
+    let token = admin
+        .create_join_token(pb::CreateJoinTokenRequest {
+            id_or_spiffe_id: spiffe_id.to_owned(),
+            ttl_seconds: 600,
+        })
+        .await
+        .map_err(sigil_sdk::SdkError::from)?
+        .into_inner()
+        .token;
+    let w = WorkloadClient::new(ClientConfig::new(t.url.clone(), t.bundle_pem.clone()))?;
+    let creds = w
+        .attest(
+            Evidence::JoinToken(token.into()),
+            SvidOptions::default(),
+            &[],
+        )
+        .await?;
+    Ok((w, creds))
+}
+
 /// Attests `n` workloads of the bench identity and returns an mTLS channel for each.
 async fn workload_channels(t: &Target, spiffe_id: &str, n: usize) -> Result<Vec<Channel>> {
     let mut admin = t.conn.connect()?;
@@ -363,23 +389,7 @@ async fn workload_channels(t: &Target, spiffe_id: &str, n: usize) -> Result<Vec<
     let roots = transport::roots_from_pem(&t.bundle_pem)?;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
-        let token = admin
-            .create_join_token(pb::CreateJoinTokenRequest {
-                id_or_spiffe_id: spiffe_id.to_owned(),
-                ttl_seconds: 600,
-            })
-            .await
-            .map_err(sigil_sdk::SdkError::from)?
-            .into_inner()
-            .token;
-        let w = WorkloadClient::new(ClientConfig::new(t.url.clone(), t.bundle_pem.clone()))?;
-        let creds = w
-            .attest(
-                Evidence::JoinToken(token.into()),
-                SvidOptions::default(),
-                &[],
-            )
-            .await?;
+        let (_, creds) = attested_workload(t, &mut admin, spiffe_id).await?;
         let slot = Arc::new(ClientCertSlot::default());
         slot.set(
             creds.svid.cert_chain.clone(),
@@ -588,23 +598,7 @@ async fn fixture(t: &Target, spiffe_id: &str, a: &BenchArgs) -> Result<Fixture> 
     if a.scenario.contains(&Scenario::Renew) {
         let mut admin = t.conn.connect()?;
         for _ in 0..n {
-            let token = admin
-                .create_join_token(pb::CreateJoinTokenRequest {
-                    id_or_spiffe_id: spiffe_id.to_owned(),
-                    ttl_seconds: 600,
-                })
-                .await
-                .map_err(sigil_sdk::SdkError::from)?
-                .into_inner()
-                .token;
-            let w = WorkloadClient::new(ClientConfig::new(t.url.clone(), t.bundle_pem.clone()))?;
-            w.attest(
-                Evidence::JoinToken(token.into()),
-                SvidOptions::default(),
-                &[],
-            )
-            .await?;
-            sdk.push(w);
+            sdk.push(attested_workload(t, &mut admin, spiffe_id).await?.0);
         }
     }
     Ok(Fixture {
