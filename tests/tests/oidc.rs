@@ -110,6 +110,23 @@ fn gh_claims(now: i64, repo: &str, git_ref: &str) -> Value {
     })
 }
 
+/// An issuer for tests: audience `sigil`, ES256, 30 s skew, 5 min cache, no key source yet.
+fn oidc_issuer(name: &str, preset: OidcPreset, issuer: &str) -> OidcIssuer {
+    OidcIssuer {
+        name: name.into(),
+        preset,
+        issuer: issuer.into(),
+        audiences: vec!["sigil".into()],
+        jwks_file: None,
+        jwks_url: None,
+        ca_file: None,
+        algorithms: vec!["ES256".into()],
+        clock_skew: Duration::from_secs(30),
+        jwks_cache: Duration::from_secs(300),
+        jwks_min_refresh: Duration::from_secs(30),
+    }
+}
+
 /// A JWKS over HTTPS on loopback, with a request counter; returns the CA (PEM) to trust.
 async fn serve_jwks(
     dir: &Path,
@@ -213,30 +230,17 @@ async fn world() -> World {
     let b = TestBroker::start_configured(clock.clone(), |c| {
         c.oidc = vec![
             OidcIssuer {
-                name: "prod-cluster".into(),
-                preset: OidcPreset::Kubernetes,
-                issuer: K8S_ISS.into(),
-                audiences: vec!["sigil".into()],
                 jwks_file: Some(k8s_jwks.clone()),
-                jwks_url: None,
-                ca_file: None,
                 algorithms: vec!["RS256".into(), "ES256".into()],
-                clock_skew: Duration::from_secs(30),
-                jwks_cache: Duration::from_secs(300),
-                jwks_min_refresh: Duration::from_secs(30),
+                ..oidc_issuer("prod-cluster", OidcPreset::Kubernetes, K8S_ISS)
             },
             OidcIssuer {
-                name: "github".into(),
-                preset: OidcPreset::Github,
-                issuer: String::new(),
-                audiences: vec!["sigil".into()],
-                jwks_file: None,
                 jwks_url: Some(url.clone()),
                 ca_file: Some(ca.clone()),
                 algorithms: vec!["RS256".into()],
-                clock_skew: Duration::from_secs(30),
                 jwks_cache: Duration::from_secs(3600),
-                jwks_min_refresh: Duration::from_secs(30),
+                // The preset supplies GitHub's issuer.
+                ..oidc_issuer("github", OidcPreset::Github, "")
             },
         ];
     })
@@ -624,18 +628,10 @@ async fn keys_are_found_by_openid_discovery_and_a_document_for_another_issuer_is
     })
     .await;
     let liar = format!("{base}/liar");
+    // Neither jwks_file nor jwks_url: the keys are to be discovered.
     let issuer = |name: &str, iss: &str| OidcIssuer {
-        name: name.into(),
-        preset: OidcPreset::Generic,
-        issuer: iss.into(),
-        audiences: vec!["sigil".into()],
-        jwks_file: None,
-        jwks_url: None,
         ca_file: Some(ca.clone()),
-        algorithms: vec!["ES256".into()],
-        clock_skew: Duration::from_secs(30),
-        jwks_cache: Duration::from_secs(300),
-        jwks_min_refresh: Duration::from_secs(30),
+        ..oidc_issuer(name, OidcPreset::Generic, iss)
     };
     let issuers = vec![issuer("idp", &base), issuer("liar", &liar)];
     let b = TestBroker::start_configured(Arc::new(SystemClock), move |c| c.oidc = issuers).await;
@@ -691,18 +687,10 @@ async fn a_gitlab_ci_token_attests_only_from_a_protected_ref_of_its_project() {
     std::fs::write(&jwks, json!({ "keys": [jwk] }).to_string()).unwrap();
     let b = TestBroker::start_configured(Arc::new(SystemClock), move |c| {
         c.oidc = vec![OidcIssuer {
-            name: "gitlab".into(),
-            preset: OidcPreset::Gitlab,
-            // A self-managed instance: the preset's default is gitlab.com.
-            issuer: GL_ISS.into(),
             audiences: vec!["https://sigil.example.org".into()],
             jwks_file: Some(jwks),
-            jwks_url: None,
-            ca_file: None,
-            algorithms: vec!["ES256".into()],
-            clock_skew: Duration::from_secs(30),
-            jwks_cache: Duration::from_secs(300),
-            jwks_min_refresh: Duration::from_secs(30),
+            // A self-managed instance: the preset's default is gitlab.com.
+            ..oidc_issuer("gitlab", OidcPreset::Gitlab, GL_ISS)
         }];
     })
     .await;
