@@ -15,6 +15,7 @@ use sigil_tests::TestBroker;
 use tokio_stream::StreamExt as _;
 
 const PROBE: &str = env!("CARGO_BIN_EXE_unix-probe");
+const EXEC_ATTACK: &str = env!("CARGO_BIN_EXE_exec-attack");
 
 fn my_uid() -> u32 {
     std::fs::metadata("/proc/self").unwrap().uid()
@@ -173,6 +174,113 @@ async fn processes_attest_by_uid_and_binary_hash_and_another_binary_does_not() {
         actor.starts_with(&format!("unix:uid={uid},pid=")) && actor.ends_with(PROBE),
         "{actor}"
     );
+}
+
+/// A gRPC channel over the Unix socket at `socket`.
+async fn unix_channel(socket: &Path) -> tonic::transport::Channel {
+    let path = socket.to_owned();
+    tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap()
+}
+
+/// A request carrying the Workload API's security header.
+fn with_header<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    r
+}
+
+/// Connect, fork, exec: the process the kernel names as the peer runs a program pinned by
+/// hash, while the attacker, a child that inherited the connection, drives it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_is_attested_as_the_program_that_opened_it_not_one_it_execs_later() {
+    let w = world().await;
+    let uid = my_uid();
+    w.b.identity("local/probe", |r| {
+        r.selectors = vec![
+            format!("unix:uid:{uid}"),
+            format!("unix:sha256:{}", sha256_of(Path::new(PROBE))),
+        ];
+    })
+    .await;
+    // The pinned program, run normally, gets its identity.
+    let (ok, out) = probe(&w, None);
+    assert!(ok, "{out}");
+    assert_eq!(out, "spiffe://example.org/local/probe");
+
+    let proxy = w._dir.path().join("attacker.sock");
+    let mut attacker = std::process::Command::new(EXEC_ATTACK)
+        .arg(&w.socket)
+        .arg(&proxy)
+        .arg(PROBE)
+        .args(["--sleep", "60"])
+        .spawn()
+        .unwrap();
+    for _ in 0..1000 {
+        if proxy.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(proxy.exists(), "the attacker's relay is listening");
+    // The pid the broker knows now runs the pinned program...
+    let exe = std::fs::read_link(format!("/proc/{}/exe", attacker.id())).unwrap();
+    assert_eq!(exe, Path::new(PROBE));
+    // ...but the caller is the attacker: every call is refused, and says why.
+    let ch = unix_channel(&proxy).await;
+    let mut spiffe =
+        sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(ch.clone());
+    let e = spiffe
+        .fetch_jwtsvid(with_header(sigil_proto::workload::JwtsvidRequest {
+            audience: vec!["db".into()],
+            spiffe_id: String::new(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("replaced its program"), "{e:?}");
+    let e = match spiffe
+        .fetch_x509svid(with_header(sigil_proto::workload::X509svidRequest {}))
+        .await
+    {
+        Ok(mut s) => s.get_mut().message().await.unwrap_err(),
+        Err(e) => e,
+    };
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let key = sigil_pki::EcKey::generate().unwrap();
+    let e = sigil_proto::v1::broker_client::BrokerClient::new(ch)
+        .attest(pb::AttestRequest {
+            evidence: Some(pb::Evidence {
+                kind: Some(pb::evidence::Kind::Unix(pb::UnixEvidence {})),
+            }),
+            csr: sigil_pki::csr::request_for(&key).unwrap(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("replaced its program"), "{e:?}");
+    let _ = attacker.kill();
+    let _ = attacker.wait();
+    // Nothing was minted for the probe's identity but the probe's own certificate.
+    let minted: Vec<_> = w
+        .b
+        .audit_for("attest")
+        .await
+        .into_iter()
+        .filter(|e| e["decision"] == "allow")
+        .collect();
+    assert_eq!(minted.len(), 1, "{minted:?}");
 }
 
 /// The generated Workload API client over the socket, without the spec's security header.

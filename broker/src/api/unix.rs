@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::attest::unix::{UnixPeer, uptime_ticks};
+use crate::attest::unix::UnixPeer;
 
 /// A Unix connection that tells tonic who is on the other end.
 pub type UnixConn = super::Conn<UnixStream, UnixPeer>;
@@ -53,17 +53,9 @@ pub fn incoming(
             };
             let conn = match accepted {
                 Ok((s, _)) => {
-                    let accepted_at_ticks = uptime_ticks();
                     match s.peer_cred() {
-                        Ok(c) => UnixConn::new(
-                            s,
-                            UnixPeer {
-                                uid: c.uid(),
-                                gid: c.gid(),
-                                pid: c.pid(),
-                                accepted_at_ticks,
-                            },
-                        ),
+                        // What the peer is now; every call checks it still is (exec, pid reuse).
+                        Ok(c) => UnixConn::new(s, UnixPeer::observe(c.uid(), c.gid(), c.pid())),
                         Err(e) => {
                             tracing::warn!(error = %e, "no peer credentials on a Unix connection");
                             continue;

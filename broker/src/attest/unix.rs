@@ -2,10 +2,23 @@
 //! pid, from `SO_PEERCRED`); `/proc/<pid>` gives the binary behind the pid (its path and the
 //! SHA-256 of its contents).
 //!
-//! Guarding against pid reuse: the peer may exit and its pid be given to another process
-//! between `connect()` and our look at `/proc`. We accept the process only if it (1) started
-//! no later than the connection was accepted, (2) is the same process (same start time) after
-//! we read its binary as before, and (3) still runs as the uid the kernel reported.
+//! Binding the attestation to the connection: a connection is attested as the program that
+//! opened it, never as one it turns into. When a connection is accepted we record what its
+//! peer is ([`UnixPeer::observe`]: the pid's start time and the device and inode of the file
+//! it runs), and every call on the connection checks that the process behind the pid is
+//! still that process running that file. This defeats two attacks: pid reuse (the peer exits
+//! and its pid is given to a process that runs a trusted program), and exec (the peer forks,
+//! the parent `exec`s a trusted program, and the child — which inherited the connection —
+//! drives it; the kernel still reports the parent's pid). We accept a call only if the
+//! process (1) started no later than the connection was accepted, (2) has the start time
+//! recorded at accept, before and after we read its binary, (3) runs the file recorded at
+//! accept, and (4) still runs as the uid the kernel reported.
+//!
+//! What remains (see README's security notes): a process that `exec`s a trusted program in
+//! the short window between its `connect()` and the broker's `accept()` is recorded as that
+//! program; and any process of the same uid that may `ptrace` the trusted program can make it
+//! do anything. The uid is the boundary the kernel enforces; hash and path selectors tell
+//! apart programs of one uid that do not attack each other.
 //!
 //! Selectors: `unix:uid:N`, `unix:gid:N`, `unix:supplementary_gid:N`, `unix:path:/abs/path`,
 //! `unix:sha256:HEX`.
@@ -29,6 +42,46 @@ pub struct UnixPeer {
     /// System uptime (clock ticks since boot, as in `/proc/<pid>/stat`) when the connection
     /// was accepted; a process that started later cannot be the peer.
     pub accepted_at_ticks: Option<u64>,
+    /// The peer process's start time (clock ticks since boot) when the connection was
+    /// accepted: a process with another start time behind the same pid is another process.
+    pub start_time: Option<u64>,
+    /// Device and inode of the file the peer ran when the connection was accepted: a process
+    /// that runs another file since has replaced its program (`exec`).
+    pub exe: Option<ExeId>,
+}
+
+/// Device and inode numbers of a program file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExeId {
+    /// `st_dev`.
+    pub dev: u64,
+    /// `st_ino`.
+    pub ino: u64,
+}
+
+impl UnixPeer {
+    /// What the kernel says about a connection just accepted: its credentials, and a snapshot
+    /// of the process behind the pid (start time, program file) that later calls are checked
+    /// against. Cheap (two reads from `/proc`), so it runs in the accept loop.
+    pub fn observe(uid: u32, gid: u32, pid: Option<i32>) -> UnixPeer {
+        let accepted_at_ticks = uptime_ticks();
+        let live = pid.filter(|p| *p > 0);
+        UnixPeer {
+            uid,
+            gid,
+            pid,
+            accepted_at_ticks,
+            start_time: live.and_then(|p| start_time(p).ok()),
+            exe: live.and_then(|p| {
+                std::fs::metadata(format!("/proc/{p}/exe"))
+                    .ok()
+                    .map(|m| ExeId {
+                        dev: m.dev(),
+                        ino: m.ino(),
+                    })
+            }),
+        }
+    }
 }
 
 /// The process behind a connection.
@@ -73,7 +126,7 @@ impl ProcessInfo {
     }
 }
 
-// Reason codes: `no_pid`, `process_gone`, `pid_reused`, `uid_changed`, `unreadable`.
+// Reason codes: `no_pid`, `process_gone`, `pid_reused`, `exec`, `uid_changed`, `unreadable`.
 pub use super::Rejection;
 use super::reject;
 
@@ -152,6 +205,14 @@ impl HashCache {
                 format!("process {pid} started after the connection was made; its pid was reused"),
             ));
         }
+        if peer.start_time.is_some_and(|t| t != before) {
+            return Err(reject(
+                "pid_reused",
+                format!(
+                    "process {pid} is not the process that opened this connection (it exited and its pid was reused)"
+                ),
+            ));
+        }
         let path = std::fs::read_link(format!("/proc/{pid}/exe"))
             .map_err(|e| {
                 reject(
@@ -171,6 +232,29 @@ impl HashCache {
         let meta = f
             .metadata()
             .map_err(|e| reject("unreadable", e.to_string()))?;
+        let now_running = ExeId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        };
+        match peer.exe {
+            Some(at_accept) if at_accept == now_running => {}
+            Some(_) => {
+                return Err(reject(
+                    "exec",
+                    format!(
+                        "process {pid} replaced its program (exec) after it opened this connection; a connection is attested only as the program that opened it, so open a new one"
+                    ),
+                ));
+            }
+            None => {
+                return Err(reject(
+                    "exec",
+                    format!(
+                        "the program of process {pid} could not be identified when it opened this connection; open a new one"
+                    ),
+                ));
+            }
+        }
         let key = (
             meta.dev(),
             meta.ino(),
@@ -260,12 +344,11 @@ mod tests {
                 .parse()
                 .unwrap()
         };
-        UnixPeer {
-            uid: field("Uid:"),
-            gid: field("Gid:"),
-            pid: Some(std::process::id() as i32),
-            accepted_at_ticks: uptime_ticks(),
-        }
+        UnixPeer::observe(
+            field("Uid:"),
+            field("Gid:"),
+            Some(std::process::id() as i32),
+        )
     }
 
     #[test]
@@ -301,5 +384,27 @@ mod tests {
             HashCache::default().inspect(&p).unwrap_err().reason,
             "no_pid"
         );
+    }
+
+    #[test]
+    fn a_process_that_is_not_what_connected_is_refused() {
+        // Another start time behind the same pid: another process.
+        let mut p = me();
+        p.start_time = p.start_time.map(|t| t + 1);
+        let e = HashCache::default().inspect(&p).unwrap_err();
+        assert_eq!(e.reason, "pid_reused", "{e:?}");
+        // Another program file since the connection was accepted: an exec.
+        let mut p = me();
+        p.exe = p.exe.map(|x| ExeId {
+            ino: x.ino ^ 1,
+            ..x
+        });
+        let e = HashCache::default().inspect(&p).unwrap_err();
+        assert_eq!(e.reason, "exec", "{e:?}");
+        assert!(e.message.contains("replaced its program"), "{}", e.message);
+        // Nothing recorded at accept: refused rather than trusted.
+        let mut p = me();
+        p.exe = None;
+        assert_eq!(HashCache::default().inspect(&p).unwrap_err().reason, "exec");
     }
 }
