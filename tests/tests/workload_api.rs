@@ -433,6 +433,56 @@ async fn the_spiffe_crate_fetches_svids_and_bundles_and_sees_rotation_on_its_str
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("workload.spiffe.io"), "{e}");
+    // The header exactly as the specification says: one value, `true`, case-sensitive — on
+    // every one of the five calls, refused before any attestation work.
+    for values in [
+        vec!["TRUE"],
+        vec!["True"],
+        vec!["1"],
+        vec![" true"],
+        vec!["true "],
+        vec!["true", "true"],
+        vec!["true", "false"],
+        vec!["false", "true"],
+    ] {
+        fn req<T>(msg: T, values: &[&str]) -> tonic::Request<T> {
+            let mut r = tonic::Request::new(msg);
+            for v in values {
+                r.metadata_mut()
+                    .append("workload.spiffe.io", v.parse().unwrap());
+            }
+            r
+        }
+        let jwt = sigil_proto::workload::JwtsvidRequest {
+            audience: vec!["db".into()],
+            spiffe_id: String::new(),
+        };
+        let mut codes = vec![
+            raw.fetch_jwtsvid(req(jwt, &values)).await.map(|_| ()),
+            raw.validate_jwtsvid(req(sigil_proto::workload::ValidateJwtsvidRequest {
+                audience: "db".into(),
+                svid: "x.y.z".into(),
+            }, &values))
+            .await
+            .map(|_| ()),
+            raw.fetch_x509svid(req(sigil_proto::workload::X509svidRequest {}, &values))
+                .await
+                .map(|_| ()),
+            raw.fetch_x509_bundles(req(sigil_proto::workload::X509BundlesRequest {}, &values))
+                .await
+                .map(|_| ()),
+            raw.fetch_jwt_bundles(req(sigil_proto::workload::JwtBundlesRequest {}, &values))
+                .await
+                .map(|_| ()),
+        ]
+        .into_iter()
+        .map(|r| r.unwrap_err());
+        assert!(
+            codes.all(|e| e.code() == tonic::Code::InvalidArgument
+                && e.message().contains("workload.spiffe.io")),
+            "{values:?} must be refused on every call"
+        );
+    }
 
     // A process that matches no identity: PermissionDenied.
     admin

@@ -1,8 +1,9 @@
 //! The SPIFFE Workload API on the Unix socket, as the SPIFFE specification defines it, so
 //! existing SPIFFE clients work unmodified.
 //!
-//! - Every call must carry the metadata `workload.spiffe.io: true` (`InvalidArgument`
-//!   otherwise): it stops a browser or an SSRF from reaching the API.
+//! - Every call must carry the metadata `workload.spiffe.io` exactly once, with the value
+//!   `true` exactly (case-sensitive, no spaces) — `InvalidArgument` otherwise, before any
+//!   attestation work: it stops a browser or an SSRF from reaching the API.
 //! - The caller is attested by its Unix peer credentials on every call; a caller that matches
 //!   no identity gets `PermissionDenied`.
 //! - The broker generates the SVID key pairs (the API hands out private keys); each SVID is
@@ -44,11 +45,21 @@ impl SpiffeApi {
 
 type Out<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// The SPIFFE Workload API's security header.
+const SECURITY_HEADER: &str = "workload.spiffe.io";
+
 fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
-    match req.metadata().get("workload.spiffe.io") {
-        Some(v) if v.to_str().is_ok_and(|v| v.eq_ignore_ascii_case("true")) => Ok(()),
-        _ => Err(Status::invalid_argument(
+    let mut values = req.metadata().get_all(SECURITY_HEADER).iter();
+    match (values.next(), values.next()) {
+        (Some(v), None) if v.as_bytes() == b"true" => Ok(()),
+        (None, _) => Err(Status::invalid_argument(
             "security header missing from request: every Workload API call must carry the metadata workload.spiffe.io: true",
+        )),
+        (Some(_), Some(_)) => Err(Status::invalid_argument(
+            "security header workload.spiffe.io is repeated: send it exactly once, with the value true",
+        )),
+        (Some(_), None) => Err(Status::invalid_argument(
+            "security header workload.spiffe.io must be exactly \"true\" (lower case, no spaces)",
         )),
     }
 }
