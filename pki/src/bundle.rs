@@ -49,10 +49,7 @@ impl SpiffeBundle {
             }));
         }
         for k in &self.jwt_authorities {
-            let (x, y) = point_xy(&k.public_point)?;
-            keys.push(json!({
-                "use": "jwt-svid", "kty": "EC", "crv": "P-256", "kid": k.kid, "x": x, "y": y,
-            }));
+            keys.push(jwt_key(k, "jwt-svid", None)?);
         }
         let mut doc = json!({ "keys": keys, "spiffe_sequence": self.sequence });
         if let Some(h) = self.refresh_hint {
@@ -141,10 +138,20 @@ impl SpiffeBundle {
     pub fn oidc_jwks(&self) -> Result<String, PkiError> {
         let mut keys = Vec::new();
         for k in &self.jwt_authorities {
-            let (x, y) = point_xy(&k.public_point)?;
-            keys.push(json!({"kty": "EC", "crv": "P-256", "x": x, "y": y, "kid": k.kid, "use": "sig", "alg": "ES256"}));
+            keys.push(jwt_key(k, "sig", Some(crate::jwt::ALG))?);
         }
         serde_json::to_string(&json!({ "keys": keys }))
+            .map_err(|_| PkiError::Internal("JWKS encoding"))
+    }
+
+    /// The JWT authorities alone, as a SPIFFE bundle (`use` = `jwt-svid`): what the Workload
+    /// API's `FetchJWTBundles` serves for the trust domain.
+    pub fn jwt_svid_jwks(&self) -> Result<String, PkiError> {
+        let mut keys = Vec::new();
+        for k in &self.jwt_authorities {
+            keys.push(jwt_key(k, "jwt-svid", None)?);
+        }
+        serde_json::to_string(&json!({ "keys": keys, "spiffe_sequence": self.sequence }))
             .map_err(|_| PkiError::Internal("JWKS encoding"))
     }
 
@@ -161,6 +168,16 @@ impl SpiffeBundle {
         }
         keys
     }
+}
+
+/// One JWT authority as a JWK; the same key members in every document that publishes it.
+fn jwt_key(k: &JwtAuthority, key_use: &str, alg: Option<&str>) -> Result<Value, PkiError> {
+    let (x, y) = point_xy(&k.public_point)?;
+    let mut v = json!({"use": key_use, "kty": "EC", "crv": "P-256", "kid": k.kid, "x": x, "y": y});
+    if let Some(a) = alg {
+        v["alg"] = json!(a);
+    }
+    Ok(v)
 }
 
 #[cfg(test)]
@@ -199,6 +216,15 @@ mod tests {
         assert_eq!(v["keys"][0]["use"], "x509-svid");
         assert_eq!(v["keys"][1]["use"], "jwt-svid");
         assert_eq!(v["keys"][1]["kid"], jwt.kid());
+        // The Workload API's JWT bundle: SPIFFE format, the same key.
+        let j: Value = serde_json::from_str(&b.jwt_svid_jwks().unwrap()).unwrap();
+        assert_eq!(j["keys"].as_array().unwrap().len(), 1);
+        assert_eq!(j["keys"][0], v["keys"][1]);
+        let o: Value = serde_json::from_str(&b.oidc_jwks().unwrap()).unwrap();
+        assert_eq!(o["keys"][0]["use"], "sig");
+        for m in ["kty", "crv", "kid", "x", "y"] {
+            assert_eq!(o["keys"][0][m], j["keys"][0][m], "{m}");
+        }
         assert_eq!(SpiffeBundle::from_json(td.clone(), &text).unwrap(), b);
         assert!(b.x509_pem().starts_with("-----BEGIN CERTIFICATE-----"));
         assert_eq!(b.jwt_keys().get(jwt.kid()), Some(jwt.public_point()));

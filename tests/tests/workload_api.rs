@@ -365,6 +365,42 @@ async fn the_spiffe_crate_fetches_svids_and_bundles_and_sees_rotation_on_its_str
             .find_jwt_authority(jwt.key_id())
             .is_some()
     );
+    // ...in SPIFFE bundle format (`use` = `jwt-svid`), the same key as the SPIFFE bundle
+    // endpoint's and the OIDC JWKS's for that kid.
+    let mut raw = raw_workload_client(&w.socket).await;
+    let mut s = raw
+        .fetch_jwt_bundles(with_header(sigil_proto::workload::JwtBundlesRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let doc = s.message().await.unwrap().unwrap().bundles["spiffe://example.org"].clone();
+    let api: serde_json::Value = serde_json::from_slice(&doc).unwrap();
+    let http = w.b.running().http_addr.unwrap();
+    let (_, spiffe_doc) = sigil_tests::http_get(http, "/bundle").await;
+    let (_, oidc_doc) = sigil_tests::http_get(http, "/keys").await;
+    let spiffe_doc: serde_json::Value = serde_json::from_str(&spiffe_doc).unwrap();
+    let oidc_doc: serde_json::Value = serde_json::from_str(&oidc_doc).unwrap();
+    let by_kid = |d: &serde_json::Value, kid: &str| {
+        d["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["kid"] == kid)
+            .cloned()
+            .unwrap_or_else(|| panic!("no key {kid} in {d}"))
+    };
+    let keys = api["keys"].as_array().unwrap();
+    assert!(!keys.is_empty());
+    for k in keys {
+        assert_eq!(k["use"], "jwt-svid", "{k}");
+        let kid = k["kid"].as_str().unwrap();
+        assert_eq!(&by_kid(&spiffe_doc, kid), k, "the SPIFFE bundle endpoint agrees");
+        let o = by_kid(&oidc_doc, kid);
+        assert_eq!(o["use"], "sig");
+        for m in ["kty", "crv", "x", "y"] {
+            assert_eq!(o[m], k[m], "{kid} {m}");
+        }
+    }
     // Not entitled: gate 2 refuses, and the caller hears PermissionDenied.
     let refused = client.fetch_jwt_svid(["prod-db"], None).await;
     assert!(refused.is_err());

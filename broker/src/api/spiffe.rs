@@ -82,7 +82,7 @@ fn jwt_bundle(broker: &Broker) -> Result<Vec<u8>, Status> {
         .keys()
         .current()
         .bundle
-        .oidc_jwks()
+        .jwt_svid_jwks()
         .map(String::into_bytes)
         .map_err(|e| Status::internal(e.to_string()))
 }
