@@ -156,6 +156,8 @@ pub fn client_config(
         None => b.with_no_client_auth(),
     };
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    // The broker resumes no sessions; do not offer any (and keep no session state around).
+    cfg.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(cfg))
 }
 

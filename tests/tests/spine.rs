@@ -992,3 +992,101 @@ async fn when_the_store_cannot_commit_nothing_is_issued() {
         .await
         .expect("token still works");
 }
+
+/// `openssl s_client` against the broker's mTLS listener with a workload's certificate;
+/// `extra` adds `-sess_out`/`-sess_in`. Returns whether the handshake completed, and the output.
+fn s_client(dir: &std::path::Path, port: u16, version: &str, extra: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            version,
+            "-servername",
+            "localhost",
+            "-alpn",
+            "h2",
+            "-CAfile",
+            "bundle.pem",
+            "-cert",
+            "svid.pem",
+            "-cert_chain",
+            "svid.pem",
+            "-key",
+            "svid.key",
+            "-verify_return_error",
+        ])
+        .args(extra)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("the openssl CLI must be installed (apt-get install openssl)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        text.contains("Verify return code: 0 (ok)") && !text.contains("alert"),
+        text,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_sessions_are_never_resumed_and_a_revoked_certificate_fails_the_handshake() {
+    let b = TestBroker::start().await;
+    b.identity("payments/api", |_| {}).await;
+    let (_, creds) = b.attested(APP, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let chain: String = creds
+        .svid
+        .cert_chain
+        .iter()
+        .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.to_vec())))
+        .collect();
+    std::fs::write(dir.path().join("svid.pem"), chain).unwrap();
+    std::fs::write(
+        dir.path().join("svid.key"),
+        creds.svid.private_key_pem().expose_secret(),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("bundle.pem"), &b.bundle_pem).unwrap();
+    let port = b.running().grpc_addr.port();
+    for version in ["-tls1_2", "-tls1_3"] {
+        let sess = format!("sess{version}");
+        let (ok, text) = s_client(dir.path(), port, version, &["-sess_out", &sess]);
+        assert!(
+            ok,
+            "{version}: a full handshake with a live certificate: {text}"
+        );
+        assert!(text.contains("New, "), "{version}: {text}");
+        if std::fs::metadata(dir.path().join(&sess)).is_ok_and(|m| m.len() > 0) {
+            let (_, text) = s_client(dir.path(), port, version, &["-sess_in", &sess]);
+            assert!(
+                !text.contains("Reused, "),
+                "{version}: the broker resumed a session: {text}"
+            );
+        }
+    }
+    // Revoked: no handshake at all, resumed or not.
+    b.admin()
+        .revoke_credential(pb::RevokeCredentialRequest {
+            credential_id: creds.svid.serial.clone(),
+            reason: "test".into(),
+        })
+        .await
+        .unwrap();
+    for version in ["-tls1_2", "-tls1_3"] {
+        let sess = format!("sess{version}");
+        let mut extra = Vec::new();
+        if std::fs::metadata(dir.path().join(&sess)).is_ok_and(|m| m.len() > 0) {
+            extra = vec!["-sess_in", sess.as_str()];
+        }
+        let (ok, text) = s_client(dir.path(), port, version, &extra);
+        assert!(
+            !ok,
+            "{version}: a revoked certificate completed a handshake: {text}"
+        );
+        assert!(!text.contains("Reused, "), "{version}: {text}");
+    }
+}

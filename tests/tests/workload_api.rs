@@ -273,13 +273,12 @@ async fn a_connection_is_attested_as_the_program_that_opened_it_not_one_it_execs
     let _ = attacker.kill();
     let _ = attacker.wait();
     // Nothing was minted for the probe's identity but the probe's own certificate.
-    let minted: Vec<_> = w
-        .b
-        .audit_for("attest")
-        .await
-        .into_iter()
-        .filter(|e| e["decision"] == "allow")
-        .collect();
+    let minted: Vec<_> =
+        w.b.audit_for("attest")
+            .await
+            .into_iter()
+            .filter(|e| e["decision"] == "allow")
+            .collect();
     assert_eq!(minted.len(), 1, "{minted:?}");
 }
 
@@ -394,7 +393,11 @@ async fn the_spiffe_crate_fetches_svids_and_bundles_and_sees_rotation_on_its_str
     for k in keys {
         assert_eq!(k["use"], "jwt-svid", "{k}");
         let kid = k["kid"].as_str().unwrap();
-        assert_eq!(&by_kid(&spiffe_doc, kid), k, "the SPIFFE bundle endpoint agrees");
+        assert_eq!(
+            &by_kid(&spiffe_doc, kid),
+            k,
+            "the SPIFFE bundle endpoint agrees"
+        );
         let o = by_kid(&oidc_doc, kid);
         assert_eq!(o["use"], "sig");
         for m in ["kty", "crv", "x", "y"] {
@@ -495,10 +498,13 @@ async fn the_spiffe_crate_fetches_svids_and_bundles_and_sees_rotation_on_its_str
         };
         let mut codes = vec![
             raw.fetch_jwtsvid(req(jwt, &values)).await.map(|_| ()),
-            raw.validate_jwtsvid(req(sigil_proto::workload::ValidateJwtsvidRequest {
-                audience: "db".into(),
-                svid: "x.y.z".into(),
-            }, &values))
+            raw.validate_jwtsvid(req(
+                sigil_proto::workload::ValidateJwtsvidRequest {
+                    audience: "db".into(),
+                    svid: "x.y.z".into(),
+                },
+                &values,
+            ))
             .await
             .map(|_| ()),
             raw.fetch_x509svid(req(sigil_proto::workload::X509svidRequest {}, &values))

@@ -30,7 +30,9 @@ fn main() {
     let mut conn = UnixStream::connect(socket).expect("connect to the broker");
     // The broker speaks first (its SETTINGS frame) once it has accepted the connection.
     let mut first = vec![0u8; 4096];
-    let n = conn.read(&mut first).expect("read the broker's first bytes");
+    let n = conn
+        .read(&mut first)
+        .expect("read the broker's first bytes");
     first.truncate(n);
     let hex: String = first.iter().map(|b| format!("{b:02x}")).collect();
     let me = std::env::current_exe().expect("own path");
@@ -62,7 +64,9 @@ fn relay(proxy: &str, parent: u32, hex: &str) {
     let first: Vec<u8> = (0..hex.len() / 2)
         .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex"))
         .collect();
-    client.write_all(&first).expect("replay the broker's first bytes");
+    client
+        .write_all(&first)
+        .expect("replay the broker's first bytes");
     let mut to_broker = broker.try_clone().expect("clone");
     let mut from_client = client.try_clone().expect("clone");
     let up = std::thread::spawn(move || {
