@@ -174,8 +174,11 @@ where
         Box::pin(tracing::Instrument::instrument(
             async move {
                 let mut res = fut.await;
-                if let (Ok(r), Ok(v)) = (&mut res, id.parse()) {
-                    r.headers_mut().insert("sigil-request-id", v);
+                if let Ok(r) = &mut res {
+                    oversize_is_resource_exhausted(r.headers_mut());
+                    if let Ok(v) = id.parse() {
+                        r.headers_mut().insert("sigil-request-id", v);
+                    }
                 }
                 let code = match &res {
                     Ok(r) => r
@@ -194,6 +197,62 @@ where
             span,
         ))
     }
+}
+
+/// tonic answers a request above the decoding limit with `OutOfRange`; gRPC-core and grpc-go
+/// (and the gRPC status code guide) say `ResourceExhausted`, which clients treat as "too
+/// big", not as a range error in the request's contents. Rewrites that status, which tonic
+/// sends trailers-only (in the response headers), and says which limit applies.
+fn oversize_is_resource_exhausted(headers: &mut tonic::codegen::http::HeaderMap) {
+    const OUT_OF_RANGE: &[u8] = b"11";
+    if headers.get("grpc-status").map(|v| v.as_bytes()) != Some(OUT_OF_RANGE) {
+        return;
+    }
+    let message = headers
+        .get("grpc-message")
+        .map(|v| percent_decode(v.as_bytes()))
+        .unwrap_or_default();
+    let Some(rest) = message.strip_prefix("Error, decoded message length too large: found ") else {
+        return;
+    };
+    let numbers: Vec<&str> = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let text = match numbers.as_slice() {
+        [found, limit] => format!(
+            "the request is {found} bytes; the limit is {limit} bytes (limits.max_request_bytes)"
+        ),
+        _ => "the request is larger than limits.max_request_bytes".to_owned(),
+    };
+    headers.insert(
+        "grpc-status",
+        tonic::codegen::http::HeaderValue::from_static("8"),
+    );
+    if let Ok(v) = tonic::codegen::http::HeaderValue::from_str(&text.replace(' ', "%20")) {
+        headers.insert("grpc-message", v);
+    }
+}
+
+/// Decodes the `%XX` escapes of a `grpc-message`.
+fn percent_decode(v: &[u8]) -> String {
+    let mut out = Vec::with_capacity(v.len());
+    let mut i = 0;
+    while i < v.len() {
+        if v[i] == b'%'
+            && let Some(b) = v
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(v[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Counts credentials that have not expired, by expiry second; fed by the commit observer and
