@@ -552,8 +552,9 @@ impl Broker {
             kind: "jwt".into(),
             ..Default::default()
         };
-        let Ok((header, _)) = sigil_pki::jwt::peek_unverified(token) else {
-            return inactive("not a JWT");
+        let header = match sigil_pki::jwt::peek_unverified(token) {
+            Ok((h, _)) => h,
+            Err(e) => return inactive(&format!("not a JWT-SVID: {e}")),
         };
         let kid = header
             .get("kid")

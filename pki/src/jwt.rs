@@ -40,6 +40,22 @@ pub enum JwtError {
     /// A `crit` header: nothing here understands extensions.
     #[error("token has a critical header extension")]
     CriticalHeader,
+    /// A header member other than `alg`, `kid` and `typ`.
+    #[error(
+        "token header member {0:?} is not allowed (a JWT-SVID header has only alg, kid and typ)"
+    )]
+    UnexpectedHeader(String),
+    /// A JSON object with the same member twice (parsers disagree on which one counts).
+    #[error("token {part} has the member {name:?} more than once")]
+    DuplicateMember {
+        /// `header` or `payload`.
+        part: &'static str,
+        /// The repeated member.
+        name: String,
+    },
+    /// An ECDSA signature in high-S form: valid ECDSA, but not the one canonical encoding.
+    #[error("token signature is not in canonical (low-S) form")]
+    NonCanonicalSignature,
     /// No `kid` in the header.
     #[error("token has no key id (kid)")]
     MissingKid,
@@ -295,13 +311,120 @@ pub struct VerifiedJwt {
     pub claims: JwtSvidClaims,
 }
 
-fn decode_json(part: &str, what: &'static str) -> Result<serde_json::Map<String, Value>, JwtError> {
-    let bytes = B64URL.decode(part).map_err(|_| JwtError::Malformed(what))?;
-    match serde_json::from_slice::<Value>(&bytes) {
+/// Decodes one base64url part as a JSON object, refusing a member repeated at any depth.
+/// `part` is `header` or `payload`, `what` the message for anything else malformed.
+fn decode_json(
+    b64: &str,
+    part: &'static str,
+    what: &'static str,
+) -> Result<serde_json::Map<String, Value>, JwtError> {
+    let bytes = B64URL.decode(b64).map_err(|_| JwtError::Malformed(what))?;
+    let mut de = serde_json::Deserializer::from_slice(&bytes);
+    let parsed = serde::Deserialize::deserialize(&mut de).and_then(|v: strict::Strict| {
+        de.end()?;
+        Ok(v.0)
+    });
+    match parsed {
         Ok(Value::Object(m)) => Ok(m),
+        Err(e) if strict::is_duplicate(&e) => Err(JwtError::DuplicateMember {
+            part,
+            name: strict::duplicate_name(&e),
+        }),
         _ => Err(JwtError::Malformed(what)),
     }
 }
+
+/// JSON values whose objects have unique member names: RFC 7515 §5.2 lets a JWS reject
+/// duplicate members, and accepting them would let two parsers read different claims from
+/// one signed token.
+mod strict {
+    use std::fmt;
+
+    use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+    use serde_json::{Map, Number, Value};
+
+    const DUPLICATE: &str = "duplicate member ";
+    const MAX_NAME: usize = 64;
+
+    /// A JSON value, parsed strictly.
+    pub(super) struct Strict(pub(super) Value);
+
+    impl<'de> de::Deserialize<'de> for Strict {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(StrictVisitor).map(Strict)
+        }
+    }
+
+    pub(super) fn is_duplicate(e: &serde_json::Error) -> bool {
+        e.to_string().starts_with(DUPLICATE)
+    }
+
+    /// The repeated member's name, as reported (bounded: it came from the token).
+    pub(super) fn duplicate_name(e: &serde_json::Error) -> String {
+        let text = e.to_string();
+        let rest = text.strip_prefix(DUPLICATE).unwrap_or_default();
+        // serde_json appends " at line L column C".
+        let name = rest.rsplit_once(" at line ").map_or(rest, |(n, _)| n);
+        name.chars().take(MAX_NAME).collect()
+    }
+
+    struct StrictVisitor;
+
+    impl<'de> Visitor<'de> for StrictVisitor {
+        type Value = Value;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON value")
+        }
+        fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+            Ok(Value::Bool(v))
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+            Ok(Value::Number(v.into()))
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+            Ok(Value::Number(v.into()))
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+            Number::from_f64(v)
+                .map(Value::Number)
+                .ok_or_else(|| E::custom("a number that JSON cannot hold"))
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+            Ok(Value::String(v.to_owned()))
+        }
+        fn visit_string<E>(self, v: String) -> Result<Value, E> {
+            Ok(Value::String(v))
+        }
+        fn visit_unit<E>(self) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+        fn visit_none<E>(self) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(Strict(v)) = seq.next_element()? {
+                out.push(v);
+            }
+            Ok(Value::Array(out))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+            let mut out = Map::new();
+            while let Some(name) = map.next_key::<String>()? {
+                if out.contains_key(&name) {
+                    return Err(de::Error::custom(format!("{DUPLICATE}{name}")));
+                }
+                let Strict(v) = map.next_value()?;
+                out.insert(name, v);
+            }
+            Ok(Value::Object(out))
+        }
+    }
+}
+
+/// Header members a JWT-SVID may carry (SPIFFE JWT-SVID §2: `alg`, `kid`, `typ`).
+const HEADER_MEMBERS: [&str; 3] = ["alg", "kid", "typ"];
 
 fn numeric(
     claims: &serde_json::Map<String, Value>,
@@ -334,7 +457,7 @@ pub fn verify(
     else {
         return Err(JwtError::Malformed("expected three dot-separated parts"));
     };
-    let header = decode_json(h, "header is not base64url JSON")?;
+    let header = decode_json(h, "header", "header is not base64url JSON")?;
     match header.get("alg") {
         Some(Value::String(a)) if a == ALG => {}
         Some(Value::String(a)) => return Err(JwtError::BadAlgorithm(a.clone())),
@@ -347,6 +470,12 @@ pub fn verify(
     }
     if header.contains_key("crit") {
         return Err(JwtError::CriticalHeader);
+    }
+    if let Some(other) = header
+        .keys()
+        .find(|k| !HEADER_MEMBERS.contains(&k.as_str()))
+    {
+        return Err(JwtError::UnexpectedHeader(other.chars().take(64).collect()));
     }
     let kid = match header.get("kid") {
         Some(Value::String(k)) if !k.is_empty() => k.clone(),
@@ -362,8 +491,12 @@ pub fn verify(
     UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, point)
         .verify(signed.as_bytes(), &sig)
         .map_err(|_| JwtError::BadSignature)?;
+    // A verified fixed-size signature is 64 bytes: r then s.
+    if !crate::key::is_low_s(&sig[32..]) {
+        return Err(JwtError::NonCanonicalSignature);
+    }
 
-    let claims = decode_json(p, "payload is not base64url JSON")?;
+    let claims = decode_json(p, "payload", "payload is not base64url JSON")?;
     let sub = match claims.get("sub") {
         Some(Value::String(s)) => s,
         Some(_) => return Err(JwtError::WrongClaimType("sub", "must be a string")),
@@ -517,8 +650,8 @@ pub fn peek_unverified(token: &str) -> Result<(JsonObject, JsonObject), JwtError
         return Err(JwtError::Malformed("expected three dot-separated parts"));
     };
     Ok((
-        decode_json(h, "header is not base64url JSON")?,
-        decode_json(p, "payload is not base64url JSON")?,
+        decode_json(h, "header", "header is not base64url JSON")?,
+        decode_json(p, "payload", "payload is not base64url JSON")?,
     ))
 }
 
@@ -780,6 +913,95 @@ mod tests {
             verify(&signer.sign(&claims(60)).unwrap(), &keys, &o),
             Err(JwtError::BadSubject(_))
         ));
+    }
+
+    #[test]
+    fn only_alg_kid_and_typ_may_be_in_the_header() {
+        let (signer, keys) = setup();
+        let payload = r#"{"sub":"spiffe://example.org/a","aud":"x","exp":1800000060}"#;
+        let ok = format!(r#"{{"alg":"ES256","kid":"{}","typ":"JWT"}}"#, signer.kid());
+        assert!(verify(&raw_token(&signer, &ok, payload), &keys, &opts(None)).is_ok());
+        for extra in [
+            r#""jku":"https://evil""#,
+            r#""x5u":"https://evil""#,
+            r#""cty":"JWT""#,
+            r#""zip":"DEF""#,
+        ] {
+            let h = format!(r#"{{"alg":"ES256","kid":"{}",{extra}}}"#, signer.kid());
+            assert!(
+                matches!(
+                    verify(&raw_token(&signer, &h, payload), &keys, &opts(None)),
+                    Err(JwtError::UnexpectedHeader(_))
+                ),
+                "{extra}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_member_repeated_anywhere_is_refused() {
+        let (signer, keys) = setup();
+        let h = format!(r#"{{"alg":"ES256","kid":"{}"}}"#, signer.kid());
+        let payload = r#"{"sub":"spiffe://example.org/a","sub":"spiffe://example.org/admin","aud":"x","exp":1800000060}"#;
+        assert_eq!(
+            verify(&raw_token(&signer, &h, payload), &keys, &opts(None)),
+            Err(JwtError::DuplicateMember {
+                part: "payload",
+                name: "sub".into()
+            })
+        );
+        let nested = r#"{"sub":"spiffe://example.org/a","aud":"x","exp":1800000060,"act":{"sub":"spiffe://example.org/b","sub":"spiffe://example.org/c"}}"#;
+        assert!(matches!(
+            verify(&raw_token(&signer, &h, nested), &keys, &opts(None)),
+            Err(JwtError::DuplicateMember { .. })
+        ));
+        let dup_header = format!(
+            r#"{{"alg":"ES256","kid":"{}","alg":"ES256"}}"#,
+            signer.kid()
+        );
+        assert_eq!(
+            verify(
+                &raw_token(
+                    &signer,
+                    &dup_header,
+                    r#"{"sub":"spiffe://example.org/a","aud":"x","exp":1800000060}"#
+                ),
+                &keys,
+                &opts(None)
+            ),
+            Err(JwtError::DuplicateMember {
+                part: "header",
+                name: "alg".into()
+            })
+        );
+        // A hostile name is bounded in the message.
+        let long = "n".repeat(500);
+        let p = format!(
+            r#"{{"sub":"spiffe://example.org/a","aud":"x","exp":1800000060,"{long}":1,"{long}":2}}"#
+        );
+        let Err(JwtError::DuplicateMember { name, .. }) =
+            verify(&raw_token(&signer, &h, &p), &keys, &opts(None))
+        else {
+            panic!("refused");
+        };
+        assert_eq!(name.len(), 64);
+    }
+
+    #[test]
+    fn a_high_s_signature_is_refused_though_ecdsa_accepts_it() {
+        let (signer, keys) = setup();
+        let token = signer.sign(&claims(300)).unwrap();
+        assert!(verify(&token, &keys, &opts(Some("db"))).is_ok());
+        let (signed, sig_b64) = token.rsplit_once('.').unwrap();
+        let mut sig = B64URL.decode(sig_b64).unwrap();
+        let twin = crate::key::negate_mod_n(&sig[32..]);
+        sig[32..].copy_from_slice(&twin);
+        let malleated = format!("{signed}.{}", B64URL.encode(&sig));
+        assert_ne!(malleated, token);
+        assert_eq!(
+            verify(&malleated, &keys, &opts(Some("db"))),
+            Err(JwtError::NonCanonicalSignature)
+        );
     }
 
     #[test]

@@ -80,13 +80,58 @@ impl EcKey {
     }
 
     /// An ES256 JWS signature (64 bytes, r || s) over `msg`.
+    ///
+    /// The signature is in canonical low-S form (`s ≤ n/2`): ECDSA accepts both `(r, s)` and
+    /// `(r, n − s)`, and Sigil's verifiers accept only the low one, so each token has exactly
+    /// one valid encoding.
     pub fn sign_es256(&self, msg: &[u8]) -> Result<Vec<u8>, PkiError> {
         let sig = self
             .fixed
             .sign(&SystemRandom::new(), msg)
             .map_err(|_| PkiError::Crypto("ES256 signing failed"))?;
-        Ok(sig.as_ref().to_vec())
+        let mut sig = sig.as_ref().to_vec();
+        if sig.len() != 64 {
+            return Err(PkiError::Crypto("ES256 signature has the wrong length"));
+        }
+        if !is_low_s(&sig[32..]) {
+            let s = negate_mod_n(&sig[32..]);
+            sig[32..].copy_from_slice(&s);
+        }
+        Ok(sig)
     }
+}
+
+/// The order n of the P-256 group, big-endian.
+const P256_N: [u8; 32] = [
+    0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+    0xbc, 0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63, 0x25, 0x51,
+];
+/// ⌊n / 2⌋, big-endian: the largest canonical `s`.
+const P256_HALF_N: [u8; 32] = [
+    0x7f, 0xff, 0xff, 0xff, 0x80, 0x00, 0x00, 0x00, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+    0xde, 0x73, 0x7d, 0x56, 0xd3, 0x8b, 0xcf, 0x42, 0x79, 0xdc, 0xe5, 0x61, 0x7e, 0x31, 0x92, 0xa8,
+];
+
+/// Whether the 32-byte big-endian `s` of a P-256 signature is in low-S form (`s ≤ n/2`).
+pub fn is_low_s(s: &[u8]) -> bool {
+    // Equal-length big-endian integers compare like byte strings.
+    s.len() == 32 && s <= P256_HALF_N.as_slice()
+}
+
+/// `n − s` for a 32-byte big-endian `0 < s < n`: the other valid `s` of the same signature
+/// (public so tests can build the malleated twin of a genuine signature).
+pub fn negate_mod_n(s: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    let mut borrow = 0i16;
+    for i in (0..32).rev() {
+        let mut d = i16::from(P256_N[i]) - i16::from(s[i]) - borrow;
+        borrow = i16::from(d < 0);
+        if d < 0 {
+            d += 256;
+        }
+        out[i] = d as u8;
+    }
+    out
 }
 
 impl fmt::Debug for EcKey {
@@ -144,6 +189,33 @@ pub(crate) fn jwk_thumbprint(point: &[u8]) -> Result<String, PkiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signatures_are_low_s_and_the_high_s_twin_also_verifies_with_plain_ecdsa() {
+        use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
+        let k = EcKey::generate().unwrap();
+        let public = UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, k.public_point().to_vec());
+        let mut seen_high_twin = 0;
+        for i in 0..32u8 {
+            let msg = [i; 16];
+            let sig = k.sign_es256(&msg).unwrap();
+            assert!(is_low_s(&sig[32..]), "every signature is low-S");
+            public.verify(&msg, &sig).unwrap();
+            // The twin (r, n - s) is a valid ECDSA signature too, in high-S form: exactly the
+            // malleability the verifiers refuse.
+            let mut twin = sig.clone();
+            twin[32..].copy_from_slice(&negate_mod_n(&sig[32..]));
+            assert!(!is_low_s(&twin[32..]));
+            public.verify(&msg, &twin).unwrap();
+            seen_high_twin += 1;
+        }
+        assert_eq!(seen_high_twin, 32);
+        assert!(is_low_s(&P256_HALF_N));
+        let mut above = P256_HALF_N;
+        above[31] += 1;
+        assert!(!is_low_s(&above));
+        assert_eq!(negate_mod_n(&negate_mod_n(&above)), above);
+    }
 
     #[test]
     fn pkcs8_round_trip_keeps_the_key() {

@@ -794,3 +794,94 @@ async fn on_the_unix_socket_a_process_matching_two_identities_acts_as_the_one_it
         "{e:?}"
     );
 }
+
+/// ValidateJWTSVID accepts exactly one encoding of a token: the one the broker signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_jwtsvid_refuses_extra_headers_repeated_members_and_high_s_twins() {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    let w = world().await;
+    let me = std::env::current_exe().unwrap();
+    w.b.identity("local/tests", |r| {
+        r.selectors = vec![
+            format!("unix:uid:{}", my_uid()),
+            format!("unix:path:{}", me.display()),
+        ];
+    })
+    .await;
+    let mut raw = raw_workload_client(&w.socket).await;
+    let token = raw
+        .fetch_jwtsvid(with_header(sigil_proto::workload::JwtsvidRequest {
+            audience: vec!["db".into()],
+            spiffe_id: String::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .svids
+        .remove(0)
+        .svid;
+    let mut validate = async |svid: String| {
+        raw.validate_jwtsvid(with_header(sigil_proto::workload::ValidateJwtsvidRequest {
+            audience: "db".into(),
+            svid,
+        }))
+        .await
+    };
+    assert!(validate(token.clone()).await.is_ok(), "the genuine token");
+
+    // The high-S twin: valid ECDSA over the same bytes, refused.
+    let (signed, sig) = token.rsplit_once('.').unwrap();
+    let mut sig = B64.decode(sig).unwrap();
+    let twin = sigil_pki::key::negate_mod_n(&sig[32..]);
+    sig[32..].copy_from_slice(&twin);
+    let e = validate(format!("{signed}.{}", B64.encode(&sig)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("canonical (low-S)"), "{e:?}");
+
+    // Tokens signed with the broker's own current key, but not as the broker signs them.
+    let ring = w.b.broker().keys().current();
+    let key = ring.jwt.key();
+    let (_, payload) = sigil_pki::jwt::peek_unverified(&token).unwrap();
+    let sign = |header: String, payload: String| {
+        let mut t = format!("{}.{}", B64.encode(header), B64.encode(payload));
+        let s = key.sign_es256(t.as_bytes()).unwrap();
+        t.push('.');
+        t.push_str(&B64.encode(s));
+        t
+    };
+    let body = serde_json::Value::Object(payload.clone()).to_string();
+    let plain = sign(
+        format!(r#"{{"alg":"ES256","kid":"{}","typ":"JWT"}}"#, key.kid()),
+        body.clone(),
+    );
+    assert!(validate(plain).await.is_ok(), "the same claims, re-signed");
+    let e = validate(sign(
+        format!(
+            r#"{{"alg":"ES256","kid":"{}","typ":"JWT","jku":"https://attacker.example/keys"}}"#,
+            key.kid()
+        ),
+        body.clone(),
+    ))
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("\"jku\" is not allowed"), "{e:?}");
+    let sub = payload["sub"].as_str().unwrap();
+    let doubled = body.replacen(
+        &format!(r#""sub":"{sub}""#),
+        &format!(r#""sub":"{sub}","sub":"spiffe://example.org/admin""#),
+        1,
+    );
+    assert_ne!(doubled, body);
+    let e = validate(sign(
+        format!(r#"{{"alg":"ES256","kid":"{}","typ":"JWT"}}"#, key.kid()),
+        doubled,
+    ))
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("\"sub\" more than once"), "{e:?}");
+}
