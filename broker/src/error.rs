@@ -73,7 +73,7 @@ impl From<StoreError> for BrokerError {
                     BrokerError::AttestationFailed { method: "join_token", hint: crate::attest::join_token::HINT.into() }
                 }
             },
-            StoreError::Unavailable(_) | StoreError::Closed => BrokerError::Unavailable(
+            StoreError::Unavailable(_) | StoreError::Open(_) | StoreError::Closed => BrokerError::Unavailable(
                 "the broker could not record this durably, so nothing was issued or changed; retry shortly".into(),
             ),
             other => BrokerError::Internal(other.to_string()),

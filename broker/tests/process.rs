@@ -619,3 +619,135 @@ fn sigil_bench_runs_embedded_and_prints_the_documented_json() {
         "{p}"
     );
 }
+
+/// sha256 of every file under `dir`, by relative path.
+fn digests(dir: &Path) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let bytes = std::fs::read(&p).unwrap();
+                let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes);
+                out.insert(
+                    p.strip_prefix(dir).unwrap().display().to_string(),
+                    sigil_pki::ids::to_hex(d.as_ref()),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// A wrong, garbage or mismatched key, or a damaged store, is refused by every command that
+/// opens a store — and not one byte of the data dir changes, even for a store a `kill -9` left
+/// needing crash recovery (whose recovery would rewrite it).
+#[test]
+fn a_wrong_master_key_or_a_damaged_store_changes_nothing_in_any_start_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = init(tmp.path());
+    // Leave the store as a crash does: served, then killed.
+    let (mut p, _) = serve(tmp.path(), &data);
+    p.child.kill().unwrap();
+    p.child.wait().unwrap();
+    let _ = std::fs::remove_file(data.join("broker.url"));
+    let good = digests(&data);
+    let wrong = sigil_broker::seal::MasterKey::generate().to_base64();
+    let store = data.join("sigil.redb");
+    let sidecar = data.join("sigil.redb.keycheck");
+    let sidecar_bytes = std::fs::read(&sidecar).unwrap();
+    let store_bytes = std::fs::read(&store).unwrap();
+    let d = data.to_str().unwrap();
+    let commands: [&[&str]; 3] = [
+        &["serve", "--data-dir", d],
+        &["audit", "verify", "--offline", "--data-dir", d],
+        &[
+            "dev",
+            "--data-dir",
+            d,
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "off",
+        ],
+    ];
+    // (case, key in the environment, what to do to the data dir, what the error must say)
+    type Damage = fn(&Path, &[u8], &[u8]);
+    let cases: [(&str, Option<&str>, Damage, &str); 5] = [
+        (
+            "wrong key",
+            Some(wrong.expose_secret()),
+            |_, _, _| {},
+            "the master key does not match the data in",
+        ),
+        (
+            "wrong key, no key-check file",
+            Some(wrong.expose_secret()),
+            |d, _, _| std::fs::remove_file(d.join("sigil.redb.keycheck")).unwrap(),
+            "the master key does not match the data in",
+        ),
+        (
+            "garbage key",
+            Some("this is not a key"),
+            |_, _, _| {},
+            "is not valid: expected 32 bytes, base64-encoded",
+        ),
+        (
+            "truncated store",
+            None,
+            |d, _, store| std::fs::write(d.join("sigil.redb"), &store[..store.len() / 2]).unwrap(),
+            "sigil.redb",
+        ),
+        (
+            "torn key-check file",
+            None,
+            |d, _, _| std::fs::write(d.join("sigil.redb.keycheck"), b"").unwrap(),
+            "is empty (torn by a crash",
+        ),
+    ];
+    for (case, key, damage, says) in cases {
+        // Every case starts from the crashed store.
+        std::fs::write(&sidecar, &sidecar_bytes).unwrap();
+        std::fs::write(&store, &store_bytes).unwrap();
+        assert_eq!(digests(&data), good);
+        damage(&data, &sidecar_bytes, &store_bytes);
+        let before = digests(&data);
+        for args in commands {
+            let mut cmd = Command::new(SIGIL);
+            cmd.args(args)
+                .current_dir(tmp.path())
+                .env_remove("SIGIL_MASTER_KEY");
+            if let Some(k) = key {
+                cmd.env("SIGIL_MASTER_KEY", k);
+            }
+            let out = cmd.output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{case}: {args:?} must refuse");
+            assert!(err.contains(says), "{case}: {args:?}: {err}");
+            assert!(!err.contains("panicked"), "{case}: {args:?}: {err}");
+            assert_eq!(
+                digests(&data),
+                before,
+                "{case}: {args:?} changed the data dir"
+            );
+        }
+    }
+    // The right key still opens the crashed store (recovering it).
+    std::fs::write(&sidecar, &sidecar_bytes).unwrap();
+    std::fs::write(&store, &store_bytes).unwrap();
+    let out = sigil(
+        &["audit", "verify", "--offline", "--data-dir", d],
+        tmp.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(digests(&data), good, "the offline verifier writes nothing");
+    let (p, _) = serve(tmp.path(), &data);
+    drop(p);
+}

@@ -990,12 +990,7 @@ pub(super) async fn audit(cmd: AuditCmd) -> Result<()> {
             let sealer = crate::seal::Sealer::new(&crate::server::load_master_key(&cfg)?);
             let path = cfg.store_path();
             crate::store::redb::check_master_key(&path, &sealer)?;
-            let entries = crate::store::redb::read_audit_file(&path).with_context(|| {
-                format!(
-                    "reading {} (stop the broker first, or verify without --offline)",
-                    path.display()
-                )
-            })?;
+            let entries = crate::store::redb::read_audit_file(&path)?;
             match crate::audit::verify_chain(&sealer, entries) {
                 crate::audit::ChainReport::Intact { entries } => {
                     println!("audit log intact: {entries} entries")

@@ -166,6 +166,9 @@ pub enum StoreError {
     /// The change could not be made durable; nothing was written. Fail closed.
     #[error("the store could not commit: {0}")]
     Unavailable(String),
+    /// The store could not be opened (missing, unreadable, damaged); nothing was written.
+    #[error("the store could not be opened: {0}")]
+    Open(String),
     /// The data dir cannot be used by this build or with this key.
     #[error("{0}")]
     Incompatible(String),

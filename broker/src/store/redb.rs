@@ -131,6 +131,174 @@ impl StorageBackend for FaultyBackend {
     }
 }
 
+/// A view of a store file in which redb may do whatever it must to open it (crash recovery
+/// rewrites the allocator state and headers) while the file itself is never written: writes
+/// land in memory pages over the file. Locks go to the real file, so a view cannot be opened
+/// beside a broker that has the store open.
+///
+/// Used to look into a store before trusting the master key (a wrong key must change nothing)
+/// and by the offline tools (`audit verify --offline`), which must work on exactly the store a
+/// crash left behind.
+#[derive(Debug)]
+struct ScratchBackend {
+    /// For locks only.
+    locks: FileBackend,
+    /// For reads.
+    file: std::fs::File,
+    file_len: u64,
+    state: std::sync::Mutex<Scratch>,
+}
+
+#[derive(Debug)]
+struct Scratch {
+    len: u64,
+    pages: HashMap<u64, Box<[u8]>>,
+}
+
+const SCRATCH_PAGE: u64 = 4096;
+
+impl ScratchBackend {
+    fn open(path: &Path) -> Result<Self, StoreError> {
+        let file = std::fs::File::open(path).map_err(|e| open_io(path, e))?;
+        // Locks need a writable descriptor; the file is never written through it. A file we
+        // may not write to cannot be a live broker's either (it needs write access), so a
+        // read-only descriptor without locks is enough then.
+        let lock_file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .or_else(|_| std::fs::File::open(path))
+            .map_err(|e| open_io(path, e))?;
+        let file_len = file.metadata().map_err(|e| open_io(path, e))?.len();
+        Ok(ScratchBackend {
+            locks: FileBackend::new(lock_file).map_err(|e| open_error(path, e))?,
+            file,
+            file_len,
+            state: std::sync::Mutex::new(Scratch {
+                len: file_len,
+                pages: HashMap::new(),
+            }),
+        })
+    }
+
+    /// The page `n` as the view sees it.
+    fn page(&self, pages: &HashMap<u64, Box<[u8]>>, n: u64) -> std::io::Result<Box<[u8]>> {
+        use std::os::unix::fs::FileExt as _;
+        if let Some(p) = pages.get(&n) {
+            return Ok(p.clone());
+        }
+        let mut buf = vec![0u8; SCRATCH_PAGE as usize].into_boxed_slice();
+        let start = n * SCRATCH_PAGE;
+        if start < self.file_len {
+            let have = ((self.file_len - start).min(SCRATCH_PAGE)) as usize;
+            self.file.read_exact_at(&mut buf[..have], start)?;
+        }
+        Ok(buf)
+    }
+}
+
+impl StorageBackend for ScratchBackend {
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(self
+            .state
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?
+            .len)
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        let st = self
+            .state
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?;
+        let mut done = 0usize;
+        while done < out.len() {
+            let pos = offset + done as u64;
+            let (n, within) = (pos / SCRATCH_PAGE, (pos % SCRATCH_PAGE) as usize);
+            let take = (SCRATCH_PAGE as usize - within).min(out.len() - done);
+            if !st.pages.contains_key(&n) && pos + take as u64 <= self.file_len {
+                use std::os::unix::fs::FileExt as _;
+                self.file.read_exact_at(&mut out[done..done + take], pos)?;
+            } else {
+                let page = self.page(&st.pages, n)?;
+                out[done..done + take].copy_from_slice(&page[within..within + take]);
+            }
+            done += take;
+        }
+        Ok(())
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        let mut st = self
+            .state
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?;
+        st.len = len;
+        // Bytes cut off and grown back read as zeros, as with a real file.
+        let first_gone = len.div_ceil(SCRATCH_PAGE);
+        st.pages.retain(|n, _| *n < first_gone);
+        if len % SCRATCH_PAGE != 0
+            && let Some(p) = st.pages.get_mut(&(len / SCRATCH_PAGE))
+        {
+            p[(len % SCRATCH_PAGE) as usize..].fill(0);
+        }
+        Ok(())
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let mut st = self
+            .state
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?;
+        let mut done = 0usize;
+        while done < data.len() {
+            let pos = offset + done as u64;
+            let (n, within) = (pos / SCRATCH_PAGE, (pos % SCRATCH_PAGE) as usize);
+            let take = (SCRATCH_PAGE as usize - within).min(data.len() - done);
+            let mut page = self.page(&st.pages, n)?;
+            page[within..within + take].copy_from_slice(&data[done..done + take]);
+            st.pages.insert(n, page);
+            done += take;
+        }
+        st.len = st.len.max(offset + data.len() as u64);
+        Ok(())
+    }
+    fn close(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.locks.try_lock_range(start, end)
+    }
+    fn try_lock_shared_range(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> Result<bool, BackendError> {
+        self.locks.try_lock_shared_range(start, end)
+    }
+    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.locks.lock_range(start, end)
+    }
+    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.locks.lock_shared_range(start, end)
+    }
+    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.locks.unlock_range(start, end)
+    }
+}
+
+/// Opens `path` as a database whose writes never reach the file (see [`ScratchBackend`]).
+fn open_view(path: &Path) -> Result<Database, StoreError> {
+    let backend = ScratchBackend::open(path)?;
+    Database::builder()
+        .create_with_backend(backend)
+        .map_err(|e| open_error(path, e))
+}
+
+fn open_io(path: &Path, e: std::io::Error) -> StoreError {
+    StoreError::Open(format!("{}: {e}", path.display()))
+}
+
 /// The redb-backed [`Store`].
 pub struct RedbStore {
     /// `None` once closed, so the file is released even while others still hold the store.
@@ -180,15 +348,72 @@ fn key_check_path(path: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// Checks `sealer`'s master key against the sealed key check beside the store file, without
-/// opening the store.
+/// Checks that `path` is a store this build reads and that `sealer`'s master key is the one
+/// it was created with — the key check beside the file first, then the one inside it — without
+/// writing a byte of either, even when the file needs crash recovery. Every path that opens a
+/// store (serve, dev, the offline tools) runs this first.
 pub fn check_master_key(path: &Path, sealer: &Sealer) -> Result<(), StoreError> {
-    match std::fs::read(key_check_path(path)) {
-        Ok(check) if sealer.open("meta", META_KEY_CHECK, &check).is_err() => Err(wrong_key(path)),
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(unavailable(e)),
+    let sidecar = key_check_path(path);
+    match std::fs::read(&sidecar) {
+        Ok(check) if check.is_empty() => {
+            return Err(StoreError::Incompatible(format!(
+                "the key-check file {} is empty (torn by a crash right after `sigil init`?); it is not evidence of a wrong key. Delete it to check the key against the store itself",
+                sidecar.display()
+            )));
+        }
+        Ok(check) => {
+            if let Err(e) = sealer.open("meta", META_KEY_CHECK, &check) {
+                // A truncated file cannot authenticate whatever the key: say so, not "wrong key".
+                if check.len() < KEY_CHECK_PLAINTEXT.len() + 28 {
+                    return Err(StoreError::Incompatible(format!(
+                        "the key-check file {} is truncated ({} bytes); it is not evidence of a wrong key. Delete it to check the key against the store itself",
+                        sidecar.display(),
+                        check.len()
+                    )));
+                }
+                drop(e);
+                return Err(wrong_key(path));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(unavailable(e)),
     }
+    let db = open_view(path)?;
+    let (meta, check) = read_meta(&db)?;
+    check_schema(path, &meta)?;
+    if sealer.open("meta", META_KEY_CHECK, &check).is_err() {
+        return Err(wrong_key(path));
+    }
+    Ok(())
+}
+
+/// The store's facts and its sealed key check.
+fn read_meta(db: &Database) -> Result<(StoreMeta, Vec<u8>), StoreError> {
+    let r = db.begin_read().map_err(unavailable)?;
+    let m = r.open_table(META).map_err(|e| corrupt("meta table", e))?;
+    let info = m
+        .get(META_INFO)
+        .map_err(unavailable)?
+        .map(|g| g.value().to_vec())
+        .ok_or_else(|| corrupt("meta", "store_meta is missing"))?;
+    let check = m
+        .get(META_KEY_CHECK)
+        .map_err(unavailable)?
+        .map(|g| g.value().to_vec())
+        .ok_or_else(|| corrupt("meta", "key_check is missing"))?;
+    let meta = serde_json::from_slice(&info).map_err(|e| corrupt("store_meta", e))?;
+    Ok((meta, check))
+}
+
+fn check_schema(path: &Path, meta: &StoreMeta) -> Result<(), StoreError> {
+    if meta.schema_version != SCHEMA_VERSION {
+        return Err(StoreError::Incompatible(format!(
+            "{} has schema version {}; this build of sigil reads version {SCHEMA_VERSION}",
+            path.display(),
+            meta.schema_version
+        )));
+    }
+    Ok(())
 }
 
 fn wrong_key(path: &Path) -> StoreError {
@@ -204,7 +429,7 @@ fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
             "{} is already open by another process (is another `sigil serve` running on this data dir?)",
             path.display()
         )),
-        other => StoreError::Unavailable(format!("opening {}: {other}", path.display())),
+        other => StoreError::Open(format!("{}: {other}", path.display())),
     }
 }
 
@@ -283,30 +508,9 @@ impl RedbStore {
                     .map_err(|e| open_error(path, e))?
             }
         };
-        let (meta_bytes, check) = {
-            let r = db.begin_read().map_err(unavailable)?;
-            let m = r.open_table(META).map_err(|e| corrupt("meta table", e))?;
-            let info = m
-                .get(META_INFO)
-                .map_err(unavailable)?
-                .map(|g| g.value().to_vec());
-            let check = m
-                .get(META_KEY_CHECK)
-                .map_err(unavailable)?
-                .map(|g| g.value().to_vec());
-            (info, check)
-        };
-        let meta_bytes = meta_bytes.ok_or_else(|| corrupt("meta", "store_meta is missing"))?;
-        let meta: StoreMeta =
-            serde_json::from_slice(&meta_bytes).map_err(|e| corrupt("store_meta", e))?;
-        if meta.schema_version != SCHEMA_VERSION {
-            return Err(StoreError::Incompatible(format!(
-                "{} has schema version {}; this build of sigil reads version {SCHEMA_VERSION}",
-                path.display(),
-                meta.schema_version
-            )));
-        }
-        let check = check.ok_or_else(|| corrupt("meta", "key_check is missing"))?;
+        // Checked again on the open database: the file may have changed since.
+        let (meta, check) = read_meta(&db)?;
+        check_schema(path, &meta)?;
         if sealer.open("meta", META_KEY_CHECK, &check).is_err() {
             return Err(wrong_key(path));
         }
@@ -998,12 +1202,11 @@ impl Store for RedbStore {
     }
 }
 
-/// Reads every audit entry of a store file directly, without a running broker. For
-/// `sigil audit verify` on a stopped broker's data dir (or a copy of it).
+/// Reads every audit entry of a store file directly, without a running broker and without
+/// writing to it, even when a crash left it needing recovery. For `sigil audit verify` on a
+/// stopped broker's data dir (or a copy of it).
 pub fn read_audit_file(path: &Path) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-    let db = Database::builder()
-        .open_read_only(path)
-        .map_err(|e| open_error(path, e))?;
+    let db = open_view(path)?;
     let r = db.begin_read().map_err(unavailable)?;
     let t = r.open_table(AUDIT).map_err(unavailable)?;
     let mut out = Vec::new();
