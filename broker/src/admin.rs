@@ -403,6 +403,8 @@ impl Broker {
             hash: hash.clone(),
             identity_id: identity.id.clone(),
             created_at: now,
+            // Stamped by the store at commit.
+            created_seq: 0,
             created_by: op.actor(),
             expires_at: now + ttl.as_secs() as i64,
             consumed_at: None,

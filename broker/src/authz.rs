@@ -100,6 +100,8 @@ pub struct MintContext<'a> {
     pub presented_generation: Option<u64>,
     /// When fresh evidence was issued (join tokens), if the method has that notion.
     pub evidence_issued_at: Option<i64>,
+    /// The commit sequence that created the evidence (join tokens), when known.
+    pub evidence_seq: Option<u64>,
     /// What is asked for.
     pub ask: Ask<'a>,
     /// Requested lifetime (`None`: the default).
@@ -244,10 +246,7 @@ impl Gate for IdentityProof {
                 ));
             }
             // Only fresh evidence, issued after the compromise, restores the identity.
-            IdentityStatus::Compromised
-                if ctx
-                    .evidence_issued_at
-                    .is_some_and(|t| t >= rec.status_since) => {}
+            IdentityStatus::Compromised if evidence_after_compromise(ctx, rec) => {}
             IdentityStatus::Compromised => {
                 return Err(format!(
                     "identity {} is marked compromised{}; it must attest again with evidence issued after the compromise (e.g. a new join token)",
@@ -458,6 +457,19 @@ impl Gate for RequestPolicy {
     }
 }
 
+/// Whether the caller's evidence was created after `rec` was marked compromised. By commit
+/// order when both carry it (a join token created in the same second as a leak report, but
+/// before it, does not restore the identity); otherwise by the clock, which is all an OIDC
+/// token's `iat` or the kernel's word offers.
+fn evidence_after_compromise(ctx: &MintContext<'_>, rec: &IdentityRecord) -> bool {
+    match (ctx.evidence_seq, rec.status_seq) {
+        (Some(evidence), compromised) if compromised > 0 => evidence > compromised,
+        _ => ctx
+            .evidence_issued_at
+            .is_some_and(|t| t >= rec.status_since),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -482,6 +494,7 @@ mod tests {
             status: IdentityStatus::Active,
             status_reason: String::new(),
             status_since: 0,
+            status_seq: 0,
             expires_at: 2_000,
             generation: 4,
             created_at: 0,
@@ -500,6 +513,7 @@ mod tests {
             method: "join_token",
             presented_generation: None,
             evidence_issued_at: None,
+            evidence_seq: None,
             ask,
             requested_ttl: ttl.map(Duration::from_secs),
             default_ttl: Duration::from_secs(300),

@@ -337,6 +337,7 @@ impl Broker {
             method: actor.method,
             presented_generation: actor.presented_generation,
             evidence_issued_at: actor.evidence_issued_at,
+            evidence_seq: actor.evidence_seq,
             ask: Ask::Attest,
             requested_ttl: None,
             default_ttl: Duration::ZERO,

@@ -588,6 +588,7 @@ impl Broker {
             method: attested.method,
             presented_generation: attested.presented_generation,
             evidence_issued_at: attested.evidence_issued_at,
+            evidence_seq: attested.evidence_seq,
             ask,
             requested_ttl: ttl,
             default_ttl,
@@ -858,6 +859,7 @@ impl Broker {
             consume_join_token: None,
             presented_generation: None,
             evidence_issued_at: v.iat,
+            evidence_seq: None,
             selectors: v.selectors,
         })
     }
@@ -901,6 +903,7 @@ impl Broker {
             presented_generation: None,
             // The kernel's word is always fresh evidence.
             evidence_issued_at: Some(now),
+            evidence_seq: None,
             selectors,
         })
     }

@@ -191,6 +191,11 @@ pub struct IdentityRecord {
     /// Unix seconds when it entered that state.
     #[serde(default)]
     pub status_since: i64,
+    /// The store's commit sequence when it entered that state (stamped by the store, in
+    /// commit order; 0 in records written before it was kept). Evidence created by a later
+    /// commit is newer than the state, whatever the clock says.
+    #[serde(default)]
+    pub status_seq: u64,
     /// Unix seconds after which it stops minting until recertified.
     pub expires_at: i64,
     /// Bumped to revoke every credential minted before.
@@ -222,6 +227,10 @@ pub struct JoinTokenRecord {
     pub identity_id: String,
     /// Unix seconds.
     pub created_at: i64,
+    /// The store's commit sequence that created it (stamped by the store; 0 in records
+    /// written before it was kept).
+    #[serde(default)]
+    pub created_seq: u64,
     /// Who created it.
     pub created_by: String,
     /// Unix seconds; useless after.

@@ -664,6 +664,7 @@ mod tests {
             status: crate::model::IdentityStatus::Active,
             status_reason: String::new(),
             status_since: 0,
+            status_seq: 0,
             expires_at: i64::MAX,
             generation: 1,
             created_at: 0,

@@ -1067,3 +1067,57 @@ async fn ledger_rows_past_their_retention_are_collected_and_issuance_goes_on() {
     assert!(row(fresh).await.is_some());
     assert_eq!(b.broker().prune_ledger().await.unwrap(), 0);
 }
+
+/// A leak report and join tokens created within one second: commit order, not the clock's
+/// seconds, decides which evidence is newer than the compromise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_token_made_before_a_leak_in_the_same_second_does_not_restore_the_identity() {
+    // The clock stands still: everything below happens "in the same second".
+    let clock = Arc::new(sigil_broker::clock::ManualClock::new(SystemTime::now()));
+    let b = TestBroker::start_with_clock(clock.clone()).await;
+    b.identity("svc/b", |_| {}).await;
+    let (_, creds) = b.attested(B, &["db"]).await;
+    let before_leak = b.join_token(B).await;
+    let report = b
+        .admin()
+        .report_leak(pb::ReportLeakRequest {
+            material: creds.jwts[0].token.expose_secret().to_owned(),
+            reason: "pasted in a chat".into(),
+            dry_run: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        report.identity.unwrap().status,
+        pb::IdentityStatus::Compromised as i32
+    );
+    let after_leak = b.join_token(B).await;
+
+    let attest = |token: String| {
+        let w = b.workload();
+        async move {
+            w.attest(
+                Evidence::JoinToken(token.into()),
+                SvidOptions::default(),
+                &[],
+            )
+            .await
+        }
+    };
+    let e = attest(before_leak).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
+    assert!(e.message().contains("marked compromised"), "{e}");
+    // The token created after the report restores the identity.
+    let creds = attest(after_leak).await.unwrap();
+    assert_eq!(creds.svid.spiffe_id.as_str(), B);
+    let id = b
+        .admin()
+        .get_identity(pb::GetIdentityRequest {
+            id_or_spiffe_id: B.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(id.status, pb::IdentityStatus::Active as i32);
+}

@@ -112,6 +112,7 @@ pub async fn attest(
         consume_join_token: Some(h),
         presented_generation: None,
         evidence_issued_at: Some(rec.created_at),
+        evidence_seq: (rec.created_seq > 0).then_some(rec.created_seq),
         selectors: Default::default(),
     })
 }

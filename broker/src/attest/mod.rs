@@ -55,6 +55,9 @@ pub struct Attested {
     /// When fresh evidence (a join token) was issued: a compromised identity is restored only
     /// by evidence newer than the compromise.
     pub evidence_issued_at: Option<i64>,
+    /// The store's commit sequence that created the evidence (join tokens): compared with the
+    /// commit that marked the identity compromised, at full precision.
+    pub evidence_seq: Option<u64>,
     /// What the evidence showed (selector-based methods); empty for join tokens and renewal.
     pub selectors: BTreeSet<Selector>,
 }

@@ -205,6 +205,7 @@ pub async fn attest(
         consume_join_token: None,
         presented_generation: Some(generation),
         evidence_issued_at: None,
+        evidence_seq: None,
         selectors: Default::default(),
     })
 }

@@ -690,7 +690,10 @@ fn apply_batch(
             match check(&t, &job.change)? {
                 Err(conflict) => results.push(Err(conflict)),
                 Ok(()) => {
-                    write(&mut t, &job.change)?;
+                    // The sequence its first audit entry gets: the change's place in commit
+                    // order, stamped on the records that need one.
+                    let commit_seq = head.seq + 1;
+                    write(&mut t, &mut job.change, commit_seq)?;
                     for op in &job.change.ops {
                         if let Op::AppendLedger(r) = op
                             && !r.identity_id.is_empty()
@@ -851,10 +854,13 @@ fn revocation_key(rec: &RevocationRecord) -> Result<Vec<u8>, StoreError> {
     Ok(key)
 }
 
-fn write(t: &mut Tables<'_>, change: &Change) -> Result<(), StoreError> {
-    for op in &change.ops {
+/// Applies `change`, stamping `commit_seq` (its place in commit order) on join tokens it
+/// creates and on identities whose status it changes.
+fn write(t: &mut Tables<'_>, change: &mut Change, commit_seq: u64) -> Result<(), StoreError> {
+    for op in &mut change.ops {
         match op {
             Op::CreateIdentity(rec) => {
+                rec.status_seq = commit_seq;
                 t.identities
                     .insert(rec.id.as_str(), to_json(rec).as_slice())
                     .map_err(unavailable)?;
@@ -906,17 +912,24 @@ fn write(t: &mut Tables<'_>, change: &Change) -> Result<(), StoreError> {
                 }
             }
             Op::UpdateIdentity { record, .. } => {
-                let old = t
+                let old: Option<IdentityRecord> = t
                     .identities
-                    .insert(record.id.as_str(), to_json(record).as_slice())
+                    .get(record.id.as_str())
                     .map_err(unavailable)?
-                    .map(|g| g.value().to_vec());
+                    .map(|g| serde_json::from_slice(g.value()))
+                    .transpose()
+                    .map_err(|e| corrupt("identity", e))?;
+                record.status_seq = match &old {
+                    Some(o) if o.status == record.status => o.status_seq,
+                    _ => commit_seq,
+                };
+                t.identities
+                    .insert(record.id.as_str(), to_json(record).as_slice())
+                    .map_err(unavailable)?;
                 t.revisions
                     .insert(record.id.as_str(), record.revision)
                     .map_err(unavailable)?;
                 if let Some(old) = old {
-                    let old: IdentityRecord =
-                        serde_json::from_slice(&old).map_err(|e| corrupt("identity", e))?;
                     if old.spiffe_id != record.spiffe_id {
                         t.spiffe
                             .remove(old.spiffe_id.as_str())
@@ -928,6 +941,7 @@ fn write(t: &mut Tables<'_>, change: &Change) -> Result<(), StoreError> {
                 }
             }
             Op::PutJoinToken(rec) => {
+                rec.created_seq = commit_seq;
                 t.tokens
                     .insert(rec.hash.as_str(), to_json(rec).as_slice())
                     .map_err(unavailable)?;
