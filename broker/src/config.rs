@@ -485,6 +485,9 @@ pub struct Limits {
     pub max_audiences: usize,
     /// Most DNS names in one X.509-SVID.
     pub max_dns_names: usize,
+    /// Most `Watch` streams open at once for one client (one certificate, or one process on
+    /// the Unix socket); an SDK needs one.
+    pub max_watch_streams_per_client: usize,
 }
 
 impl Default for Limits {
@@ -497,6 +500,7 @@ impl Default for Limits {
             max_jwts_per_request: 8,
             max_audiences: 16,
             max_dns_names: 32,
+            max_watch_streams_per_client: 64,
         }
     }
 }
@@ -626,6 +630,11 @@ impl Config {
         if !(1..=10).contains(&self.exchange.max_depth) {
             return Err(ConfigError::Invalid(
                 "exchange.max_depth must be between 1 and 10".into(),
+            ));
+        }
+        if self.limits.max_watch_streams_per_client == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.max_watch_streams_per_client must be at least 1".into(),
             ));
         }
         if self.limits.max_request_bytes < 1024 {

@@ -47,6 +47,9 @@ pub enum BrokerError {
     /// The broker could not make the result durable; nothing was issued or changed.
     #[error("{0}")]
     Unavailable(String),
+    /// The caller used up a limit (streams, rate); retry later or use fewer.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// A bug or an unexpected failure.
     #[error("internal error: {0}")]
     Internal(String),

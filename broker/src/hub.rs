@@ -153,6 +153,27 @@ pub struct Hub {
     tx: broadcast::Sender<Arc<Sequenced>>,
     seq: AtomicU64,
     recent: Mutex<VecDeque<Arc<Sequenced>>>,
+    /// Open watch streams per client.
+    clients: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// One admitted watch stream; the client's count drops when it is dropped.
+#[derive(Debug)]
+pub struct WatchSlot {
+    clients: Arc<Mutex<HashMap<String, usize>>>,
+    client: String,
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut m = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.client);
+            }
+        }
+    }
 }
 
 impl Hub {
@@ -165,7 +186,22 @@ impl Hub {
             tx,
             seq: AtomicU64::new(start),
             recent: Mutex::new(VecDeque::with_capacity(REPLAY_WINDOW)),
+            clients: Arc::default(),
         }
+    }
+
+    /// Admits one more watch stream for `client`, unless it already has `max` open.
+    pub fn admit(&self, client: &str, max: usize) -> Option<WatchSlot> {
+        let mut m = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(client.to_owned()).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(WatchSlot {
+            clients: self.clients.clone(),
+            client: client.to_owned(),
+        })
     }
 
     /// Publishes an event.
@@ -270,5 +306,19 @@ mod tests {
         let (mut rx, _) = hub.subscribe(1002);
         hub.publish(HubEvent::Expired(vec!["x".into()]));
         assert_eq!(rx.try_recv().unwrap().seq, 1003);
+    }
+
+    #[test]
+    fn each_client_gets_at_most_its_share_of_watch_streams() {
+        let hub = Hub::new(0);
+        let a1 = hub.admit("a", 2).unwrap();
+        let _a2 = hub.admit("a", 2).unwrap();
+        assert!(hub.admit("a", 2).is_none(), "a third for the same client");
+        let _b = hub.admit("b", 2).expect("another client is not affected");
+        drop(a1);
+        assert!(
+            hub.admit("a", 2).is_some(),
+            "a closed stream frees its slot"
+        );
     }
 }

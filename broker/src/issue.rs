@@ -523,6 +523,42 @@ impl Broker {
         }
     }
 
+    /// Who may follow the `Watch` feed: an operator; a workload presenting an unexpired
+    /// certificate from this broker's workload CA (the TLS layer has checked the chain and the
+    /// revocation set); on the Unix socket, a process that attests as an identity. A workload
+    /// whose identity was bumped or whose CA was revoked keeps its feed — it must hear about
+    /// revocations most of all — until its certificate expires. Returns the key its streams are
+    /// counted under: the certificate's serial, or the process.
+    pub(crate) async fn authorize_watch(
+        &self,
+        ctx: &RequestContext,
+    ) -> Result<String, BrokerError> {
+        if let Some(p) = &ctx.peer {
+            if p.not_after <= self.clock.unix() {
+                return Err(BrokerError::Unauthenticated(format!(
+                    "the client certificate expired at {}; attest again",
+                    crate::clock::rfc3339(p.not_after)
+                )));
+            }
+            if p.issuer == crate::attest::x509::PeerIssuer::Operator {
+                self.authorize_operator(ctx)?;
+            }
+            return Ok(format!("x509:{}", p.serial_hex()));
+        }
+        if let Some(u) = &ctx.unix {
+            self.attest_peer(ctx, "watch").await?;
+            return Ok(format!(
+                "unix:{}:{}",
+                u.pid.unwrap_or(0),
+                u.start_time.unwrap_or(0)
+            ));
+        }
+        Err(BrokerError::Unauthenticated(
+            "Watch needs a credential: connect with mutual TLS using your current X.509-SVID (a verifier that is not a workload gets an identity of its own for this), or an operator credential"
+                .into(),
+        ))
+    }
+
     async fn attestation_failed(
         &self,
         e: AttestError,

@@ -182,17 +182,9 @@ pub async fn start(
         server_cert(&broker, grpc_addr).await?,
     ));
     let ring = broker.keys().current();
-    let revoked = {
-        let b = Arc::downgrade(&broker);
-        Arc::new(move |serial: &[u8]| {
-            b.upgrade()
-                .is_some_and(|b| b.revocations().contains(serial))
-        })
-    };
     let tls_config = tls::server_config(
         &[ring.root.cert().clone(), ring.operator_ca.cert().clone()],
         resolver.clone(),
-        revoked,
     )
     .map_err(|e| StartError::Other(format!("TLS setup: {e}")))?;
 

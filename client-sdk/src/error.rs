@@ -136,14 +136,64 @@ impl From<tonic::Status> for SdkError {
         if message.is_empty() {
             message = format!("{s}");
         }
+        let (mut kind, mut code) = (kind, s.code());
+        match tls_cause(&s) {
+            // A peer that refuses our certificate outright: attest again.
+            Some(TlsCause::CertificateRevoked) => {
+                kind = ErrorKind::Reattest;
+                code = Code::Unauthenticated;
+                message = "the broker refused this workload's certificate in the TLS handshake: it was revoked; attest again with fresh evidence".into();
+            }
+            Some(TlsCause::Other(e)) => message = format!("TLS with the broker failed: {e}"),
+            None => {}
+        }
         SdkError {
             kind,
-            code: Some(s.code()),
+            code: Some(code),
             gate: meta("sigil-gate"),
             request_id: meta("sigil-request-id"),
             message,
         }
     }
+}
+
+/// What a TLS failure behind a transport error was.
+enum TlsCause {
+    /// The broker sent alert `certificate_revoked`.
+    CertificateRevoked,
+    /// Anything else, in words.
+    Other(String),
+}
+
+/// The TLS failure behind a transport error, if that is what it was. tokio-rustls hands
+/// rustls errors up as `io::Error`s of kind `InvalidData`, sometimes only as text.
+fn tls_cause(s: &tonic::Status) -> Option<TlsCause> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
+    while let Some(e) = cur {
+        let tls = e.downcast_ref::<rustls::Error>().or_else(|| {
+            e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        match tls {
+            Some(rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked)) => {
+                return Some(TlsCause::CertificateRevoked);
+            }
+            Some(other) => return Some(TlsCause::Other(other.to_string())),
+            None => {}
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::InvalidData
+        {
+            let text = io.to_string();
+            if text.contains("CertificateRevoked") {
+                return Some(TlsCause::CertificateRevoked);
+            }
+            return Some(TlsCause::Other(text));
+        }
+        cur = e.source();
+    }
+    None
 }
 
 #[cfg(test)]

@@ -894,6 +894,46 @@ async fn watch_streams_resume_from_a_sequence_and_introspection_follows_revocati
     };
     assert!(!r.snapshot);
     assert_eq!(r.credentials[0].credential_id, creds.jwts[0].jti);
+    // Watchers learn what to refuse, not whose it was or the operator's words.
+    assert_eq!(r.credentials[0].kind, "jwt");
+    assert!(
+        r.credentials[0].reason.is_empty() && r.credentials[0].spiffe_id.is_empty(),
+        "{:?}",
+        r.credentials[0]
+    );
+    drop(s);
+
+    // A stranger gets no feed at all.
+    let e = sigil_tests::raw::anon(&b.url, &b.bundle_pem)
+        .watch(pb::WatchRequest { since_sequence: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("Watch needs a credential"), "{e:?}");
+    // One client holds a bounded number of streams; the next is refused, others are not.
+    let max = b.broker().config().limits.max_watch_streams_per_client;
+    let mut held = Vec::new();
+    for _ in 0..max {
+        held.push(w.watch(0).await.unwrap());
+    }
+    let e = w.watch(0).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::ResourceExhausted), "{e}");
+    assert!(e.message().contains("max_watch_streams_per_client"), "{e}");
+    let (other, _) = b.attested(A, &[]).await;
+    other.watch(0).await.expect("another client still watches");
+    held.pop();
+    // The slot comes back once the broker sees the stream close.
+    let reopened = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Ok(s) = w.watch(0).await {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(reopened.is_ok(), "a closed stream frees its slot");
+    drop(held);
 
     let inactive = w.introspect_token(&token).await.unwrap();
     assert!(

@@ -120,6 +120,7 @@ pub fn status(e: BrokerError, ctx: &RequestContext) -> Status {
         BrokerError::AlreadyExists(_) => Code::AlreadyExists,
         BrokerError::FailedPrecondition(_) => Code::FailedPrecondition,
         BrokerError::Unavailable(_) => Code::Unavailable,
+        BrokerError::ResourceExhausted(_) => Code::ResourceExhausted,
         BrokerError::Internal(_) => Code::Internal,
     };
     let message = match &e {

@@ -9,14 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use rustls::client::danger::HandshakeSignatureValid;
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{
-    DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
-};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
@@ -79,23 +75,22 @@ pub fn certified_key(
 /// every connection verifies its client certificate afresh, so a certificate revoked since an
 /// earlier handshake cannot resume its way back in.
 ///
-/// `is_revoked` is asked about the serial of every chain-verified client certificate: a
-/// revoked one fails the handshake (alert `certificate_revoked`) before any call is made.
+/// A revoked certificate still completes a full handshake (revocation is checked on every
+/// call, where the refusal can say why; a TLS 1.3 client only notices a handshake refused
+/// after it has sent its request, as a bare connection reset).
 pub fn server_config(
     client_roots: &[CertificateDer<'static>],
     resolver: Arc<ServerCertResolver>,
-    is_revoked: RevokedSerial,
 ) -> Result<ServerConfig, rustls::Error> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = RootCertStore::empty();
     for r in client_roots {
         roots.add(r.clone())?;
     }
-    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .allow_unauthenticated()
         .build()
         .map_err(|e| rustls::Error::General(e.to_string()))?;
-    let verifier = Arc::new(RevocationAwareVerifier { inner, is_revoked });
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
@@ -104,75 +99,6 @@ pub fn server_config(
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     cfg.send_tls13_tickets = 0;
     Ok(cfg)
-}
-
-/// Whether the certificate with these serial bytes is revoked.
-pub type RevokedSerial = Arc<dyn Fn(&[u8]) -> bool + Send + Sync>;
-
-/// The web PKI's chain check, then the revocation set.
-struct RevocationAwareVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
-    is_revoked: RevokedSerial,
-}
-
-impl std::fmt::Debug for RevocationAwareVerifier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RevocationAwareVerifier")
-            .finish_non_exhaustive()
-    }
-}
-
-impl ClientCertVerifier for RevocationAwareVerifier {
-    fn offer_client_auth(&self) -> bool {
-        self.inner.offer_client_auth()
-    }
-    fn client_auth_mandatory(&self) -> bool {
-        self.inner.client_auth_mandatory()
-    }
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
-    }
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        let ok = self
-            .inner
-            .verify_client_cert(end_entity, intermediates, now)?;
-        let serial = x509_parser::parse_x509_certificate(end_entity)
-            .map(|(_, c)| c.raw_serial().to_vec())
-            .map_err(|_| {
-                rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
-            })?;
-        if (self.is_revoked)(&serial) {
-            metrics::counter!("sigil_tls_handshake_failures_total").increment(1);
-            return Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::Revoked,
-            ));
-        }
-        Ok(ok)
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
 }
 
 /// Accepts TCP connections and runs TLS handshakes concurrently (a slow client never holds up

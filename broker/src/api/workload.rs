@@ -86,13 +86,15 @@ fn jwt_ask(r: pb::JwtRequest) -> JwtAsk {
     }
 }
 
+/// A revocation as watchers see it: what a verifier needs to refuse the credential (its id,
+/// kind and when the entry may be forgotten), not whose it was or the operator's reason.
 fn revoked(r: &RevocationRecord) -> pb::RevokedCredential {
     pb::RevokedCredential {
         credential_id: r.credential_id.clone(),
         kind: r.kind.as_str().into(),
-        spiffe_id: r.spiffe_id.clone(),
+        spiffe_id: String::new(),
         expires_at: r.expires_at,
-        reason: r.reason.clone(),
+        reason: String::new(),
     }
 }
 
@@ -185,6 +187,7 @@ async fn run_watch(
     since: u64,
     peer: Option<Arc<crate::attest::x509::PeerCert>>,
     tx: mpsc::Sender<Result<pb::WatchEvent, Status>>,
+    _slot: crate::hub::WatchSlot,
 ) {
     let (mut rx, replay) = broker.hub().subscribe(since);
     metrics::gauge!("sigil_watch_streams").increment(1.0);
@@ -244,12 +247,29 @@ impl pb::broker_server::Broker for WorkloadApi {
         req: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let ctx = context(&req);
+        // The feed names revoked credentials and identities: only holders of a current Sigil
+        // credential (a workload, a verifier with its own identity, an operator) may follow it.
+        let client = self
+            .broker
+            .authorize_watch(&ctx)
+            .await
+            .map_err(|e| status(e, &ctx))?;
+        let max = self.broker.config().limits.max_watch_streams_per_client;
+        let Some(slot) = self.broker.hub().admit(&client, max) else {
+            return Err(status(
+                BrokerError::ResourceExhausted(format!(
+                    "this client already has {max} watch streams open (limits.max_watch_streams_per_client); one is enough"
+                )),
+                &ctx,
+            ));
+        };
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(run_watch(
             self.broker.clone(),
             req.get_ref().since_sequence,
             ctx.peer.clone(),
             tx,
+            slot,
         ));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),

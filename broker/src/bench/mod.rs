@@ -762,7 +762,8 @@ async fn tls_echo(fx: &Fixture, a: &BenchArgs, pid: Option<u32>) -> Figures {
     .await
 }
 
-/// Opens `n` watch streams (spread over connections of at most 400 streams each), revokes
+/// Opens `n` watch streams (spread over connections of at most 64 streams each, each with a
+/// workload certificate of its own: the broker's default per-client cap), revokes
 /// `revocations` credentials one after another, and measures the delay from each revoke call's
 /// return to each watcher receiving it.
 async fn run_revoke(
@@ -772,18 +773,9 @@ async fn run_revoke(
     revocations: usize,
     pid: Option<u32>,
 ) -> Result<Figures> {
-    let target = BrokerTarget::parse(&t.url)?;
-    let roots = transport::roots_from_pem(&t.bundle_pem)?;
-    let per_conn = 400;
-    let conns: Vec<BrokerClient<Channel>> = (0..n.div_ceil(per_conn))
-        .map(|_| {
-            Ok(BrokerClient::new(transport::channel(
-                &target,
-                transport::client_config(roots.clone(), None)?,
-                Duration::from_secs(60),
-            )?))
-        })
-        .collect::<Result<_, sigil_sdk::SdkError>>()?;
+    // Watching needs a credential, and one credential may hold a bounded number of streams.
+    let per_conn = 64;
+    let conns = workloads(t, spiffe_id, n.div_ceil(per_conn)).await?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
     let ready = Arc::new(tokio::sync::Semaphore::new(0));
     let bar = indicatif::ProgressBar::new(n as u64);

@@ -235,7 +235,7 @@ impl StorageBackend for ScratchBackend {
         // Bytes cut off and grown back read as zeros, as with a real file.
         let first_gone = len.div_ceil(SCRATCH_PAGE);
         st.pages.retain(|n, _| *n < first_gone);
-        if len % SCRATCH_PAGE != 0
+        if !len.is_multiple_of(SCRATCH_PAGE)
             && let Some(p) = st.pages.get_mut(&(len / SCRATCH_PAGE))
         {
             p[(len % SCRATCH_PAGE) as usize..].fill(0);
@@ -929,15 +929,15 @@ fn write(t: &mut Tables<'_>, change: &mut Change, commit_seq: u64) -> Result<(),
                 t.revisions
                     .insert(record.id.as_str(), record.revision)
                     .map_err(unavailable)?;
-                if let Some(old) = old {
-                    if old.spiffe_id != record.spiffe_id {
-                        t.spiffe
-                            .remove(old.spiffe_id.as_str())
-                            .map_err(unavailable)?;
-                        t.spiffe
-                            .insert(record.spiffe_id.as_str(), record.id.as_str())
-                            .map_err(unavailable)?;
-                    }
+                if let Some(old) = old
+                    && old.spiffe_id != record.spiffe_id
+                {
+                    t.spiffe
+                        .remove(old.spiffe_id.as_str())
+                        .map_err(unavailable)?;
+                    t.spiffe
+                        .insert(record.spiffe_id.as_str(), record.id.as_str())
+                        .map_err(unavailable)?;
                 }
             }
             Op::PutJoinToken(rec) => {

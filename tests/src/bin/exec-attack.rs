@@ -36,6 +36,9 @@ fn main() {
     first.truncate(n);
     let hex: String = first.iter().map(|b| format!("{b:02x}")).collect();
     let me = std::env::current_exe().expect("own path");
+    // Never waited for: this process is about to become another program; the relay ends with
+    // its client or the connection.
+    #[allow(clippy::zombie_processes)]
     Command::new(me)
         .args(["--relay", proxy, &std::process::id().to_string(), &hex])
         .stdin(Stdio::from(OwnedFd::from(conn)))
