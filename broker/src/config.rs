@@ -57,16 +57,34 @@ pub struct Config {
     pub trust_domain: Option<String>,
     /// gRPC (TLS) listen address.
     pub listen: SocketAddr,
-    /// HTTP listen address (health, bundle); `None` (written `"off"`) turns it off.
+    /// HTTP listen address (health, metrics, bundle, OIDC discovery, CRLs); `None` (written
+    /// `"off"`) turns it off.
     #[serde(with = "addr_or_off")]
     pub http_listen: Option<SocketAddr>,
+    /// Serve the HTTP listener over TLS (relying parties fetch OIDC discovery only over
+    /// https). With no `http_tls_cert_file`, it presents the broker's own certificate (the one
+    /// the gRPC listener has, for `server_names`; verify it with `bundle.pem`). `sigil init`
+    /// turns this on; a config file without the key keeps plain HTTP (as before it existed).
+    #[serde(default)]
+    pub http_tls: bool,
+    /// PEM certificate chain for the HTTP listener instead of the broker's own (e.g. one from
+    /// the web PKI, for cloud web-identity federation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_tls_cert_file: Option<PathBuf>,
+    /// PEM private key for `http_tls_cert_file` (mode 0600).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_tls_key_file: Option<PathBuf>,
     /// DNS names in the broker's own server certificate (loopback IPs are always added).
     pub server_names: Vec<String>,
-    /// The `iss` of JWT-SVIDs and the issuer of OIDC discovery: the public URL of the HTTP
-    /// listener (e.g. `https://sigil.example.org`), for cloud web-identity federation. Unset:
-    /// tokens carry no `iss` and discovery names the URL it was reached at.
+    /// The `iss` of every JWT-SVID and the issuer of OIDC discovery: the public https URL
+    /// relying parties reach the HTTP listener at (e.g. `https://sigil.example.org`). Unset:
+    /// `https://<first server name>:<HTTP port>` (no port for 443). Never taken from a request.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwt_issuer: Option<String>,
+    /// Accept an `http://` `jwt_issuer` (development only: relying parties such as cloud
+    /// web-identity federation refuse one).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub jwt_issuer_allow_http: bool,
     /// Master key file; default `DATA_DIR/master.key`. `SIGIL_MASTER_KEY` takes precedence.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub master_key_file: Option<PathBuf>,
@@ -512,8 +530,12 @@ impl Default for Config {
             trust_domain: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
             http_listen: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            http_tls: true,
+            http_tls_cert_file: None,
+            http_tls_key_file: None,
             server_names: vec!["localhost".into()],
             jwt_issuer: None,
+            jwt_issuer_allow_http: false,
             master_key_file: None,
             issuance: Issuance::default(),
             limits: Limits::default(),
@@ -632,6 +654,28 @@ impl Config {
                 "exchange.max_depth must be between 1 and 10".into(),
             ));
         }
+        if let Some(i) = &self.jwt_issuer {
+            check_issuer_url(i, self.jwt_issuer_allow_http).map_err(ConfigError::Invalid)?;
+        }
+        if self.server_names.is_empty() || self.server_names.iter().any(String::is_empty) {
+            return Err(ConfigError::Invalid(
+                "server_names must list at least one DNS name (the broker's certificate names it)"
+                    .into(),
+            ));
+        }
+        match (&self.http_tls_cert_file, &self.http_tls_key_file) {
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "give http_tls_cert_file and http_tls_key_file together".into(),
+                ));
+            }
+            (Some(_), Some(_)) if !self.http_tls => {
+                return Err(ConfigError::Invalid(
+                    "http_tls_cert_file is set but http_tls is off; set http_tls = true".into(),
+                ));
+            }
+            _ => {}
+        }
         if self.limits.max_watch_streams_per_client == 0 {
             return Err(ConfigError::Invalid(
                 "limits.max_watch_streams_per_client must be at least 1".into(),
@@ -645,6 +689,22 @@ impl Config {
         Ok(())
     }
 
+    /// The issuer of JWT-SVIDs and OIDC discovery, given where the HTTP listener is bound:
+    /// `jwt_issuer` if set, else `https://<first server name>[:<HTTP port>]`.
+    pub fn jwt_issuer_for(&self, http: Option<SocketAddr>) -> String {
+        if let Some(i) = &self.jwt_issuer {
+            return i.trim_end_matches('/').to_owned();
+        }
+        let host = self
+            .server_names
+            .first()
+            .map_or("localhost", String::as_str);
+        match http.map(|a| a.port()) {
+            Some(443) | None => format!("https://{host}"),
+            Some(p) => format!("https://{host}:{p}"),
+        }
+    }
+
     /// The store file.
     pub fn store_path(&self) -> PathBuf {
         self.data_dir.join(STORE_FILE)
@@ -656,6 +716,35 @@ impl Config {
             .clone()
             .unwrap_or_else(|| self.data_dir.join(MASTER_KEY_FILE))
     }
+}
+
+/// Checks an issuer URL: https (or http when allowed), a host, no query or fragment (OpenID
+/// Connect Discovery §3 and RFC 8414: the issuer is compared byte for byte).
+fn check_issuer_url(issuer: &str, allow_http: bool) -> Result<(), String> {
+    let rest = if let Some(r) = issuer.strip_prefix("https://") {
+        r
+    } else if let Some(r) = issuer.strip_prefix("http://") {
+        if !allow_http {
+            return Err(format!(
+                "jwt_issuer {issuer:?} is not https: relying parties (cloud web-identity federation, Vault's jwt auth, most JWT libraries) only trust an https issuer. Use the https URL of the HTTP listener (http_tls = true) or of a proxy in front of it; for development only, set jwt_issuer_allow_http = true"
+            ));
+        }
+        r
+    } else {
+        return Err(format!(
+            "jwt_issuer {issuer:?} must be an https:// URL (e.g. \"https://sigil.example.org\")"
+        ));
+    };
+    let host = rest.split('/').next().unwrap_or_default();
+    if host.is_empty() || host.contains('@') {
+        return Err(format!("jwt_issuer {issuer:?} names no host"));
+    }
+    if issuer.contains('?') || issuer.contains('#') {
+        return Err(format!(
+            "jwt_issuer {issuer:?} must not have a query or fragment"
+        ));
+    }
+    Ok(())
 }
 
 /// serde for an optional listen address: `"off"` is none.
@@ -800,6 +889,42 @@ mod tests {
         let m = Config::parse("workload_socket_mode = 0o600\n", "t").unwrap();
         assert_eq!(m.workload_socket_mode, 0o600);
         assert!(Config::parse("workload_socket_mode = \"rw\"\n", "t").is_err());
+    }
+
+    #[test]
+    fn the_issuer_is_https_and_derived_from_configuration() {
+        let c = Config::default();
+        assert!(c.http_tls, "new data dirs serve the HTTP listener over TLS");
+        let http = SocketAddr::from(([127, 0, 0, 1], 8080));
+        assert_eq!(c.jwt_issuer_for(Some(http)), "https://localhost:8080");
+        assert_eq!(
+            c.jwt_issuer_for(Some(SocketAddr::from(([0, 0, 0, 0], 443)))),
+            "https://localhost"
+        );
+        let set = Config {
+            jwt_issuer: Some("https://sigil.example.org/".into()),
+            ..Config::default()
+        };
+        assert_eq!(set.jwt_issuer_for(Some(http)), "https://sigil.example.org");
+        for (bad, why) in [
+            ("http://sigil.example.org", "is not https"),
+            ("sigil.example.org", "must be an https:// URL"),
+            ("https://", "names no host"),
+            ("https://sigil.example.org#x", "query or fragment"),
+        ] {
+            let c = Config {
+                jwt_issuer: Some(bad.into()),
+                ..Config::default()
+            };
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        // A config file from before http_tls existed keeps plain HTTP.
+        assert!(
+            !Config::parse("listen = \"127.0.0.1:9000\"\n", "t")
+                .unwrap()
+                .http_tls
+        );
     }
 
     #[test]

@@ -107,8 +107,10 @@ pub async fn run(a: DevArgs) -> Result<()> {
     println!();
     println!("Sigil dev broker is running (Ctrl-C to stop).");
     println!("  gRPC (TLS):    {}", running.url());
-    if let Some(h) = running.http_addr {
-        println!("  HTTP:          http://{h}/healthz, /bundle");
+    if let Some(h) = running.http_url() {
+        println!(
+            "  HTTP:          {h}/healthz, /bundle, /.well-known/openid-configuration (TLS: --cacert bundle.pem)"
+        );
     }
     println!("  data dir:      {dir}");
     println!("  demo identity: {DEMO_SPIFFE_ID} (audience demo-api, scope demo.read)");

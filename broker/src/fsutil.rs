@@ -47,6 +47,22 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
         .create(dir)
 }
 
+/// Reads a file holding a secret (a private key), refusing one that group or others may read.
+pub fn read_secret_file(path: &Path) -> std::io::Result<sigil_pki::SecretBytes> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "readable by group or others (mode {mode:o}); run `chmod 600 {}`",
+                path.display()
+            ),
+        ));
+    }
+    Ok(sigil_pki::SecretBytes::new(std::fs::read(path)?))
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;

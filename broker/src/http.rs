@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
@@ -38,6 +38,113 @@ struct CachedCrl {
     bundle_sequence: u64,
     made_at: i64,
     der: Vec<u8>,
+}
+
+/// The TLS config of the HTTP listener: the configured certificate and key, or the broker's
+/// own certificate (renewed with it). HTTP/1.1, no client certificates, no resumption.
+pub fn tls_config(
+    cfg: &crate::config::Config,
+    own: Arc<crate::api::tls::ServerCertResolver>,
+) -> Result<rustls::ServerConfig, String> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("HTTP TLS: {e}"))?
+        .with_no_client_auth();
+    let mut tls = match (&cfg.http_tls_cert_file, &cfg.http_tls_key_file) {
+        (Some(cert), Some(key)) => {
+            let chain = std::fs::read(cert)
+                .map_err(|e| format!("http_tls_cert_file {}: {e}", cert.display()))
+                .and_then(|pem| {
+                    sigil_pki::certs_from_pem(&pem)
+                        .map_err(|e| format!("http_tls_cert_file {}: {e}", cert.display()))
+                })?;
+            let key_pem = crate::fsutil::read_secret_file(key)
+                .map_err(|e| format!("http_tls_key_file {}: {e}", key.display()))?;
+            use rustls_pki_types::pem::PemObject as _;
+            let der = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem.expose_secret())
+                .map_err(|e| {
+                    format!(
+                        "http_tls_key_file {}: not a PEM private key ({e})",
+                        key.display()
+                    )
+                })?;
+            builder
+                .with_single_cert(chain, der)
+                .map_err(|e| format!("http_tls_cert_file/http_tls_key_file: {e}"))?
+        }
+        _ => builder.with_cert_resolver(own),
+    };
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    tls.send_tls13_tickets = 0;
+    Ok(tls)
+}
+
+/// Serves `app` on `listener` (over TLS when `tls` is given) until `cancel`, then lets open
+/// connections finish their requests.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let (tcp, remote) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let service = service.clone();
+        let acceptor = acceptor.clone();
+        let cancel = cancel.clone();
+        conns.spawn(async move {
+            match acceptor {
+                Some(a) => match tokio::time::timeout(Duration::from_secs(10), a.accept(tcp)).await
+                {
+                    Ok(Ok(tls)) => {
+                        serve_conn(hyper_util::rt::TokioIo::new(tls), service, cancel).await
+                    }
+                    Ok(Err(e)) => tracing::debug!(%remote, error = %e, "HTTP TLS handshake failed"),
+                    Err(_) => tracing::debug!(%remote, "HTTP TLS handshake timed out"),
+                },
+                None => serve_conn(hyper_util::rt::TokioIo::new(tcp), service, cancel).await,
+            }
+        });
+        // Reap finished connections as we go.
+        while conns.try_join_next().is_some() {}
+    }
+    while conns.join_next().await.is_some() {}
+}
+
+async fn serve_conn<I>(
+    io: I,
+    service: hyper_util::service::TowerToHyperService<Router>,
+    cancel: tokio_util::sync::CancellationToken,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(io, service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => { let _ = r; }
+        _ = cancel.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        }
+    }
 }
 
 /// The routes.
@@ -103,19 +210,18 @@ async fn bundle_pem(State(s): State<AppState>) -> impl IntoResponse {
     )
 }
 
-fn issuer(s: &AppState, headers: &HeaderMap) -> String {
-    if let Some(i) = &s.broker.config().jwt_issuer {
-        return i.trim_end_matches('/').to_owned();
-    }
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("localhost");
-    format!("http://{host}")
+/// The issuer, from configuration (set at start); never from the request, so a cache in
+/// front of the broker cannot be made to serve a document naming another host.
+fn issuer(s: &AppState) -> String {
+    s.broker
+        .config()
+        .jwt_issuer
+        .clone()
+        .unwrap_or_else(|| s.broker.config().jwt_issuer_for(None))
 }
 
-async fn discovery(State(s): State<AppState>, headers: HeaderMap) -> impl IntoResponse {
-    let iss = issuer(&s, &headers);
+async fn discovery(State(s): State<AppState>) -> impl IntoResponse {
+    let iss = issuer(&s);
     let doc = json!({
         "issuer": iss,
         "jwks_uri": format!("{iss}/keys"),

@@ -106,6 +106,16 @@ impl RunningBroker {
         format!("https://{}", self.grpc_addr)
     }
 
+    /// `https://ADDR` (or `http://` when it serves plain HTTP) of the HTTP listener, if on.
+    pub fn http_url(&self) -> Option<String> {
+        let scheme = if self.broker.config().http_tls {
+            "https"
+        } else {
+            "http"
+        };
+        self.http_addr.map(|a| format!("{scheme}://{a}"))
+    }
+
     /// Stops accepting, lets in-flight requests finish, flushes the store.
     pub async fn shutdown(self) {
         self.cancel.cancel();
@@ -119,11 +129,40 @@ impl RunningBroker {
 
 /// Opens the store of `cfg` with `master` and starts serving.
 pub async fn start(
-    cfg: Config,
+    mut cfg: Config,
     master: MasterKey,
     opts: StartOptions,
 ) -> Result<RunningBroker, StartError> {
     cfg.validate()?;
+    // Listeners first: the issuer names the HTTP port, and a port in use is better said now.
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let grpc_addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: cfg.listen,
+        source,
+    })?;
+    let http_listener = match cfg.http_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Listen { addr, source })?;
+            let bound = l
+                .local_addr()
+                .map_err(|source| StartError::Listen { addr, source })?;
+            Some((l, bound))
+        }
+        None => None,
+    };
+    let http_addr = http_listener.as_ref().map(|(_, a)| *a);
+    // Every JWT-SVID's `iss`, and discovery's issuer, from configuration alone.
+    cfg.jwt_issuer = Some(cfg.jwt_issuer_for(http_addr));
+    if cfg.http_listen.is_some() && !cfg.http_tls {
+        tracing::warn!(issuer = ?cfg.jwt_issuer, "the HTTP listener serves plain HTTP, so OIDC discovery is reachable at the https issuer only through a TLS-terminating proxy; set http_tls = true to serve it directly");
+    }
     let sealer = Arc::new(Sealer::new(&master));
     drop(master);
     let path = cfg.store_path();
@@ -168,16 +207,6 @@ pub async fn start(
         approvals,
     });
 
-    let listener = TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| StartError::Listen {
-            addr: cfg.listen,
-            source,
-        })?;
-    let grpc_addr = listener.local_addr().map_err(|source| StartError::Listen {
-        addr: cfg.listen,
-        source,
-    })?;
     let resolver = Arc::new(ServerCertResolver::new(
         server_cert(&broker, grpc_addr).await?,
     ));
@@ -292,28 +321,22 @@ pub async fn start(
         }
     }
 
-    let http_addr = match cfg.http_listen {
-        Some(addr) => {
-            let l = TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Listen { addr, source })?;
-            let bound = l
-                .local_addr()
-                .map_err(|source| StartError::Listen { addr, source })?;
-            let app = crate::http::router(broker.clone());
-            let c = cancel.clone();
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = axum::serve(l, app)
-                    .with_graceful_shutdown(c.cancelled_owned())
-                    .await
-                {
-                    tracing::error!(error = %e, "HTTP server stopped");
-                }
-            }));
-            Some(bound)
-        }
-        None => None,
-    };
+    if let Some((l, _)) = http_listener {
+        let tls = if cfg.http_tls {
+            Some(Arc::new(
+                crate::http::tls_config(&cfg, resolver.clone()).map_err(StartError::Other)?,
+            ))
+        } else {
+            None
+        };
+        let app = crate::http::router(broker.clone());
+        tasks.push(tokio::spawn(crate::http::serve(
+            l,
+            app,
+            tls,
+            cancel.clone(),
+        )));
+    }
 
     tasks.push(tokio::spawn(renew_server_cert(
         broker.clone(),

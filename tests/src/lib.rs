@@ -290,20 +290,85 @@ pub async fn next_event(
     .expect("the event arrived in time")
 }
 
-/// `GET path` over plain HTTP/1.1 on loopback; returns the status code and the body.
-pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let (status, body) = http_get_bytes(addr, path).await;
+impl TestBroker {
+    /// `GET path` on the broker's HTTP listener (over TLS, verified with the bundle, when the
+    /// listener serves TLS); returns the status code and the body.
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        let (status, body) = self.http_get_bytes(path).await;
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// `GET path` returning the raw body.
+    pub async fn http_get_bytes(&self, path: &str) -> (u16, Vec<u8>) {
+        let addr = self.running().http_addr.expect("the HTTP listener is on");
+        let tls = self
+            .broker()
+            .config()
+            .http_tls
+            .then_some(self.bundle_pem.as_slice());
+        http_get_bytes(addr, path, tls).await
+    }
+}
+
+/// `GET path` over HTTP/1.1 on loopback, over TLS (server name `localhost`) verified with
+/// `tls_roots` (PEM) when given; returns the status code and the body.
+pub async fn http_get(
+    addr: std::net::SocketAddr,
+    path: &str,
+    tls_roots: Option<&[u8]>,
+) -> (u16, String) {
+    let (status, body) = http_get_bytes(addr, path, tls_roots).await;
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
 /// `GET path` returning the raw body.
-pub async fn http_get_bytes(addr: std::net::SocketAddr, path: &str) -> (u16, Vec<u8>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+pub async fn http_get_bytes(
+    addr: std::net::SocketAddr,
+    path: &str,
+    tls_roots: Option<&[u8]>,
+) -> (u16, Vec<u8>) {
+    http_get_with_host(addr, path, &addr.to_string(), tls_roots).await
+}
+
+/// `GET path` with the `Host` header a caller (or a proxy) chooses.
+pub async fn http_get_with_host(
+    addr: std::net::SocketAddr,
+    path: &str,
+    host: &str,
+    tls_roots: Option<&[u8]>,
+) -> (u16, Vec<u8>) {
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+    impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut s: Box<dyn Io> = match tls_roots {
+        None => Box::new(tcp),
+        Some(pem) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in sigil_pki::certs_from_pem(pem).expect("roots") {
+                roots.add(c).expect("root");
+            }
+            let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+            Box::new(
+                tokio_rustls::TlsConnector::from(Arc::new(cfg))
+                    .connect(name, tcp)
+                    .await
+                    .expect("TLS to the HTTP listener"),
+            )
+        }
+    };
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.expect("write");
     let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.expect("read");
+    // A TLS peer may close without close_notify after the response; what was read counts.
+    let _ = s.read_to_end(&mut buf).await;
     let split = buf
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -348,6 +413,47 @@ pub fn changed_files(
         .filter(|k| before.get(*k) != after.get(*k))
         .cloned()
         .collect()
+}
+
+/// Python tools from PyPI, in virtual environments the tests make once per target dir.
+pub mod python {
+    use std::path::{Path, PathBuf};
+
+    /// The `python` of a virtual environment under `base` named `name` with `packages`
+    /// installed from PyPI, made on first use; `None` (with a message) when there is no
+    /// Python or PyPI cannot be reached.
+    pub fn venv(base: &Path, name: &str, packages: &[&str]) -> Option<PathBuf> {
+        let python = ["python3", "python"].into_iter().find(|p| {
+            std::process::Command::new(p)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })?;
+        let venv = base.join(name);
+        let bin = venv.join("bin/python");
+        let ready = venv.join(".installed");
+        if !ready.exists() {
+            let ok = std::process::Command::new(python)
+                .args(["-m", "venv"])
+                .arg(&venv)
+                .status()
+                .is_ok_and(|s| s.success())
+                && std::process::Command::new(&bin)
+                    .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+                    .args(packages)
+                    .status()
+                    .is_ok_and(|s| s.success());
+            if !ok {
+                eprintln!(
+                    "skipped: could not install {packages:?} from PyPI into {}",
+                    venv.display()
+                );
+                return None;
+            }
+            std::fs::write(&ready, b"").ok()?;
+        }
+        Some(bin)
+    }
 }
 
 /// Hand-built gRPC clients.

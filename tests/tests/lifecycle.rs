@@ -528,10 +528,9 @@ async fn openssl_with_the_published_crls_rejects_a_revoked_certificate_and_accep
         })
         .await
         .unwrap();
-    let http = b.running().http_addr.unwrap();
     let int_id = b.broker().keys().current().intermediate_id.clone();
-    let (s1, int_crl) = sigil_tests::http_get_bytes(http, &format!("/crl/{int_id}")).await;
-    let (s2, root_crl) = sigil_tests::http_get_bytes(http, "/crl/root").await;
+    let (s1, int_crl) = b.http_get_bytes(&format!("/crl/{int_id}")).await;
+    let (s2, root_crl) = b.http_get_bytes("/crl/root").await;
     assert_eq!((s1, s2), (200, 200));
     let dir = b.dir.path();
     let a = der_to_pem(dir, "int.crl.pem", &int_crl, "X509 CRL");
@@ -578,6 +577,97 @@ async fn openssl_with_the_published_crls_rejects_a_revoked_certificate_and_accep
     }
 }
 
+/// The issuer comes from configuration alone: every JWT-SVID carries it, discovery names it
+/// whatever `Host` a request (or a poisoned cache) says, it is https, and the HTTP listener
+/// serves discovery over TLS so a relying party (PyJWT here) verifies tokens end to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_issuer_is_https_from_configuration_and_pyjwt_verifies_against_discovery() {
+    let b = TestBroker::start().await;
+    pair(&b, 3600).await;
+    let (_, creds) = b.attested(B, &["svc"]).await;
+    let token = creds.jwts[0].token.expose_secret().to_owned();
+    let http = b.running().http_addr.unwrap();
+    let issuer = format!("https://localhost:{}", http.port());
+    let (_, claims) = sigil_pki::jwt::peek_unverified(&token).unwrap();
+    assert_eq!(
+        claims["iss"],
+        issuer.as_str(),
+        "every JWT-SVID names the issuer"
+    );
+
+    for host in [
+        format!("localhost:{}", http.port()),
+        "attacker.example".into(),
+    ] {
+        let (status, body) = sigil_tests::http_get_with_host(
+            http,
+            "/.well-known/openid-configuration",
+            &host,
+            Some(&b.bundle_pem),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(doc["issuer"], issuer.as_str(), "Host {host}");
+        assert_eq!(doc["jwks_uri"], format!("{issuer}/keys"), "Host {host}");
+    }
+
+    // A plain-http issuer is refused unless asked for, for development.
+    let mut cfg = b.broker().config().clone();
+    cfg.jwt_issuer = Some("http://sigil.example.org".into());
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("is not https") && e.contains("jwt_issuer_allow_http"),
+        "{e}"
+    );
+    cfg.jwt_issuer_allow_http = true;
+    cfg.validate().unwrap();
+    cfg.jwt_issuer = Some("https://sigil.example.org/?x=1".into());
+    assert!(cfg.validate().is_err());
+
+    // A relying party's JWT library, from PyPI: discovery over https, then the JWKS, then
+    // the token with issuer= and audience=.
+    let Some(python) = tokio::task::spawn_blocking(|| {
+        sigil_tests::python::venv(
+            std::path::Path::new(env!("CARGO_TARGET_TMPDIR")),
+            "pyjwt-venv",
+            &["pyjwt[crypto]==2.10.1"],
+        )
+    })
+    .await
+    .unwrap() else {
+        eprintln!("skipped the PyJWT half: no Python or no PyPI on this machine");
+        return;
+    };
+    let ca = b.dir.path().join("bundle.pem");
+    std::fs::write(&ca, &b.bundle_pem).unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pyjwt_check.py");
+    let run = |aud: &str| {
+        std::process::Command::new(&python)
+            .arg(&script)
+            .arg(format!("{issuer}/.well-known/openid-configuration"))
+            .arg(&ca)
+            .arg(&token)
+            .arg(aud)
+            .output()
+            .unwrap()
+    };
+    let out = run("svc");
+    assert!(
+        out.status.success(),
+        "PyJWT: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), B);
+    let out = run("other");
+    assert!(!out.status.success(), "PyJWT refuses another audience");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("InvalidAudience"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_discovery_jwks_verifies_jwt_svids_with_an_independent_jwt_library() {
     let b = TestBroker::start_configured(Arc::new(sigil_broker::clock::SystemClock), |c| {
@@ -587,13 +677,12 @@ async fn the_discovery_jwks_verifies_jwt_svids_with_an_independent_jwt_library()
     pair(&b, 3600).await;
     let (_, creds) = b.attested(B, &["svc"]).await;
     let token = creds.jwts[0].token.expose_secret().to_owned();
-    let http = b.running().http_addr.unwrap();
-    let (status, doc) = sigil_tests::http_get(http, "/.well-known/openid-configuration").await;
+    let (status, doc) = b.http_get("/.well-known/openid-configuration").await;
     assert_eq!(status, 200);
     let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
     assert_eq!(doc["issuer"], "https://sigil.example.org");
     assert_eq!(doc["id_token_signing_alg_values_supported"][0], "ES256");
-    let (_, jwks) = sigil_tests::http_get(http, "/keys").await;
+    let (_, jwks) = b.http_get("/keys").await;
     let set: jsonwebtoken::jwk::JwkSet = serde_json::from_str(&jwks).unwrap();
     let header = jsonwebtoken::decode_header(&token).unwrap();
     let jwk = set

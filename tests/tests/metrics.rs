@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use sigil_sdk::JwtRequest;
-use sigil_tests::{TestBroker, http_get};
+use sigil_tests::TestBroker;
 
 fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     let lines = text.lines().map(|l| Ok(l.to_owned()));
@@ -29,7 +29,6 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 async fn metrics_count_issuances_exactly_and_health_and_reflection_answer() {
     let b = TestBroker::start().await;
     b.identity("svc/a", |_| {}).await;
-    let http = b.running().http_addr.unwrap();
     let (w, _) = b
         .attested("spiffe://example.org/svc/a", &["db", "db"])
         .await;
@@ -46,7 +45,7 @@ async fn metrics_count_issuances_exactly_and_health_and_reflection_answer() {
                 .is_err()
         );
     }
-    let (status, text) = http_get(http, "/metrics").await;
+    let (status, text) = b.http_get("/metrics").await;
     assert_eq!(status, 200);
     assert_eq!(
         sample(
@@ -109,7 +108,7 @@ async fn metrics_count_issuances_exactly_and_health_and_reflection_answer() {
             &[],
         )
         .await;
-    let (_, text) = http_get(http, "/metrics").await;
+    let (_, text) = b.http_get("/metrics").await;
     assert_eq!(
         sample(
             &text,

@@ -13,7 +13,7 @@ use sigil_broker::clock::ManualClock;
 use sigil_pki::{EcKey, SpiffeBundle, VerifyOptions, certs_from_pem};
 use sigil_proto::v1 as pb;
 use sigil_sdk::{ErrorKind, Evidence, JwtRequest, SvidOptions};
-use sigil_tests::{TD, TestBroker, changed_files, http_get, openssl, raw, snapshot};
+use sigil_tests::{TD, TestBroker, changed_files, openssl, raw, snapshot};
 use tonic::Code;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -925,8 +925,7 @@ async fn when_the_store_cannot_commit_nothing_is_issued() {
     let (w, _) = b.attested(APP, &[]).await;
     let token = b.join_token(APP).await;
     let minted_before = b.audit_for("jwt.mint").await.len();
-    let http = b.running().http_addr.unwrap();
-    assert_eq!(http_get(http, "/readyz").await.0, 200);
+    assert_eq!(b.http_get("/readyz").await.0, 200);
 
     b.faults.fail_writes(true);
     let e = w
@@ -963,7 +962,7 @@ async fn when_the_store_cannot_commit_nothing_is_issued() {
             .code(),
         Some(Code::Unavailable)
     );
-    assert_eq!(http_get(http, "/readyz").await.0, 503);
+    assert_eq!(b.http_get("/readyz").await.0, 503);
 
     b.restart().await;
     let verify = b

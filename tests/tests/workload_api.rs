@@ -374,9 +374,8 @@ async fn the_spiffe_crate_fetches_svids_and_bundles_and_sees_rotation_on_its_str
         .into_inner();
     let doc = s.message().await.unwrap().unwrap().bundles["spiffe://example.org"].clone();
     let api: serde_json::Value = serde_json::from_slice(&doc).unwrap();
-    let http = w.b.running().http_addr.unwrap();
-    let (_, spiffe_doc) = sigil_tests::http_get(http, "/bundle").await;
-    let (_, oidc_doc) = sigil_tests::http_get(http, "/keys").await;
+    let (_, spiffe_doc) = w.b.http_get("/bundle").await;
+    let (_, oidc_doc) = w.b.http_get("/keys").await;
     let spiffe_doc: serde_json::Value = serde_json::from_str(&spiffe_doc).unwrap();
     let oidc_doc: serde_json::Value = serde_json::from_str(&oidc_doc).unwrap();
     let by_kid = |d: &serde_json::Value, kid: &str| {
@@ -547,42 +546,11 @@ async fn the_spiffe_crate_fetches_svids_and_bundles_and_sees_rotation_on_its_str
 /// A Python virtualenv with py-spiffe from PyPI, made once per target dir; `None` (the test
 /// says why and passes) when there is no Python or PyPI cannot be reached.
 fn py_spiffe() -> Option<PathBuf> {
-    let python = ["python3", "python"].into_iter().find(|p| {
-        std::process::Command::new(p)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    })?;
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("py-spiffe-venv");
-    let bin = venv.join("bin/python");
-    let ready = venv.join(".installed-spiffe");
-    if !ready.exists() {
-        let ok = std::process::Command::new(python)
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .is_ok_and(|s| s.success())
-            && std::process::Command::new(&bin)
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "-q",
-                    "--disable-pip-version-check",
-                    "spiffe==0.3.2",
-                ])
-                .status()
-                .is_ok_and(|s| s.success());
-        if !ok {
-            eprintln!(
-                "skipped: could not install py-spiffe from PyPI into {}",
-                venv.display()
-            );
-            return None;
-        }
-        std::fs::write(&ready, b"").unwrap();
-    }
-    Some(bin)
+    sigil_tests::python::venv(
+        Path::new(env!("CARGO_TARGET_TMPDIR")),
+        "py-spiffe-venv",
+        &["spiffe==0.3.2"],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

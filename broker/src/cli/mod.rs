@@ -565,8 +565,8 @@ async fn serve(a: ServeArgs) -> Result<()> {
     let master = crate::server::load_master_key(&cfg)?;
     let running = crate::server::start(cfg, master, crate::server::StartOptions::default()).await?;
     println!("sigil broker listening on {}", running.url());
-    if let Some(h) = running.http_addr {
-        println!("sigil http listening on http://{h}");
+    if let Some(h) = running.http_url() {
+        println!("sigil http listening on {h}");
     }
     shutdown_signal().await;
     tracing::info!("shutting down");
