@@ -415,6 +415,15 @@ pub fn changed_files(
         .collect()
 }
 
+/// Says loudly that part of a test is skipped because a tool is missing — or, when
+/// `SIGIL_TEST_REQUIRE_ALL` is set (as `.ci/run` does), fails: CI must not skip.
+pub fn skip(why: &str) {
+    if std::env::var_os("SIGIL_TEST_REQUIRE_ALL").is_some() {
+        panic!("SIGIL_TEST_REQUIRE_ALL is set, so this may not be skipped: {why}");
+    }
+    eprintln!("SKIPPED (loudly): {why}");
+}
+
 /// Python tools from PyPI, in virtual environments the tests make once per target dir.
 pub mod python {
     use std::path::{Path, PathBuf};
@@ -423,12 +432,15 @@ pub mod python {
     /// installed from PyPI, made on first use; `None` (with a message) when there is no
     /// Python or PyPI cannot be reached.
     pub fn venv(base: &Path, name: &str, packages: &[&str]) -> Option<PathBuf> {
-        let python = ["python3", "python"].into_iter().find(|p| {
+        let Some(python) = ["python3", "python"].into_iter().find(|p| {
             std::process::Command::new(p)
                 .arg("--version")
                 .output()
                 .is_ok_and(|o| o.status.success())
-        })?;
+        }) else {
+            super::skip("no Python on this machine");
+            return None;
+        };
         let venv = base.join(name);
         let bin = venv.join("bin/python");
         let ready = venv.join(".installed");
@@ -444,10 +456,10 @@ pub mod python {
                     .status()
                     .is_ok_and(|s| s.success());
             if !ok {
-                eprintln!(
-                    "skipped: could not install {packages:?} from PyPI into {}",
+                super::skip(&format!(
+                    "could not install {packages:?} from PyPI into {}",
                     venv.display()
-                );
+                ));
                 return None;
             }
             std::fs::write(&ready, b"").ok()?;

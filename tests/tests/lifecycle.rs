@@ -636,7 +636,7 @@ async fn the_issuer_is_https_from_configuration_and_pyjwt_verifies_against_disco
     })
     .await
     .unwrap() else {
-        eprintln!("skipped the PyJWT half: no Python or no PyPI on this machine");
+        // python::venv has said why (or failed, in CI).
         return;
     };
     let ca = b.dir.path().join("bundle.pem");

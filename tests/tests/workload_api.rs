@@ -556,7 +556,7 @@ fn py_spiffe() -> Option<PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn py_spiffe_from_pypi_works_unmodified_when_python_is_present() {
     let Some(python) = tokio::task::spawn_blocking(py_spiffe).await.unwrap() else {
-        eprintln!("skipped: no Python on this machine");
+        // python::venv has said why (or failed, in CI).
         return;
     };
     let w = world().await;
