@@ -9,8 +9,6 @@ use serde::{Deserialize, Serialize};
 
 /// Name of the config file inside the data dir.
 pub const CONFIG_FILE: &str = "sigil.toml";
-/// Name of the store file inside the data dir.
-pub const STORE_FILE: &str = "sigil.redb";
 /// Default master key file inside the data dir (used when `SIGIL_MASTER_KEY` is unset).
 pub const MASTER_KEY_FILE: &str = "master.key";
 /// The trust bundle to hand to workloads.
@@ -705,9 +703,9 @@ impl Config {
         }
     }
 
-    /// The store file.
-    pub fn store_path(&self) -> PathBuf {
-        self.data_dir.join(STORE_FILE)
+    /// Where the store is: the embedded store in the data dir.
+    pub fn store(&self) -> crate::store::StoreConfig {
+        crate::store::StoreConfig::in_data_dir(&self.data_dir)
     }
 
     /// The master key file (when the key does not come from the environment).

@@ -75,6 +75,8 @@ impl From<StoreError> for BrokerError {
                 Conflict::JoinTokenUnknown | Conflict::JoinTokenExpired | Conflict::JoinTokenUsed => {
                     BrokerError::AttestationFailed { method: "join_token", hint: crate::attest::join_token::HINT.into() }
                 }
+                // A conflict this build does not know yet: the change was not made.
+                other => BrokerError::FailedPrecondition(other.to_string()),
             },
             StoreError::Unavailable(_) | StoreError::Open(_) | StoreError::Closed => BrokerError::Unavailable(
                 "the broker could not record this durably, so nothing was issued or changed; retry shortly".into(),

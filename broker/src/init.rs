@@ -10,13 +10,12 @@ use sigil_pki::{EcKey, LeafSpec, LeafUsage, TrustDomain, certs_to_pem, ids};
 
 use crate::audit::{AuditDraft, Decision};
 use crate::clock::{Clock, unix_nanos, unix_secs};
-use crate::config::{ADMIN_DIR, BUNDLE_FILE, CONFIG_FILE, Config, MASTER_KEY_FILE, STORE_FILE};
+use crate::config::{ADMIN_DIR, BUNDLE_FILE, CONFIG_FILE, Config, MASTER_KEY_FILE};
 use crate::fsutil::{create_private_dir, write_atomic};
 use crate::keys;
 use crate::model::{CredentialKind, LedgerRecord};
 use crate::seal::{MasterKey, Sealer};
-use crate::store::redb::RedbStore;
-use crate::store::{Change, Op, SCHEMA_VERSION, Store, StoreMeta};
+use crate::store::{Change, Op, SCHEMA_VERSION, StoreMeta};
 
 /// What to create.
 #[derive(Debug, Clone)]
@@ -165,11 +164,8 @@ async fn init_inner(opts: &InitOptions, clock: &dyn Clock) -> Result<InitReport,
         trust_domain: td.clone(),
         created_at: unix_secs(now),
     };
-    let path = dir.join(STORE_FILE);
-    let s2 = sealer.clone();
-    let store = tokio::task::spawn_blocking(move || RedbStore::create(&path, s2, meta))
+    let store = crate::store::create(&cfg.store(), sealer.clone(), meta)
         .await
-        .map_err(failed)?
         .map_err(failed)?;
 
     // The first operator credential, from the operator CA.

@@ -25,8 +25,7 @@ use crate::keys::{self, KeyError, Keys};
 use crate::model::{CredentialKind, LedgerRecord};
 use crate::registry::Registry;
 use crate::seal::{MasterKey, SealError, Sealer};
-use crate::store::redb::{FaultSwitch, RedbStore};
-use crate::store::{Change, Op, Store, StoreError};
+use crate::store::{Change, Op, StoreError};
 
 /// Why the broker did not start.
 #[derive(Debug, thiserror::Error)]
@@ -63,13 +62,15 @@ pub struct StartOptions {
     /// The clock.
     pub clock: Arc<dyn Clock>,
     /// Makes store writes fail on demand (tests and chaos drills).
-    pub store_faults: Option<FaultSwitch>,
+    #[cfg(feature = "faults")]
+    pub store_faults: Option<crate::store::FaultSwitch>,
 }
 
 impl Default for StartOptions {
     fn default() -> Self {
         StartOptions {
             clock: Arc::new(SystemClock),
+            #[cfg(feature = "faults")]
             store_faults: None,
         }
     }
@@ -165,13 +166,15 @@ pub async fn start(
     }
     let sealer = Arc::new(Sealer::new(&master));
     drop(master);
-    let path = cfg.store_path();
-    let s2 = sealer.clone();
-    let faults = opts.store_faults.clone();
-    let store = tokio::task::spawn_blocking(move || RedbStore::open_with_faults(&path, s2, faults))
-        .await
-        .map_err(|e| StartError::Other(format!("opening the store: {e}")))??;
-    let store: Arc<dyn Store> = Arc::new(store);
+    let store = crate::store::open(
+        &cfg.store(),
+        sealer.clone(),
+        crate::store::OpenOptions {
+            #[cfg(feature = "faults")]
+            faults: opts.store_faults.clone(),
+        },
+    )
+    .await?;
     let td = store.meta().await?.trust_domain;
     let registry = Registry::new(store.identities().await?);
     let ring = keys::load(&td, &store.keys().await?, &sealer)?;

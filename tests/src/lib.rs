@@ -17,7 +17,7 @@ use serde_json::Value;
 use sigil_broker::clock::{Clock, SystemClock};
 use sigil_broker::seal::MasterKey;
 use sigil_broker::server::{RunningBroker, StartOptions};
-use sigil_broker::store::redb::FaultSwitch;
+use sigil_broker::store::FaultSwitch;
 use sigil_proto::v1 as pb;
 use sigil_proto::v1::admin_client::AdminClient;
 use sigil_sdk::{ClientConfig, Credentials, Evidence, JwtRequest, SvidOptions, WorkloadClient};

@@ -43,7 +43,7 @@ fn get(t: &redb::Table<'_, u64, &[u8]>, seq: u64) -> Vec<u8> {
 }
 
 async fn verify_offline(dir: &Path) -> Result<(), String> {
-    let cli = sigil_broker::cli::Cli::parse_from([
+    let cli = sigil_cli::Cli::parse_from([
         "sigil",
         "audit",
         "verify",
@@ -51,9 +51,7 @@ async fn verify_offline(dir: &Path) -> Result<(), String> {
         "--data-dir",
         dir.to_str().unwrap(),
     ]);
-    sigil_broker::cli::run(cli)
-        .await
-        .map_err(|e| format!("{e:#}"))
+    sigil_cli::run(cli).await.map_err(|e| format!("{e:#}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

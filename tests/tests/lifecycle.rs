@@ -309,7 +309,7 @@ async fn a_leaked_jwt_is_rejected_within_a_second_and_only_fresh_attestation_res
         if dry {
             args.push("--dry-run");
         }
-        sigil_broker::cli::run(<sigil_broker::cli::Cli as clap::Parser>::parse_from(args))
+        sigil_cli::run(<sigil_cli::Cli as clap::Parser>::parse_from(args))
     };
 
     // Dry run: the blast radius is shown, nothing changes.

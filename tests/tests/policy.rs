@@ -218,7 +218,7 @@ async fn an_approval_gated_scope_is_minted_only_while_an_approval_is_in_force() 
 }
 
 async fn operator_credential(b: &TestBroker, name: &str, role: &str, out: &Path) {
-    let cli = sigil_broker::cli::Cli::parse_from([
+    let cli = sigil_cli::Cli::parse_from([
         "sigil",
         "operator",
         "create",
@@ -230,7 +230,7 @@ async fn operator_credential(b: &TestBroker, name: &str, role: &str, out: &Path)
         "--data-dir",
         b.data.to_str().unwrap(),
     ]);
-    sigil_broker::cli::run(cli).await.unwrap();
+    sigil_cli::run(cli).await.unwrap();
 }
 
 fn admin_as(

@@ -95,7 +95,7 @@ async fn logs_and_audit_never_hold_a_join_token_a_jwt_or_a_private_key() {
     secrets.push(t2.clone());
     let out = b.dir.path().join("out");
     let bundle = b.data.join("bundle.pem");
-    let cli = sigil_broker::cli::Cli::parse_from([
+    let cli = sigil_cli::Cli::parse_from([
         "sigil",
         "fetch",
         "--broker",
@@ -109,7 +109,7 @@ async fn logs_and_audit_never_hold_a_join_token_a_jwt_or_a_private_key() {
         "--audience",
         "db",
     ]);
-    sigil_broker::cli::run(cli).await.unwrap();
+    sigil_cli::run(cli).await.unwrap();
     secrets.extend(pem_body(
         &std::fs::read_to_string(out.join("svid.key")).unwrap(),
     ));

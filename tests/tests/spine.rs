@@ -73,7 +73,7 @@ async fn fetch_writes_credentials_that_verify_with_webpki_openssl_and_the_bundle
     let out = b.dir.path().join("creds");
     let bundle_path = b.data.join("bundle.pem");
     // The real `sigil fetch` code path.
-    let cli = sigil_broker::cli::Cli::parse_from([
+    let cli = sigil_cli::Cli::parse_from([
         "sigil",
         "fetch",
         "--broker",
@@ -89,7 +89,7 @@ async fn fetch_writes_credentials_that_verify_with_webpki_openssl_and_the_bundle
         "--dns",
         "app.internal",
     ]);
-    sigil_broker::cli::run(cli).await.expect("sigil fetch");
+    sigil_cli::run(cli).await.expect("sigil fetch");
 
     let chain = certs_from_pem(&std::fs::read(out.join("svid.pem")).unwrap()).unwrap();
     assert_eq!(chain.len(), 2, "leaf then intermediate");

@@ -48,7 +48,7 @@ pub(super) async fn start_cfssl() -> Result<Cfssl> {
         dir.path().join("ca.pem"),
         sigil_pki::certs_to_pem([ca.cert()]),
     )?;
-    crate::fsutil::write_atomic(
+    sigil_broker::fsutil::write_atomic(
         &dir.path().join("ca-key.pem"),
         key_pem.expose_secret(),
         0o600,

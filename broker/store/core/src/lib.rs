@@ -1,12 +1,22 @@
-//! Persistent state behind one trait, so business logic never names the backend.
+//! Sigil's persistent state behind one trait, so business logic never names the backend.
 //!
 //! Every write is a [`Change`]: preconditions, mutations and the audit entries that describe
-//! them, applied atomically — all of it durable, or none of it. Backends group-commit
-//! concurrent changes (one transaction and one fsync for many requests). Reads return
-//! committed state.
+//! them, applied atomically — all of it durable, or none of it. Reads return committed state.
 //!
-//! Backends: [`redb`] (embedded, one file; the default). PostgreSQL comes later behind the same
-//! trait.
+//! Layout, in the order a change flows through it:
+//! - [`model`]: the records (identities, join tokens, keys, ledger, revocations, usage, ...).
+//! - [`Change`], [`Op`], [`Conflict`]: one durable unit of preconditions, mutations and audit.
+//! - [`GroupCommit`]: the one writer every backend shares. It folds every waiting change into
+//!   one transaction, checks each change's preconditions against the state before it (in
+//!   commit order), stamps commit sequences, derives usage, chains the audit entries
+//!   ([`audit`]), commits once, then tells the [`CommitObserver`] and answers each caller.
+//! - [`backend`]: what a backend implements — a transaction that loads the rows a batch needs
+//!   and writes what the batch decided ([`backend::Txn`]), and the reads ([`StoreReads`]).
+//! - [`seal`]: the master key, sealing of secrets at rest, and the audit chain's key.
+//! - [`conformance`]: the one test suite every backend passes.
+//!
+//! Backends live in their own crates (`sigil-store-redb`, ...); `sigil-store` opens one from a
+//! configuration, and is the only crate the broker uses.
 
 use std::fmt;
 use std::sync::Weak;
@@ -15,13 +25,20 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sigil_pki::TrustDomain;
 
+pub mod audit;
+pub mod backend;
+pub mod conformance;
+pub mod model;
+pub mod seal;
+mod writer;
+
+pub use writer::GroupCommit;
+
 use crate::audit::AuditDraft;
 use crate::model::{
     ApprovalRecord, IdentityRecord, JoinTokenRecord, KeyRecord, LedgerRecord, OwnerRecord,
     RevocationRecord, UsageRecord,
 };
-
-pub mod redb;
 
 /// On-disk schema version this build reads and writes.
 pub const SCHEMA_VERSION: u64 = 1;
@@ -188,12 +205,26 @@ pub trait CommitObserver: Send + Sync {
     fn committed(&self, ops: &[&Op]);
 }
 
-/// Everything the broker persists.
+/// Everything the broker persists: the reads, plus committing changes.
 #[async_trait]
-pub trait Store: Send + Sync + fmt::Debug + 'static {
+pub trait Store: StoreReads {
     /// Applies `change` atomically and durably, or not at all.
     async fn commit(&self, change: Change) -> Result<Committed, StoreError>;
 
+    /// Registers the observer of committed changes (held weakly).
+    fn set_observer(&self, observer: Weak<dyn CommitObserver>);
+
+    /// `Err(reason)` when the last commit failed for a storage reason (the broker cannot issue
+    /// until that clears); `Ok` otherwise. Cheap: for readiness checks.
+    fn health(&self) -> Result<(), String>;
+
+    /// Flushes and stops the writer; later commits fail with [`StoreError::Closed`].
+    async fn close(&self);
+}
+
+/// The reads of committed state, the same for every backend.
+#[async_trait]
+pub trait StoreReads: Send + Sync + fmt::Debug + 'static {
     /// Facts fixed at init.
     async fn meta(&self) -> Result<StoreMeta, StoreError>;
 
@@ -253,14 +284,4 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         from_seq: u64,
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
-
-    /// Registers the observer of committed changes (held weakly).
-    fn set_observer(&self, observer: Weak<dyn CommitObserver>);
-
-    /// `Err(reason)` when the last commit failed for a storage reason (the broker cannot issue
-    /// until that clears); `Ok` otherwise. Cheap: for readiness checks.
-    fn health(&self) -> Result<(), String>;
-
-    /// Flushes and stops the writer; later commits fail with [`StoreError::Closed`].
-    async fn close(&self);
 }

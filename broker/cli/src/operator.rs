@@ -1,23 +1,19 @@
 //! Operator commands over the admin API.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::Args;
 use serde_json::json;
 use sigil_proto::v1 as pb;
-use sigil_proto::v1::admin_client::AdminClient;
-use tonic::transport::Channel;
 
 use super::{
     AuditCmd, Conn, CredentialCmd, IdentityCmd, JoinTokenCmd, KeysCmd, LeakArgs, OwnerCmd,
     ReportArgs, RevokeCmd, RotateArgs,
 };
-use crate::clock::rfc3339;
-use crate::config::{ADMIN_DIR, BROKER_URL_FILE, BUNDLE_FILE};
+use sigil_broker::clock::rfc3339;
 
 /// `sigil identity create`.
 #[derive(Debug, Args)]
@@ -165,74 +161,6 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("label {s:?} must be KEY=VALUE"))
 }
 
-fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))
-}
-
-impl Conn {
-    /// Resolves the broker URL, trust bundle and operator credential, and connects.
-    pub fn connect(&self) -> Result<AdminClient<Channel>> {
-        let dir = self.data_dir.as_deref();
-        let pick =
-            |flag: &Option<PathBuf>, default: Option<PathBuf>, name: &str| -> Result<PathBuf> {
-                flag.clone().or(default).ok_or_else(|| {
-                    anyhow!("no {name}: pass --{name} (or --data-dir of the broker)")
-                })
-            };
-        let bundle = pick(
-            &self.trust_bundle,
-            dir.map(|d| d.join(BUNDLE_FILE)),
-            "trust-bundle",
-        )?;
-        let cert = pick(
-            &self.admin_cert,
-            dir.map(|d| d.join(ADMIN_DIR).join("admin.crt")),
-            "admin-cert",
-        )?;
-        let key = pick(
-            &self.admin_key,
-            dir.map(|d| d.join(ADMIN_DIR).join("admin.key")),
-            "admin-key",
-        )?;
-        let broker = match (&self.broker, dir) {
-            (Some(b), _) => b.clone(),
-            (None, Some(d)) => broker_url_of(d)?,
-            (None, None) => bail!("no broker: pass --broker URL (or --data-dir of the broker)"),
-        };
-        let mode = std::fs::metadata(&key)
-            .with_context(|| format!("operator key {}", key.display()))?
-            .permissions()
-            .mode();
-        if mode & 0o077 != 0 {
-            bail!(
-                "operator key {} is readable by group or others (mode {:o}); run `chmod 600 {}`",
-                key.display(),
-                mode & 0o777,
-                key.display()
-            );
-        }
-        let key_pem = zeroize::Zeroizing::new(read(&key, "operator key")?);
-        Ok(sigil_sdk::connect_admin(
-            &broker,
-            &read(&bundle, "trust bundle")?,
-            &read(&cert, "operator certificate")?,
-            &key_pem,
-        )?)
-    }
-}
-
-/// The URL a broker on `dir` listens on: `broker.url` (written by `sigil serve`), else the
-/// configured listen address.
-pub fn broker_url_of(dir: &Path) -> Result<String> {
-    match std::fs::read_to_string(dir.join(BROKER_URL_FILE)) {
-        Ok(u) => Ok(u.trim().to_owned()),
-        Err(_) => {
-            let cfg = crate::config::Config::load(dir)?;
-            Ok(format!("https://{}", cfg.listen))
-        }
-    }
-}
-
 fn status_name(s: i32) -> &'static str {
     match pb::IdentityStatus::try_from(s) {
         Ok(pb::IdentityStatus::Active) => "active",
@@ -292,7 +220,7 @@ fn print_identity(i: &pb::Identity, as_json: bool) {
     println!("kinds:       {}", list_or_dash(&e.kinds));
     println!(
         "max ttl:     {}",
-        crate::config::dur::format(Duration::from_secs(u64::from(e.max_ttl_seconds)))
+        sigil_broker::config::dur::format(Duration::from_secs(u64::from(e.max_ttl_seconds)))
     );
     println!("audiences:   {}", list_or_dash(&e.audiences));
     println!("scopes:      {}", list_or_dash(&e.scopes));
@@ -791,7 +719,7 @@ pub(super) async fn report(a: ReportArgs) -> Result<()> {
     println!("  retired:                    {}", p["retired"]);
     println!(
         "  median credential lifetime: {}",
-        crate::config::dur::format(Duration::from_secs(
+        sigil_broker::config::dur::format(Duration::from_secs(
             p["median_credential_lifetime_secs"].as_u64().unwrap_or(0)
         ))
     );
@@ -969,7 +897,7 @@ fn parse_since(s: &str) -> Result<i64> {
         )
     })?;
     let now = std::time::SystemTime::now();
-    Ok(crate::clock::unix_nanos(
+    Ok(sigil_broker::clock::unix_nanos(
         now.checked_sub(ago).unwrap_or(std::time::UNIX_EPOCH),
     ))
 }
@@ -986,16 +914,17 @@ pub(super) async fn audit(cmd: AuditCmd) -> Result<()> {
                     "--offline needs --data-dir (a stopped broker's data dir, or a copy of one)"
                 )
             })?;
-            let cfg = crate::config::Config::load(dir)?;
-            let sealer = crate::seal::Sealer::new(&crate::server::load_master_key(&cfg)?);
-            let path = cfg.store_path();
-            crate::store::redb::check_master_key(&path, &sealer)?;
-            let entries = crate::store::redb::read_audit_file(&path)?;
-            match crate::audit::verify_chain(&sealer, entries) {
-                crate::audit::ChainReport::Intact { entries } => {
+            let cfg = sigil_broker::config::Config::load(dir)?;
+            let sealer =
+                sigil_broker::seal::Sealer::new(&sigil_broker::server::load_master_key(&cfg)?);
+            let store = cfg.store();
+            sigil_broker::store::check_master_key(&store, &sealer)?;
+            let entries = sigil_broker::store::read_audit_offline(&store)?;
+            match sigil_broker::audit::verify_chain(&sealer, entries) {
+                sigil_broker::audit::ChainReport::Intact { entries } => {
                     println!("audit log intact: {entries} entries")
                 }
-                crate::audit::ChainReport::Broken { seq, reason } => {
+                sigil_broker::audit::ChainReport::Broken { seq, reason } => {
                     bail!("audit log is broken at entry {seq}: {reason}")
                 }
             }
@@ -1292,9 +1221,11 @@ pub(super) async fn approvals(cmd: ApprovalsCmd) -> Result<()> {
 pub(super) async fn policy(cmd: PolicyCmd) -> Result<()> {
     match cmd {
         PolicyCmd::Check { path } => {
-            let e =
-                crate::policy::PolicyEngine::load(Some(path), crate::config::PolicyDefault::Permit)
-                    .map_err(|e| anyhow!("{e}"))?;
+            let e = sigil_broker::policy::PolicyEngine::load(
+                Some(path),
+                sigil_broker::config::PolicyDefault::Permit,
+            )
+            .map_err(|e| anyhow!("{e}"))?;
             let r = e.report();
             println!(
                 "ok: {} policies in {} file(s) validate against the Sigil schema",
@@ -1321,7 +1252,7 @@ pub(super) async fn policy(cmd: PolicyCmd) -> Result<()> {
                 r.files.len()
             );
         }
-        PolicyCmd::Schema => print!("{}", crate::policy::SCHEMA),
+        PolicyCmd::Schema => print!("{}", sigil_broker::policy::SCHEMA),
     }
     Ok(())
 }
@@ -1349,7 +1280,7 @@ pub(super) async fn operator_cred(cmd: OperatorCmd) -> Result<()> {
                 .await
                 .map_err(sigil_sdk::SdkError::from)?
                 .into_inner();
-            crate::fsutil::create_private_dir(&out)
+            sigil_broker::fsutil::create_private_dir(&out)
                 .with_context(|| format!("creating {}", out.display()))?;
             let leaf = r
                 .cert_chain
@@ -1357,13 +1288,17 @@ pub(super) async fn operator_cred(cmd: OperatorCmd) -> Result<()> {
                 .ok_or_else(|| anyhow!("the broker returned no certificate"))?;
             let cert_path = out.join(format!("{name}.crt"));
             let key_path = out.join(format!("{name}.key"));
-            crate::fsutil::write_atomic(
+            sigil_broker::fsutil::write_atomic(
                 &cert_path,
-                sigil_pki::certs_to_pem([&rustls_pki_types::CertificateDer::from(leaf.clone())])
+                sigil_pki::certs_to_pem([&sigil_pki::CertificateDer::from(leaf.clone())])
                     .as_bytes(),
                 0o644,
             )?;
-            crate::fsutil::write_atomic(&key_path, key.to_pkcs8_pem()?.expose_secret(), 0o600)?;
+            sigil_broker::fsutil::write_atomic(
+                &key_path,
+                key.to_pkcs8_pem()?.expose_secret(),
+                0o600,
+            )?;
             println!(
                 "{role} credential for {name}: {} (expires {})\n  certificate: {}\n  key:         {} (0600)\nUse it with --admin-cert {} --admin-key {}",
                 r.spiffe_id,

@@ -8,13 +8,12 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use sigil_proto::v1 as pb;
 
-use crate::cli::{Conn, DevArgs, parse_http_listen, shutdown_signal};
-use crate::config::STORE_FILE;
+use crate::{Conn, DevArgs, parse_http_listen, shutdown_signal};
 
 /// Trust domain of a dev data dir.
-pub const DEV_TRUST_DOMAIN: &str = "demo.sigil.test";
+pub(crate) const DEV_TRUST_DOMAIN: &str = "demo.sigil.test";
 /// The demo identity.
-pub const DEMO_SPIFFE_ID: &str = "spiffe://demo.sigil.test/demo/web";
+pub(crate) const DEMO_SPIFFE_ID: &str = "spiffe://demo.sigil.test/demo/web";
 
 fn shown(p: &Path) -> String {
     let cwd = std::env::current_dir().ok();
@@ -25,11 +24,11 @@ fn shown(p: &Path) -> String {
 }
 
 /// Runs `sigil dev` until Ctrl-C.
-pub async fn run(a: DevArgs) -> Result<()> {
+pub(crate) async fn run(a: DevArgs) -> Result<()> {
     let http = parse_http_listen(&a.http_listen)?;
-    if !a.data_dir.join(STORE_FILE).exists() {
-        let r = crate::init::init(
-            crate::init::InitOptions {
+    if !sigil_broker::store::StoreConfig::in_data_dir(&a.data_dir).exists() {
+        let r = sigil_broker::init::init(
+            sigil_broker::init::InitOptions {
                 data_dir: a.data_dir.clone(),
                 trust_domain: DEV_TRUST_DOMAIN
                     .parse()
@@ -40,7 +39,7 @@ pub async fn run(a: DevArgs) -> Result<()> {
                 operator_ttl: Duration::from_secs(365 * 86400),
                 master_key: None,
             },
-            &crate::clock::SystemClock,
+            &sigil_broker::clock::SystemClock,
         )
         .await?;
         println!(
@@ -49,13 +48,17 @@ pub async fn run(a: DevArgs) -> Result<()> {
             r.trust_domain
         );
     }
-    let cfg = crate::cli::load_config(&a.data_dir, Some(a.listen), Some(&a.http_listen))?;
-    let master = crate::server::load_master_key(&cfg)?;
-    let running = crate::server::start(cfg, master, crate::server::StartOptions::default())
-        .await
-        .context(
-            "starting the dev broker (is another broker using the port? try --listen 127.0.0.1:0)",
-        )?;
+    let cfg = crate::load_config(&a.data_dir, Some(a.listen), Some(&a.http_listen))?;
+    let master = sigil_broker::server::load_master_key(&cfg)?;
+    let running = sigil_broker::server::start(
+        cfg,
+        master,
+        sigil_broker::server::StartOptions::default(),
+    )
+    .await
+    .context(
+        "starting the dev broker (is another broker using the port? try --listen 127.0.0.1:0)",
+    )?;
 
     let conn = Conn {
         data_dir: Some(a.data_dir.clone()),

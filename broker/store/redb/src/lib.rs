@@ -1,40 +1,37 @@
 //! The embedded backend: one redb file in the data dir.
 //!
-//! redb is synchronous, so one dedicated writer thread owns every write. It takes every change
-//! that is waiting, applies them in one transaction, commits once (one fsync), and only then
-//! answers each caller: a group commit. Reads run on tokio's blocking pool against MVCC
-//! snapshots and never wait for the writer.
+//! redb is synchronous: the shared writer ([`sigil_store_core::GroupCommit`]) runs each batch's
+//! transaction on its own thread, and reads run on tokio's blocking pool against MVCC snapshots,
+//! never waiting for the writer. Ledger keys are credential ids that start with the issue time
+//! and audit keys are sequence numbers, so inserts land at the right edge of their B-trees.
 //!
-//! Ledger keys are credential ids that start with the issue time and audit keys are sequence
-//! numbers, so inserts land at the right edge of their B-trees.
+//! A store is looked into before it is trusted: the master key is checked (the key-check file
+//! beside the store, then the one inside it) through a view whose writes never reach the file
+//! ([`check_master_key`]), so a wrong key changes nothing even when the file needs crash
+//! recovery; the offline tools read through the same view ([`read_audit_file`]).
 
+use std::collections::HashMap;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+#[cfg(feature = "faults")]
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 
 use arc_swap::ArcSwapOption;
-
 use async_trait::async_trait;
 use redb::backends::FileBackend;
 use redb::{
     BackendError, Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata,
     StorageBackend, TableDefinition, WriteTransaction,
 };
-use tokio::sync::{mpsc, oneshot};
-
-use super::{
-    Change, CommitObserver, Committed, Conflict, Op, SCHEMA_VERSION, Store, StoreError, StoreMeta,
-};
-use crate::audit::ChainHead;
-use std::collections::HashMap;
-
-use crate::model::{
+use sigil_store_core::audit::ChainHead;
+use sigil_store_core::backend::{Backend, Loaded, Needs, Txn, Write};
+use sigil_store_core::model::{
     ApprovalRecord, IdentityRecord, JoinTokenRecord, KeyRecord, LedgerRecord, OwnerRecord,
     RevocationRecord, UsageRecord,
 };
-use crate::seal::Sealer;
+use sigil_store_core::seal::Sealer;
+use sigil_store_core::{SCHEMA_VERSION, StoreError, StoreMeta, StoreReads};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const IDENTITIES: TableDefinition<&str, &[u8]> = TableDefinition::new("identities");
@@ -54,17 +51,17 @@ const REVOCATIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("revocat
 const META_INFO: &str = "store_meta";
 const META_KEY_CHECK: &str = "key_check";
 const KEY_CHECK_PLAINTEXT: &[u8] = b"sigil master key check v1";
-/// Most changes folded into one transaction.
-const MAX_BATCH: usize = 2048;
 
 /// Makes the store's disk writes fail while on: for testing that issuance fails closed, and for
 /// chaos drills. Off unless flipped.
 ///
 /// After a failed write redb refuses every later operation until the database is reopened, so
 /// a broker that hit a disk error keeps refusing (and `/readyz` reports it) until restarted.
+#[cfg(feature = "faults")]
 #[derive(Debug, Clone, Default)]
 pub struct FaultSwitch(Arc<AtomicBool>);
 
+#[cfg(feature = "faults")]
 impl FaultSwitch {
     /// Turns write failures on or off.
     pub fn fail_writes(&self, on: bool) {
@@ -82,12 +79,14 @@ impl FaultSwitch {
 }
 
 /// redb's file backend with a [`FaultSwitch`] in front of every write.
+#[cfg(feature = "faults")]
 #[derive(Debug)]
 struct FaultyBackend {
     inner: FileBackend,
     faults: FaultSwitch,
 }
 
+#[cfg(feature = "faults")]
 impl StorageBackend for FaultyBackend {
     fn len(&self) -> std::io::Result<u64> {
         self.inner.len()
@@ -299,33 +298,25 @@ fn open_io(path: &Path, e: std::io::Error) -> StoreError {
     StoreError::Open(format!("{}: {e}", path.display()))
 }
 
-/// The redb-backed [`Store`].
-pub struct RedbStore {
-    /// `None` once closed, so the file is released even while others still hold the store.
+/// The redb backend.
+pub struct RedbBackend {
+    /// `None` once shut down, so the file is released even while others still hold the store.
     db: ArcSwapOption<Database>,
     path: PathBuf,
-    /// `None` once closed; dropping the last sender lets the writer drain and exit.
-    tx: ArcSwapOption<mpsc::UnboundedSender<Job>>,
-    writer: std::sync::Mutex<Option<JoinHandle<()>>>,
-    /// The last commit failure, cleared by the next successful commit.
-    failure: Arc<std::sync::Mutex<Option<String>>>,
-    observer: Observer,
+    /// The audit chain after the last committed entry (this process is the only writer).
+    head: std::sync::Mutex<ChainHead>,
 }
 
-type Observer = Arc<std::sync::RwLock<Option<std::sync::Weak<dyn CommitObserver>>>>;
-
-impl std::fmt::Debug for RedbStore {
+impl std::fmt::Debug for RedbBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedbStore")
+        f.debug_struct("RedbBackend")
             .field("path", &self.path)
             .finish_non_exhaustive()
     }
 }
 
-struct Job {
-    change: Change,
-    reply: oneshot::Sender<Result<Committed, StoreError>>,
-}
+/// Write-failure injection, when built with it.
+struct Faults(#[cfg(feature = "faults")] FaultSwitch);
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
@@ -342,7 +333,7 @@ fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
 
 /// The sealed key check kept beside the database file, checked before redb opens the file so a
 /// wrong key changes nothing on disk even when the file needs crash recovery.
-fn key_check_path(path: &Path) -> PathBuf {
+pub fn key_check_path(path: &Path) -> PathBuf {
     let mut p = path.as_os_str().to_owned();
     p.push(".keycheck");
     PathBuf::from(p)
@@ -433,9 +424,9 @@ fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
     }
 }
 
-impl RedbStore {
+impl RedbBackend {
     /// Creates a new store file. Refuses if `path` exists.
-    pub fn create(path: &Path, sealer: Arc<Sealer>, meta: StoreMeta) -> Result<Self, StoreError> {
+    pub fn create(path: &Path, sealer: &Sealer, meta: StoreMeta) -> Result<Self, StoreError> {
         if path.exists() {
             return Err(StoreError::Incompatible(format!(
                 "{} already exists",
@@ -470,20 +461,29 @@ impl RedbStore {
             txn.open_table(APPROVALS).map_err(unavailable)?;
         }
         txn.commit().map_err(unavailable)?;
-        Ok(Self::start(db, path, sealer, ChainHead::default()))
+        Ok(Self::start(db, path, ChainHead::default()))
     }
 
     /// Opens an existing store, checking the schema version and that `sealer`'s master key is
     /// the one the store was created with. On any refusal the file is left as it was.
-    pub fn open(path: &Path, sealer: Arc<Sealer>) -> Result<Self, StoreError> {
-        Self::open_with_faults(path, sealer, None)
+    pub fn open(path: &Path, sealer: &Sealer) -> Result<Self, StoreError> {
+        Self::open_inner(path, sealer, None)
     }
 
-    /// [`RedbStore::open`], with writes going through `faults` when given.
+    /// [`RedbBackend::open`], with writes going through `faults` when given.
+    #[cfg(feature = "faults")]
     pub fn open_with_faults(
         path: &Path,
-        sealer: Arc<Sealer>,
+        sealer: &Sealer,
         faults: Option<FaultSwitch>,
+    ) -> Result<Self, StoreError> {
+        Self::open_inner(path, sealer, faults.map(Faults))
+    }
+
+    fn open_inner(
+        path: &Path,
+        sealer: &Sealer,
+        faults: Option<Faults>,
     ) -> Result<Self, StoreError> {
         if !path.exists() {
             return Err(StoreError::Incompatible(format!(
@@ -491,12 +491,18 @@ impl RedbStore {
                 path.display()
             )));
         }
-        check_master_key(path, &sealer)?;
+        check_master_key(path, sealer)?;
         let db = match faults {
+            #[cfg(not(feature = "faults"))]
+            None | Some(Faults()) => Database::builder()
+                .open(path)
+                .map_err(|e| open_error(path, e))?,
+            #[cfg(feature = "faults")]
             None => Database::builder()
                 .open(path)
                 .map_err(|e| open_error(path, e))?,
-            Some(faults) => {
+            #[cfg(feature = "faults")]
+            Some(Faults(faults)) => {
                 let file = std::fs::OpenOptions::new()
                     .read(true)
                     .write(true)
@@ -519,7 +525,7 @@ impl RedbStore {
             let a = r.open_table(AUDIT).map_err(|e| corrupt("audit table", e))?;
             match a.last().map_err(unavailable)? {
                 Some((k, v)) => {
-                    let e: crate::audit::AuditEntry = serde_json::from_slice(v.value())
+                    let e: sigil_store_core::audit::AuditEntry = serde_json::from_slice(v.value())
                         .map_err(|e| corrupt("last audit entry", e))?;
                     ChainHead {
                         seq: k.value(),
@@ -529,28 +535,14 @@ impl RedbStore {
                 None => ChainHead::default(),
             }
         };
-        Ok(Self::start(db, path, sealer, head))
+        Ok(Self::start(db, path, head))
     }
 
-    fn start(db: Database, path: &Path, sealer: Arc<Sealer>, head: ChainHead) -> Self {
-        let db = Arc::new(db);
-        let (tx, rx) = mpsc::unbounded_channel();
-        let wdb = db.clone();
-        let failure = Arc::new(std::sync::Mutex::new(None));
-        let wfailure = failure.clone();
-        let observer: Observer = Arc::default();
-        let wobserver = observer.clone();
-        let writer = std::thread::Builder::new()
-            .name("sigil-store-writer".into())
-            .spawn(move || writer_loop(&wdb, &sealer, head, rx, &wfailure, &wobserver))
-            .ok();
-        RedbStore {
-            db: ArcSwapOption::new(Some(db)),
+    fn start(db: Database, path: &Path, head: ChainHead) -> Self {
+        RedbBackend {
+            db: ArcSwapOption::new(Some(Arc::new(db))),
             path: path.to_owned(),
-            tx: ArcSwapOption::from_pointee(tx),
-            writer: std::sync::Mutex::new(writer),
-            failure,
-            observer,
+            head: std::sync::Mutex::new(head),
         }
     }
 
@@ -585,256 +577,231 @@ impl RedbStore {
     }
 }
 
-fn writer_loop(
-    db: &Database,
-    sealer: &Sealer,
-    mut head: ChainHead,
-    mut rx: mpsc::UnboundedReceiver<Job>,
-    failure: &std::sync::Mutex<Option<String>>,
-    observer: &Observer,
-) {
-    let mut jobs: Vec<Job> = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.blocking_recv() {
-        jobs.push(first);
-        while jobs.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(j) => jobs.push(j),
-                Err(_) => break,
-            }
-        }
-        let batch_size = jobs.len();
-        let started = std::time::Instant::now();
-        let mut next_head = head.clone();
-        match apply_batch(db, sealer, &mut next_head, &mut jobs) {
-            Ok(results) => {
-                head = next_head;
-                if let Ok(mut f) = failure.lock() {
-                    f.take();
-                }
-                // In-memory views catch up before anyone hears the commit succeeded.
-                let obs = observer
-                    .read()
-                    .ok()
-                    .and_then(|o| o.as_ref().and_then(std::sync::Weak::upgrade));
-                if let Some(obs) = obs {
-                    let ops: Vec<&Op> = jobs
-                        .iter()
-                        .zip(&results)
-                        .filter(|(_, r)| r.is_ok())
-                        .flat_map(|(j, _)| j.change.ops.iter())
-                        .collect();
-                    if !ops.is_empty() {
-                        obs.committed(&ops);
-                    }
-                }
-                for (job, result) in jobs.drain(..).zip(results) {
-                    let _ = job.reply.send(result.map_err(StoreError::from));
-                }
-            }
-            Err(e) => {
-                if let Ok(mut f) = failure.lock() {
-                    *f = Some(e.to_string());
-                }
-                tracing::error!(error = %e, batch_size, "store commit failed; every change in the batch was refused");
-                for job in jobs.drain(..) {
-                    let _ = job.reply.send(Err(StoreError::Unavailable(e.to_string())));
-                }
-            }
-        }
-        metrics::histogram!("sigil_store_commit_batch_size").record(batch_size as f64);
-        metrics::histogram!("sigil_store_commit_seconds").record(started.elapsed().as_secs_f64());
+/// One batch's write transaction.
+struct RedbTxn<'a> {
+    txn: WriteTransaction,
+    backend: &'a RedbBackend,
+    /// The chain head the batch ends at.
+    head: Option<ChainHead>,
+}
+
+#[async_trait(?Send)]
+impl Backend for RedbBackend {
+    async fn begin(&self) -> Result<Box<dyn Txn + '_>, StoreError> {
+        let db = self.db.load_full().ok_or(StoreError::Closed)?;
+        let mut txn = db.begin_write().map_err(unavailable)?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(unavailable)?;
+        Ok(Box::new(RedbTxn {
+            txn,
+            backend: self,
+            head: None,
+        }))
+    }
+
+    fn shut_down(&self) {
+        // Release the file now, whoever still holds this backend.
+        self.db.store(None);
     }
 }
 
-struct Tables<'t> {
-    identities: redb::Table<'t, &'static str, &'static [u8]>,
-    spiffe: redb::Table<'t, &'static str, &'static str>,
-    tokens: redb::Table<'t, &'static str, &'static [u8]>,
-    keys: redb::Table<'t, &'static str, &'static [u8]>,
-    ledger: redb::Table<'t, &'static [u8], &'static [u8]>,
-    audit: redb::Table<'t, u64, &'static [u8]>,
-    revisions: redb::Table<'t, &'static str, u64>,
-    revocations: redb::Table<'t, &'static [u8], &'static [u8]>,
-    usage: redb::Table<'t, &'static str, &'static [u8]>,
-    owners: redb::Table<'t, &'static str, &'static [u8]>,
-    approvals: redb::Table<'t, &'static str, &'static [u8]>,
-}
-
-fn apply_batch(
-    db: &Database,
-    sealer: &Sealer,
-    head: &mut ChainHead,
-    jobs: &mut [Job],
-) -> Result<Vec<Result<Committed, Conflict>>, StoreError> {
-    let mut txn: WriteTransaction = db.begin_write().map_err(unavailable)?;
-    txn.set_durability(Durability::Immediate)
-        .map_err(unavailable)?;
-    let mut results = Vec::with_capacity(jobs.len());
-    {
-        let mut t = Tables {
-            identities: txn.open_table(IDENTITIES).map_err(unavailable)?,
-            spiffe: txn.open_table(SPIFFE_INDEX).map_err(unavailable)?,
-            tokens: txn.open_table(JOIN_TOKENS).map_err(unavailable)?,
-            keys: txn.open_table(KEYS).map_err(unavailable)?,
-            ledger: txn.open_table(LEDGER).map_err(unavailable)?,
-            audit: txn.open_table(AUDIT).map_err(unavailable)?,
-            revisions: txn.open_table(IDENTITY_REVISIONS).map_err(unavailable)?,
-            revocations: txn.open_table(REVOCATIONS).map_err(unavailable)?,
-            usage: txn.open_table(USAGE).map_err(unavailable)?,
-            owners: txn.open_table(OWNERS).map_err(unavailable)?,
-            approvals: txn.open_table(APPROVALS).map_err(unavailable)?,
+#[async_trait(?Send)]
+impl Txn for RedbTxn<'_> {
+    async fn load(&mut self, needs: &Needs) -> Result<Loaded, StoreError> {
+        let mut out = Loaded {
+            head: self
+                .backend
+                .head
+                .lock()
+                .map_err(|_| unavailable("chain head lock poisoned"))?
+                .clone(),
+            ..Loaded::default()
         };
-        // Usage of the identities this batch issued to, read once and written once.
-        let mut usage: HashMap<String, UsageRecord> = HashMap::new();
-        for job in jobs.iter_mut() {
-            match check(&t, &job.change)? {
-                Err(conflict) => results.push(Err(conflict)),
-                Ok(()) => {
-                    // The sequence its first audit entry gets: the change's place in commit
-                    // order, stamped on the records that need one.
-                    let commit_seq = head.seq + 1;
-                    write(&mut t, &mut job.change, commit_seq)?;
-                    for op in &job.change.ops {
-                        if let Op::AppendLedger(r) = op
-                            && !r.identity_id.is_empty()
-                        {
-                            if !usage.contains_key(&r.identity_id) {
-                                let stored = t
-                                    .usage
-                                    .get(r.identity_id.as_str())
-                                    .map_err(unavailable)?
-                                    .map(|g| g.value().to_vec());
-                                let rec = match stored {
-                                    Some(b) => serde_json::from_slice(&b)
-                                        .map_err(|e| corrupt("usage", e))?,
-                                    None => UsageRecord::default(),
-                                };
-                                usage.insert(r.identity_id.clone(), rec);
-                            }
-                            if let Some(u) = usage.get_mut(&r.identity_id) {
-                                u.apply(r);
-                            }
-                        }
-                    }
-                    // The drafts are not needed once chained (whatever the batch's fate, the
-                    // change is answered, never retried): move them instead of copying.
-                    let drafts = std::mem::take(&mut job.change.audit);
-                    let mut seqs = Vec::with_capacity(drafts.len());
-                    for draft in drafts {
-                        let (entry, bytes) = head.append(sealer, draft);
-                        t.audit
-                            .insert(entry.seq, bytes.as_slice())
-                            .map_err(unavailable)?;
-                        seqs.push(entry.seq);
-                    }
-                    results.push(Ok(Committed { audit_seqs: seqs }));
+        if !needs.identities.is_empty() {
+            let t = self.txn.open_table(IDENTITIES).map_err(unavailable)?;
+            for id in &needs.identities {
+                if let Some(v) = t.get(id.as_str()).map_err(unavailable)? {
+                    let rec: IdentityRecord = serde_json::from_slice(v.value())
+                        .map_err(|e| corrupt(&format!("identities/{id}"), e))?;
+                    out.identities.insert(id.clone(), rec);
                 }
             }
         }
-        for (id, u) in &usage {
-            t.usage
-                .insert(id.as_str(), to_json(u).as_slice())
+        if !needs.revisions.is_empty() {
+            let t = self
+                .txn
+                .open_table(IDENTITY_REVISIONS)
                 .map_err(unavailable)?;
+            for id in &needs.revisions {
+                if let Some(v) = t.get(id.as_str()).map_err(unavailable)? {
+                    out.revisions.insert(id.clone(), v.value());
+                }
+            }
         }
+        if !needs.spiffe_ids.is_empty() {
+            let t = self.txn.open_table(SPIFFE_INDEX).map_err(unavailable)?;
+            for s in &needs.spiffe_ids {
+                if let Some(v) = t.get(s.as_str()).map_err(unavailable)? {
+                    out.spiffe_ids.insert(s.clone(), v.value().to_owned());
+                }
+            }
+        }
+        if !needs.join_tokens.is_empty() {
+            let t = self.txn.open_table(JOIN_TOKENS).map_err(unavailable)?;
+            for h in &needs.join_tokens {
+                if let Some(v) = t.get(h.as_str()).map_err(unavailable)? {
+                    let rec: JoinTokenRecord = serde_json::from_slice(v.value())
+                        .map_err(|e| corrupt(&format!("join_tokens/{h}"), e))?;
+                    out.join_tokens.insert(h.clone(), rec);
+                }
+            }
+        }
+        if !needs.usage.is_empty() {
+            let t = self.txn.open_table(USAGE).map_err(unavailable)?;
+            for id in &needs.usage {
+                if let Some(v) = t.get(id.as_str()).map_err(unavailable)? {
+                    let rec: UsageRecord = serde_json::from_slice(v.value())
+                        .map_err(|e| corrupt(&format!("usage/{id}"), e))?;
+                    out.usage.insert(id.clone(), rec);
+                }
+            }
+        }
+        Ok(out)
     }
-    txn.commit().map_err(unavailable)?;
-    Ok(results)
-}
 
-/// Checks every precondition of `change` against the current transaction state. The outer
-/// error is a storage failure (fails the batch); the inner one a conflict (fails the change).
-fn check(t: &Tables<'_>, change: &Change) -> Result<Result<(), Conflict>, StoreError> {
-    for op in &change.ops {
-        match op {
-            Op::CreateIdentity(rec) => {
-                if t.identities
-                    .get(rec.id.as_str())
-                    .map_err(unavailable)?
-                    .is_some()
-                {
-                    return Ok(Err(Conflict::IdentityIdTaken(rec.id.clone())));
-                }
-                if t.spiffe
-                    .get(rec.spiffe_id.as_str())
-                    .map_err(unavailable)?
-                    .is_some()
-                {
-                    return Ok(Err(Conflict::SpiffeIdTaken(rec.spiffe_id.to_string())));
-                }
-            }
-            Op::UpdateIdentity {
-                record,
-                expected_revision,
-            } => {
-                let Some(stored) = t.identities.get(record.id.as_str()).map_err(unavailable)?
-                else {
-                    return Ok(Err(Conflict::IdentityMissing(record.id.clone())));
-                };
-                let stored: IdentityRecord =
-                    serde_json::from_slice(stored.value()).map_err(|e| corrupt("identity", e))?;
-                if stored.revision != *expected_revision {
-                    return Ok(Err(Conflict::StaleRevision {
-                        id: record.id.clone(),
-                        expected: *expected_revision,
-                        found: stored.revision,
-                    }));
-                }
-                if stored.spiffe_id != record.spiffe_id
-                    && let Some(owner) = t
-                        .spiffe
-                        .get(record.spiffe_id.as_str())
-                        .map_err(unavailable)?
-                    && owner.value() != record.id
-                {
-                    return Ok(Err(Conflict::SpiffeIdTaken(record.spiffe_id.to_string())));
-                }
-            }
-            Op::ConsumeJoinToken { hash, now } => {
-                let Some(stored) = t.tokens.get(hash.as_str()).map_err(unavailable)? else {
-                    return Ok(Err(Conflict::JoinTokenUnknown));
-                };
-                let rec: JoinTokenRecord =
-                    serde_json::from_slice(stored.value()).map_err(|e| corrupt("join token", e))?;
-                if rec.consumed_at.is_some() {
-                    return Ok(Err(Conflict::JoinTokenUsed));
-                }
-                if rec.expires_at <= *now {
-                    return Ok(Err(Conflict::JoinTokenExpired));
-                }
-            }
-            Op::AssertIdentityRevision { id, revision } => {
-                let found = t
-                    .revisions
-                    .get(id.as_str())
-                    .map_err(unavailable)?
-                    .map(|g| g.value());
-                match found {
-                    None => return Ok(Err(Conflict::IdentityMissing(id.clone()))),
-                    Some(r) if r != *revision => {
-                        return Ok(Err(Conflict::StaleRevision {
-                            id: id.clone(),
-                            expected: *revision,
-                            found: r,
-                        }));
+    async fn write(&mut self, writes: &[Write<'_>]) -> Result<(), StoreError> {
+        let txn = &self.txn;
+        let mut identities = txn.open_table(IDENTITIES).map_err(unavailable)?;
+        let mut spiffe = txn.open_table(SPIFFE_INDEX).map_err(unavailable)?;
+        let mut revisions = txn.open_table(IDENTITY_REVISIONS).map_err(unavailable)?;
+        let mut tokens = txn.open_table(JOIN_TOKENS).map_err(unavailable)?;
+        let mut keys = txn.open_table(KEYS).map_err(unavailable)?;
+        let mut ledger = txn.open_table(LEDGER).map_err(unavailable)?;
+        let mut audit = txn.open_table(AUDIT).map_err(unavailable)?;
+        let mut revocations = txn.open_table(REVOCATIONS).map_err(unavailable)?;
+        let mut usage = txn.open_table(USAGE).map_err(unavailable)?;
+        let mut owners = txn.open_table(OWNERS).map_err(unavailable)?;
+        let mut approvals = txn.open_table(APPROVALS).map_err(unavailable)?;
+        for w in writes {
+            match w {
+                Write::PutIdentity {
+                    record,
+                    replaces_spiffe_id,
+                } => {
+                    identities
+                        .insert(record.id.as_str(), to_json(record).as_slice())
+                        .map_err(unavailable)?;
+                    revisions
+                        .insert(record.id.as_str(), record.revision)
+                        .map_err(unavailable)?;
+                    if let Some(old) = replaces_spiffe_id {
+                        spiffe.remove(old.as_str()).map_err(unavailable)?;
                     }
-                    Some(_) => {}
+                    spiffe
+                        .insert(record.spiffe_id.as_str(), record.id.as_str())
+                        .map_err(unavailable)?;
+                }
+                Write::PutJoinToken(rec) => {
+                    tokens
+                        .insert(rec.hash.as_str(), to_json(rec.as_ref()).as_slice())
+                        .map_err(unavailable)?;
+                }
+                Write::PutKey(rec) => {
+                    keys.insert(rec.id.as_str(), to_json(rec).as_slice())
+                        .map_err(unavailable)?;
+                }
+                Write::AppendLedger(rec) => {
+                    let key = ledger_key(rec)?;
+                    ledger
+                        .insert(key.as_slice(), to_json(rec).as_slice())
+                        .map_err(unavailable)?;
+                }
+                Write::PutRevocation(rec) => {
+                    let key = revocation_key(rec)?;
+                    revocations
+                        .insert(key.as_slice(), to_json(rec).as_slice())
+                        .map_err(unavailable)?;
+                }
+                Write::PruneRevocations { expired_before } => {
+                    let end = (*expired_before).max(0).to_be_bytes();
+                    let doomed: Vec<Vec<u8>> = revocations
+                        .range::<&[u8]>(..end.as_slice())
+                        .map_err(unavailable)?
+                        .map(|item| item.map(|(k, _)| k.value().to_vec()))
+                        .collect::<Result<_, _>>()
+                        .map_err(unavailable)?;
+                    for k in doomed {
+                        revocations.remove(k.as_slice()).map_err(unavailable)?;
+                    }
+                }
+                Write::PruneLedger {
+                    issued_before,
+                    limit,
+                } => {
+                    // Ledger keys start with the issue time in big-endian nanoseconds.
+                    let end = ((*issued_before).max(0) as u64)
+                        .saturating_mul(1_000_000_000)
+                        .to_be_bytes();
+                    let doomed: Vec<Vec<u8>> = ledger
+                        .range::<&[u8]>(..end.as_slice())
+                        .map_err(unavailable)?
+                        .take(*limit)
+                        .map(|item| item.map(|(k, _)| k.value().to_vec()))
+                        .collect::<Result<_, _>>()
+                        .map_err(unavailable)?;
+                    for k in doomed {
+                        ledger.remove(k.as_slice()).map_err(unavailable)?;
+                    }
+                }
+                Write::PutOwner(rec) => {
+                    owners
+                        .insert(rec.name.as_str(), to_json(rec).as_slice())
+                        .map_err(unavailable)?;
+                }
+                Write::PutApproval(rec) => {
+                    approvals
+                        .insert(rec.id.as_str(), to_json(rec).as_slice())
+                        .map_err(unavailable)?;
+                }
+                Write::PutUsage {
+                    identity_id,
+                    usage: u,
+                } => {
+                    usage
+                        .insert(identity_id.as_str(), to_json(u).as_slice())
+                        .map_err(unavailable)?;
+                }
+                Write::AppendAudit { seq, hash, bytes } => {
+                    audit.insert(*seq, bytes.as_slice()).map_err(unavailable)?;
+                    self.head = Some(ChainHead {
+                        seq: *seq,
+                        hash: hash.clone(),
+                    });
+                }
+                _ => {
+                    return Err(StoreError::Unavailable(
+                        "a write this backend does not know".into(),
+                    ));
                 }
             }
-            Op::PutJoinToken(_)
-            | Op::PutKey(_)
-            | Op::AppendLedger(_)
-            | Op::PutRevocation(_)
-            | Op::PruneRevocations { .. }
-            | Op::PutOwner(_)
-            | Op::PutApproval(_)
-            | Op::PruneLedger { .. } => {}
         }
+        Ok(())
     }
-    Ok(Ok(()))
+
+    async fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        let RedbTxn { txn, backend, head } = *self;
+        txn.commit().map_err(unavailable)?;
+        if let Some(h) = head
+            && let Ok(mut cached) = backend.head.lock()
+        {
+            *cached = h;
+        }
+        Ok(())
+    }
 }
 
 fn ledger_key(rec: &LedgerRecord) -> Result<Vec<u8>, StoreError> {
-    crate::model::credential_key(rec.kind, &rec.credential_id).ok_or_else(|| {
+    sigil_store_core::model::credential_key(rec.kind, &rec.credential_id).ok_or_else(|| {
         StoreError::Unavailable(format!(
             "ledger record has a malformed credential id {:?}",
             rec.credential_id
@@ -843,163 +810,20 @@ fn ledger_key(rec: &LedgerRecord) -> Result<Vec<u8>, StoreError> {
 }
 
 fn revocation_key(rec: &RevocationRecord) -> Result<Vec<u8>, StoreError> {
-    let id = crate::model::credential_key(rec.kind, &rec.credential_id).ok_or_else(|| {
-        StoreError::Unavailable(format!(
-            "revocation has a malformed credential id {:?}",
-            rec.credential_id
-        ))
-    })?;
+    let id =
+        sigil_store_core::model::credential_key(rec.kind, &rec.credential_id).ok_or_else(|| {
+            StoreError::Unavailable(format!(
+                "revocation has a malformed credential id {:?}",
+                rec.credential_id
+            ))
+        })?;
     let mut key = rec.expires_at.max(0).to_be_bytes().to_vec();
     key.extend_from_slice(&id);
     Ok(key)
 }
 
-/// Applies `change`, stamping `commit_seq` (its place in commit order) on join tokens it
-/// creates and on identities whose status it changes.
-fn write(t: &mut Tables<'_>, change: &mut Change, commit_seq: u64) -> Result<(), StoreError> {
-    for op in &mut change.ops {
-        match op {
-            Op::CreateIdentity(rec) => {
-                rec.status_seq = commit_seq;
-                t.identities
-                    .insert(rec.id.as_str(), to_json(rec).as_slice())
-                    .map_err(unavailable)?;
-                t.spiffe
-                    .insert(rec.spiffe_id.as_str(), rec.id.as_str())
-                    .map_err(unavailable)?;
-                t.revisions
-                    .insert(rec.id.as_str(), rec.revision)
-                    .map_err(unavailable)?;
-            }
-            Op::AssertIdentityRevision { .. } => {}
-            Op::PutRevocation(rec) => {
-                let key = revocation_key(rec)?;
-                t.revocations
-                    .insert(key.as_slice(), to_json(rec).as_slice())
-                    .map_err(unavailable)?;
-            }
-            Op::PruneLedger {
-                issued_before,
-                limit,
-            } => {
-                // Ledger keys start with the issue time in big-endian nanoseconds.
-                let end = ((*issued_before).max(0) as u64)
-                    .saturating_mul(1_000_000_000)
-                    .to_be_bytes();
-                let doomed: Vec<Vec<u8>> = t
-                    .ledger
-                    .range::<&[u8]>(..end.as_slice())
-                    .map_err(unavailable)?
-                    .take(*limit)
-                    .map(|item| item.map(|(k, _)| k.value().to_vec()))
-                    .collect::<Result<_, _>>()
-                    .map_err(unavailable)?;
-                for k in doomed {
-                    t.ledger.remove(k.as_slice()).map_err(unavailable)?;
-                }
-            }
-            Op::PruneRevocations { expired_before } => {
-                let end = (*expired_before).max(0).to_be_bytes();
-                let doomed: Vec<Vec<u8>> = t
-                    .revocations
-                    .range::<&[u8]>(..end.as_slice())
-                    .map_err(unavailable)?
-                    .map(|item| item.map(|(k, _)| k.value().to_vec()))
-                    .collect::<Result<_, _>>()
-                    .map_err(unavailable)?;
-                for k in doomed {
-                    t.revocations.remove(k.as_slice()).map_err(unavailable)?;
-                }
-            }
-            Op::UpdateIdentity { record, .. } => {
-                let old: Option<IdentityRecord> = t
-                    .identities
-                    .get(record.id.as_str())
-                    .map_err(unavailable)?
-                    .map(|g| serde_json::from_slice(g.value()))
-                    .transpose()
-                    .map_err(|e| corrupt("identity", e))?;
-                record.status_seq = match &old {
-                    Some(o) if o.status == record.status => o.status_seq,
-                    _ => commit_seq,
-                };
-                t.identities
-                    .insert(record.id.as_str(), to_json(record).as_slice())
-                    .map_err(unavailable)?;
-                t.revisions
-                    .insert(record.id.as_str(), record.revision)
-                    .map_err(unavailable)?;
-                if let Some(old) = old
-                    && old.spiffe_id != record.spiffe_id
-                {
-                    t.spiffe
-                        .remove(old.spiffe_id.as_str())
-                        .map_err(unavailable)?;
-                    t.spiffe
-                        .insert(record.spiffe_id.as_str(), record.id.as_str())
-                        .map_err(unavailable)?;
-                }
-            }
-            Op::PutJoinToken(rec) => {
-                rec.created_seq = commit_seq;
-                t.tokens
-                    .insert(rec.hash.as_str(), to_json(rec).as_slice())
-                    .map_err(unavailable)?;
-            }
-            Op::ConsumeJoinToken { hash, now } => {
-                let stored = t
-                    .tokens
-                    .get(hash.as_str())
-                    .map_err(unavailable)?
-                    .map(|g| g.value().to_vec());
-                if let Some(bytes) = stored {
-                    let mut rec: JoinTokenRecord =
-                        serde_json::from_slice(&bytes).map_err(|e| corrupt("join token", e))?;
-                    rec.consumed_at = Some(*now);
-                    t.tokens
-                        .insert(hash.as_str(), to_json(&rec).as_slice())
-                        .map_err(unavailable)?;
-                }
-            }
-            Op::PutKey(rec) => {
-                t.keys
-                    .insert(rec.id.as_str(), to_json(rec).as_slice())
-                    .map_err(unavailable)?;
-            }
-            Op::PutOwner(rec) => {
-                t.owners
-                    .insert(rec.name.as_str(), to_json(rec).as_slice())
-                    .map_err(unavailable)?;
-            }
-            Op::PutApproval(rec) => {
-                t.approvals
-                    .insert(rec.id.as_str(), to_json(rec).as_slice())
-                    .map_err(unavailable)?;
-            }
-            Op::AppendLedger(rec) => {
-                let key = ledger_key(rec)?;
-                t.ledger
-                    .insert(key.as_slice(), to_json(rec).as_slice())
-                    .map_err(unavailable)?;
-            }
-        }
-    }
-    Ok(())
-}
-
 #[async_trait]
-impl Store for RedbStore {
-    async fn commit(&self, change: Change) -> Result<Committed, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        {
-            let tx = self.tx.load();
-            let tx = tx.as_ref().ok_or(StoreError::Closed)?;
-            tx.send(Job { change, reply })
-                .map_err(|_| StoreError::Closed)?;
-        }
-        rx.await.map_err(|_| StoreError::Closed)?
-    }
-
+impl StoreReads for RedbBackend {
     async fn meta(&self) -> Result<StoreMeta, StoreError> {
         self.read(|db| {
             let r = db.begin_read().map_err(unavailable)?;
@@ -1190,30 +1014,29 @@ impl Store for RedbStore {
         })
         .await
     }
+}
 
-    fn set_observer(&self, observer: std::sync::Weak<dyn CommitObserver>) {
-        if let Ok(mut o) = self.observer.write() {
-            *o = Some(observer);
-        }
+/// Single-row durable commits per second in a scratch database under `dir` (one fsync each):
+/// the floor every issuance pays, for `sigil bench --baseline`.
+pub fn durable_commit_rate(dir: &Path, commits: u32) -> Result<f64, StoreError> {
+    const T: TableDefinition<u64, &[u8]> = TableDefinition::new("t");
+    let path = dir.join("baseline.redb");
+    let db = Database::builder()
+        .create(&path)
+        .map_err(|e| open_error(&path, e))?;
+    let payload = [7u8; 300];
+    let started = std::time::Instant::now();
+    for i in 0..commits {
+        let mut tx = db.begin_write().map_err(unavailable)?;
+        tx.set_durability(Durability::Immediate)
+            .map_err(unavailable)?;
+        tx.open_table(T)
+            .map_err(unavailable)?
+            .insert(u64::from(i), payload.as_slice())
+            .map_err(unavailable)?;
+        tx.commit().map_err(unavailable)?;
     }
-
-    fn health(&self) -> Result<(), String> {
-        match self.failure.lock() {
-            Ok(f) => f.clone().map_or(Ok(()), Err),
-            Err(_) => Err("store writer panicked".into()),
-        }
-    }
-
-    async fn close(&self) {
-        self.tx.store(None);
-        let handle = self.writer.lock().ok().and_then(|mut h| h.take());
-        if let Some(h) = handle {
-            // The writer finishes what is queued, then exits because no sender is left.
-            let _ = tokio::task::spawn_blocking(move || h.join()).await;
-        }
-        // Release the file now, whoever still holds this store.
-        self.db.store(None);
-    }
+    Ok(f64::from(commits) / started.elapsed().as_secs_f64())
 }
 
 /// Reads every audit entry of a store file directly, without a running broker and without
@@ -1229,4 +1052,34 @@ pub fn read_audit_file(path: &Path) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         out.push((k.value(), v.value().to_vec()));
     }
     Ok(out)
+}
+
+/// Tools for tests that rewrite or damage a stopped store's file.
+#[cfg(feature = "testing")]
+pub mod testing {
+    use std::path::Path;
+
+    use super::{META, META_INFO, StoreError, StoreMeta, corrupt, to_json, unavailable};
+    use redb::{Database, ReadableDatabase as _};
+
+    /// Rewrites the schema version recorded in the store at `path`.
+    pub fn set_schema_version(path: &Path, version: u64) -> Result<(), StoreError> {
+        let db = Database::open(path).map_err(unavailable)?;
+        let mut meta: StoreMeta = {
+            let r = db.begin_read().map_err(unavailable)?;
+            let t = r.open_table(META).map_err(unavailable)?;
+            let v = t
+                .get(META_INFO)
+                .map_err(unavailable)?
+                .ok_or_else(|| corrupt("meta", "missing"))?;
+            serde_json::from_slice(v.value()).map_err(|e| corrupt("store_meta", e))?
+        };
+        meta.schema_version = version;
+        let w = db.begin_write().map_err(unavailable)?;
+        w.open_table(META)
+            .map_err(unavailable)?
+            .insert(META_INFO, to_json(&meta).as_slice())
+            .map_err(unavailable)?;
+        w.commit().map_err(unavailable)
+    }
 }

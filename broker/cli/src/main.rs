@@ -1,7 +1,7 @@
 //! The `sigil` binary: parse flags, set up logging, run the command.
 
 use clap::Parser as _;
-use sigil_broker::cli::{Cli, LogFormat};
+use sigil_cli::{Cli, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -15,7 +15,7 @@ async fn main() -> std::process::ExitCode {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
-    match sigil_broker::cli::run(cli).await {
+    match sigil_cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -10,10 +10,9 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Result;
 use sigil_pki::ids;
 
-use crate::model::{CredentialKind, LedgerRecord, RevocationRecord};
-use crate::seal::{MasterKey, Sealer};
-use crate::store::redb::RedbStore;
-use crate::store::{Change, Op, Store};
+use sigil_broker::model::{CredentialKind, LedgerRecord, RevocationRecord};
+use sigil_broker::seal::{MasterKey, Sealer};
+use sigil_broker::store::{Change, Op};
 
 /// What was written.
 #[derive(Debug, Clone, Copy)]
@@ -36,10 +35,14 @@ pub(super) async fn populate(
 ) -> Result<Populated> {
     let started = Instant::now();
     let sealer = Arc::new(Sealer::new(master));
-    let path = data.join(crate::config::STORE_FILE);
-    let store = tokio::task::spawn_blocking(move || RedbStore::open(&path, sealer)).await??;
+    let store = sigil_broker::store::open(
+        &sigil_broker::store::StoreConfig::in_data_dir(data),
+        sealer,
+        Default::default(),
+    )
+    .await?;
     let now = SystemTime::now();
-    let now_s = crate::clock::unix_secs(now);
+    let now_s = sigil_broker::clock::unix_secs(now);
     const BATCH: u64 = 20_000;
     progress.set_length(rows + revocations);
     let mut written = 0u64;
@@ -61,7 +64,7 @@ pub(super) async fn populate(
                     ids::jti_to_string(&ids::new_jti(issued)),
                 )
             };
-            let issued_at = crate::clock::unix_secs(issued);
+            let issued_at = sigil_broker::clock::unix_secs(issued);
             ops.push(Op::AppendLedger(LedgerRecord {
                 credential_id: id,
                 kind,

@@ -11,11 +11,13 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod conn;
+mod dev;
 mod fetch;
 mod operator;
 
+pub use conn::{Conn, broker_url_of};
 pub use fetch::FetchArgs;
-pub use operator::broker_url_of;
 
 /// Sigil: short-lived credentials (X.509-SVIDs and JWT-SVIDs) for services, jobs and agents.
 #[derive(Debug, Parser)]
@@ -107,7 +109,16 @@ pub enum Command {
     /// write the workload's credentials to files.
     Fetch(FetchArgs),
     /// Measure issuance throughput and latency.
-    Bench(crate::bench::BenchArgs),
+    Bench(BenchCmd),
+}
+
+/// `sigil bench`: the bench's own flags, and which broker (none: an embedded one).
+#[derive(Debug, Args)]
+pub struct BenchCmd {
+    #[command(flatten)]
+    args: sigil_bench::BenchArgs,
+    #[command(flatten)]
+    conn: Conn,
 }
 
 /// `sigil init`.
@@ -163,26 +174,6 @@ pub struct DevArgs {
     /// HTTP listen address, or `off`.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub http_listen: String,
-}
-
-/// How operator commands reach the broker.
-#[derive(Debug, Clone, Args)]
-pub struct Conn {
-    /// Data dir of the broker (finds broker.url, bundle.pem and admin/ in it).
-    #[arg(long, env = "SIGIL_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Broker URL, e.g. https://127.0.0.1:8443.
-    #[arg(long, env = "SIGIL_BROKER")]
-    pub broker: Option<String>,
-    /// Trust bundle (PEM) to verify the broker with.
-    #[arg(long, env = "SIGIL_TRUST_BUNDLE")]
-    pub trust_bundle: Option<PathBuf>,
-    /// Operator certificate (PEM).
-    #[arg(long, env = "SIGIL_ADMIN_CERT")]
-    pub admin_cert: Option<PathBuf>,
-    /// Operator key (PEM, mode 0600).
-    #[arg(long, env = "SIGIL_ADMIN_KEY")]
-    pub admin_key: Option<PathBuf>,
 }
 
 /// `sigil identity ...`.
@@ -473,7 +464,14 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::OperatorCred(c) => operator::operator_cred(c).await,
         Command::Whoami { conn } => operator::whoami(conn).await,
         Command::Fetch(a) => fetch::run(a).await,
-        Command::Bench(a) => crate::bench::run(a).await,
+        Command::Bench(b) => {
+            let external = if b.conn.broker.is_some() || b.conn.data_dir.is_some() {
+                Some(b.conn.for_bench()?)
+            } else {
+                None
+            };
+            sigil_bench::run(b.args, external).await
+        }
     }
 }
 
@@ -492,9 +490,9 @@ async fn init(a: InitArgs) -> Result<()> {
         .trust_domain
         .parse()
         .map_err(|e| anyhow!("--trust-domain: {e}"))?;
-    let master_key = crate::seal::MasterKey::from_env()?;
-    let report = crate::init::init(
-        crate::init::InitOptions {
+    let master_key = sigil_broker::seal::MasterKey::from_env()?;
+    let report = sigil_broker::init::init(
+        sigil_broker::init::InitOptions {
             data_dir: a.data_dir,
             trust_domain: td,
             listen: a.listen,
@@ -507,7 +505,7 @@ async fn init(a: InitArgs) -> Result<()> {
             operator_ttl: a.operator_ttl,
             master_key,
         },
-        &crate::clock::SystemClock,
+        &sigil_broker::clock::SystemClock,
     )
     .await?;
     println!(
@@ -538,16 +536,17 @@ pub fn load_config(
     data_dir: &Path,
     listen: Option<SocketAddr>,
     http_listen: Option<&str>,
-) -> Result<crate::config::Config> {
-    if !data_dir.join(crate::config::STORE_FILE).exists() {
+) -> Result<sigil_broker::config::Config> {
+    let store = sigil_broker::store::StoreConfig::in_data_dir(data_dir);
+    if !store.exists() {
         bail!(
             "{} is not a Sigil data dir (no {}); run `sigil init --data-dir {} --trust-domain ...` first",
             data_dir.display(),
-            crate::config::STORE_FILE,
+            store.describe(),
             data_dir.display()
         );
     }
-    let mut cfg = crate::config::Config::load(data_dir)?;
+    let mut cfg = sigil_broker::config::Config::load(data_dir)?;
     if let Some(l) = listen {
         cfg.listen = l;
     }
@@ -562,8 +561,10 @@ async fn serve(a: ServeArgs) -> Result<()> {
     if let Some(p) = a.workload_socket {
         cfg.workload_socket = Some(p);
     }
-    let master = crate::server::load_master_key(&cfg)?;
-    let running = crate::server::start(cfg, master, crate::server::StartOptions::default()).await?;
+    let master = sigil_broker::server::load_master_key(&cfg)?;
+    let running =
+        sigil_broker::server::start(cfg, master, sigil_broker::server::StartOptions::default())
+            .await?;
     println!("sigil broker listening on {}", running.url());
     if let Some(h) = running.http_url() {
         println!("sigil http listening on {h}");

@@ -1,6 +1,6 @@
 //! `sigil bench`: load against a real broker over real TLS, every issuance durable with its
 //! audit entry. Prints throughput and latency percentiles, the broker's CPU and memory and,
-//! with `--baseline`, the raw costs measured in the same run (one durable redb commit, one
+//! with `--baseline`, the raw costs measured in the same run (one durable store commit, one
 //! ES256 signature, one CSR check plus leaf signature), so results read as ratios on whatever
 //! machine runs them.
 //!
@@ -23,7 +23,7 @@ use sigil_sdk::{ClientConfig, Evidence, SvidOptions, WorkloadClient};
 use tokio::io::AsyncBufReadExt;
 use tonic::transport::Channel;
 
-use crate::cli::Conn;
+use sigil_proto::v1::admin_client::AdminClient;
 
 mod peer;
 mod populate;
@@ -115,8 +115,30 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
-    #[command(flatten)]
-    pub conn: Conn,
+}
+
+/// A broker that is already running, as the caller resolved it (the CLI from its flags).
+#[derive(Debug, Clone)]
+pub struct External {
+    /// Its gRPC URL.
+    pub url: String,
+    /// The trust bundle (PEM).
+    pub bundle_pem: Vec<u8>,
+    /// An operator credential (PEM certificate and key).
+    pub admin_cert_pem: Vec<u8>,
+    /// The operator key (PEM).
+    pub admin_key_pem: zeroize::Zeroizing<Vec<u8>>,
+}
+
+impl External {
+    fn connect(&self) -> Result<AdminClient<Channel>> {
+        Ok(sigil_sdk::connect_admin(
+            &self.url,
+            &self.bundle_pem,
+            &self.admin_cert_pem,
+            &self.admin_key_pem,
+        )?)
+    }
 }
 
 /// A peer to compare with.
@@ -156,21 +178,22 @@ pub struct Figures {
 struct Target {
     url: String,
     bundle_pem: Vec<u8>,
-    conn: Conn,
+    /// How to reach its admin API.
+    conn: External,
     broker_pid: Option<u32>,
     child: Option<tokio::process::Child>,
     /// Embedded brokers: the data dir and master key, for stopping, populating, restarting.
     own: Option<(
         tempfile::TempDir,
         std::path::PathBuf,
-        crate::seal::MasterKey,
+        sigil_broker::seal::MasterKey,
     )>,
 }
 
 /// Starts `sigil serve` on `data`; returns the child, its URL and how long it took to be ready.
 async fn spawn_broker(
     data: &std::path::Path,
-    master: &crate::seal::MasterKey,
+    master: &sigil_broker::seal::MasterKey,
 ) -> Result<(tokio::process::Child, String, Duration)> {
     let exe = std::env::current_exe().context("locating the sigil binary")?;
     let started = Instant::now();
@@ -178,7 +201,7 @@ async fn spawn_broker(
         .args(["serve", "--data-dir"])
         .arg(data)
         .env(
-            crate::seal::MASTER_KEY_ENV,
+            sigil_broker::seal::MASTER_KEY_ENV,
             master.to_base64().expose_secret(),
         )
         .env("SIGIL_LOG", "warn")
@@ -233,9 +256,9 @@ async fn stop_broker(child: &mut tokio::process::Child) -> Result<()> {
 async fn embedded() -> Result<Target> {
     let dir = tempfile::tempdir().context("temp dir")?;
     let data = dir.path().join("data");
-    let master = crate::seal::MasterKey::generate();
-    crate::init::init(
-        crate::init::InitOptions {
+    let master = sigil_broker::seal::MasterKey::generate();
+    sigil_broker::init::init(
+        sigil_broker::init::InitOptions {
             data_dir: data.clone(),
             trust_domain: "bench.sigil.test".parse().map_err(|e| anyhow!("{e}"))?,
             listen: Some(([127, 0, 0, 1], 0).into()),
@@ -244,17 +267,17 @@ async fn embedded() -> Result<Target> {
             operator_ttl: Duration::from_secs(86400),
             master_key: Some(master.clone()),
         },
-        &crate::clock::SystemClock,
+        &sigil_broker::clock::SystemClock,
     )
     .await?;
     let (child, url, _) = spawn_broker(&data, &master).await?;
-    let bundle_pem = std::fs::read(data.join(crate::config::BUNDLE_FILE))?;
-    let conn = Conn {
-        data_dir: Some(data.clone()),
-        broker: Some(url.clone()),
-        trust_bundle: None,
-        admin_cert: None,
-        admin_key: None,
+    let bundle_pem = std::fs::read(data.join(sigil_broker::config::BUNDLE_FILE))?;
+    let admin = data.join(sigil_broker::config::ADMIN_DIR);
+    let conn = External {
+        url: url.clone(),
+        bundle_pem: bundle_pem.clone(),
+        admin_cert_pem: std::fs::read(admin.join("admin.crt"))?,
+        admin_key_pem: zeroize::Zeroizing::new(std::fs::read(admin.join("admin.key"))?),
     };
     Ok(Target {
         url,
@@ -263,37 +286,6 @@ async fn embedded() -> Result<Target> {
         broker_pid: child.id(),
         child: Some(child),
         own: Some((dir, data, master)),
-    })
-}
-
-fn external(conn: &Conn) -> Result<Target> {
-    let url = match (&conn.broker, &conn.data_dir) {
-        (Some(b), _) => b.clone(),
-        (None, Some(d)) => crate::cli::broker_url_of(d)?,
-        _ => {
-            return Err(anyhow!(
-                "no broker: pass --embedded, --broker or --data-dir"
-            ));
-        }
-    };
-    let bundle_path = conn
-        .trust_bundle
-        .clone()
-        .or_else(|| {
-            conn.data_dir
-                .as_ref()
-                .map(|d| d.join(crate::config::BUNDLE_FILE))
-        })
-        .ok_or_else(|| anyhow!("no trust bundle: pass --trust-bundle or --data-dir"))?;
-    let bundle_pem = std::fs::read(&bundle_path)
-        .with_context(|| format!("reading {}", bundle_path.display()))?;
-    Ok(Target {
-        url,
-        bundle_pem,
-        conn: conn.clone(),
-        broker_pid: None,
-        child: None,
-        own: None,
     })
 }
 
@@ -908,8 +900,8 @@ async fn run_revoke(
 /// Raw costs on this machine, one core each.
 #[derive(Debug, Clone)]
 pub struct Baseline {
-    /// Durable single-insert redb commits per second (one fsync each).
-    pub redb_commit_per_s: f64,
+    /// Durable single-row store commits per second (one fsync each).
+    pub store_commit_per_s: f64,
     /// ES256 signatures per second.
     pub es256_sign_per_s: f64,
     /// CSR signature checks + leaf signatures per second.
@@ -928,16 +920,7 @@ fn rate(n: u32, f: impl FnMut(u32) -> Result<()>) -> Result<f64> {
 /// Measures [`Baseline`].
 pub fn baseline() -> Result<Baseline> {
     let dir = tempfile::tempdir()?;
-    let db = redb::Database::create(dir.path().join("b.redb"))?;
-    const T: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("t");
-    let payload = [7u8; 300];
-    let redb_commit_per_s = rate(300, |i| {
-        let mut tx = db.begin_write()?;
-        tx.set_durability(redb::Durability::Immediate)?;
-        tx.open_table(T)?.insert(u64::from(i), payload.as_slice())?;
-        tx.commit()?;
-        Ok(())
-    })?;
+    let store_commit_per_s = sigil_broker::store::durable_commit_rate(dir.path(), 300)?;
     let key = sigil_pki::EcKey::generate()?;
     let es256_sign_per_s = rate(3000, |_| {
         key.sign_es256(b"header.payload")?;
@@ -978,7 +961,7 @@ pub fn baseline() -> Result<Baseline> {
         Ok(())
     })?;
     Ok(Baseline {
-        redb_commit_per_s,
+        store_commit_per_s,
         es256_sign_per_s,
         csr_issue_per_s,
     })
@@ -1068,8 +1051,11 @@ fn by_name<'a>(r: &'a [(String, Figures)], name: &str) -> Option<&'a Figures> {
 }
 
 /// Runs `sigil bench`.
-pub async fn run(mut a: BenchArgs) -> Result<()> {
-    let use_embedded = a.embedded || (a.conn.broker.is_none() && a.conn.data_dir.is_none());
+///
+/// `external` is the broker to measure when the caller named one; without it (or with
+/// `--embedded`) the bench starts its own.
+pub async fn run(mut a: BenchArgs, external: Option<External>) -> Result<()> {
+    let use_embedded = a.embedded || external.is_none();
     if a.scenario.is_empty() {
         a.scenario = if a.baseline {
             vec![Scenario::Jwt, Scenario::X509, Scenario::Revoke]
@@ -1090,10 +1076,16 @@ pub async fn run(mut a: BenchArgs) -> Result<()> {
         bail!("--populate needs an embedded broker (it stops, fills and restarts it)");
     }
     let peer = a.peer.or((a.baseline).then_some(Peer::Cfssl));
-    let mut target = if use_embedded {
-        embedded().await?
-    } else {
-        external(&a.conn)?
+    let mut target = match external {
+        Some(e) if !use_embedded => Target {
+            url: e.url.clone(),
+            bundle_pem: e.bundle_pem.clone(),
+            conn: e,
+            broker_pid: None,
+            child: None,
+            own: None,
+        },
+        _ => embedded().await?,
     };
     let spiffe_id = bench_identity(&target).await?;
     let mut scenarios = a.scenario.clone();
@@ -1174,14 +1166,17 @@ pub async fn run(mut a: BenchArgs) -> Result<()> {
         )
         .await?;
         bar.finish_and_clear();
-        let size = std::fs::metadata(data.join(crate::config::STORE_FILE))
+        let size: u64 = sigil_broker::store::StoreConfig::in_data_dir(&data)
+            .files()
+            .iter()
+            .filter_map(|f| std::fs::metadata(f).ok())
             .map(|m| m.len())
-            .unwrap_or(0);
+            .sum();
         let (child, url, ready) = spawn_broker(&data, &master).await?;
         target.broker_pid = child.id();
         target.child = Some(child);
         target.url = url.clone();
-        target.conn.broker = Some(url);
+        target.conn.url = url;
         // The comparison with an empty store: a fresh broker measured alternately with the
         // populated one, so both see the same stretch of a shared machine.
         let reference = embedded().await?;
@@ -1317,7 +1312,7 @@ fn report(
             out["baseline"] = json!({
                 "tls_echo_per_s": echo.map(|e| e.ops_per_s.round()),
                 "tls_echo": echo.map(figures_json),
-                "redb_commit_per_s": b.redb_commit_per_s.round(),
+                "store_commit_per_s": b.store_commit_per_s.round(),
                 "es256_sign_per_s": b.es256_sign_per_s.round(),
                 "csr_issue_per_s": b.csr_issue_per_s.round(),
             });
@@ -1368,7 +1363,7 @@ fn report(
         a.connections,
         match a.count {
             Some(c) => format!("{c} operations measured"),
-            None => format!("{} measured", crate::config::dur::format(a.duration)),
+            None => format!("{} measured", sigil_broker::config::dur::format(a.duration)),
         }
     );
     print_table(results);
@@ -1397,8 +1392,8 @@ fn report(
             );
         }
         println!(
-            "  durable redb commit (one fsync)          {:>9.0}/s  (one core)",
-            b.redb_commit_per_s
+            "  durable store commit (one fsync)         {:>9.0}/s  (one core)",
+            b.store_commit_per_s
         );
         println!(
             "  ES256 sign                               {:>9.0}/s  (one core)",
@@ -1413,14 +1408,14 @@ fn report(
                 "  jwt mint = {:.0}% of the echo rate, {:.1}x the single-commit rate, {:.0}% of raw ES256 signing",
                 echo.map(|e| 100.0 * j.ops_per_s / e.ops_per_s)
                     .unwrap_or(0.0),
-                j.ops_per_s / b.redb_commit_per_s,
+                j.ops_per_s / b.store_commit_per_s,
                 100.0 * j.ops_per_s / b.es256_sign_per_s
             );
         }
         if let Some(x) = x509 {
             println!(
                 "  x509 mint = {:.1}x the single-commit rate, {:.0}% of raw CSR check + sign",
-                x.ops_per_s / b.redb_commit_per_s,
+                x.ops_per_s / b.store_commit_per_s,
                 100.0 * x.ops_per_s / b.csr_issue_per_s
             );
         }

@@ -10,8 +10,8 @@ use anyhow::{Context as _, Result, bail};
 use clap::Args;
 use sigil_sdk::{ClientConfig, Evidence, JwtRequest, SvidOptions, WorkloadClient};
 
-use crate::clock::rfc3339;
-use crate::fsutil::{create_private_dir, write_atomic};
+use sigil_broker::clock::rfc3339;
+use sigil_broker::fsutil::{create_private_dir, write_atomic};
 
 /// `sigil fetch`.
 #[derive(Debug, Args)]

@@ -1,0 +1,128 @@
+//! How operator commands (and `sigil bench` against a running broker) reach the broker: the
+//! broker URL, its trust bundle and an operator credential, from `--data-dir` (which holds
+//! `broker.url`, `bundle.pem` and `admin/`) or explicit flags and `SIGIL_*` variables.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use clap::Args;
+use sigil_broker::config::{ADMIN_DIR, BROKER_URL_FILE, BUNDLE_FILE};
+use sigil_proto::v1::admin_client::AdminClient;
+use tonic::transport::Channel;
+
+/// How operator commands reach the broker.
+#[derive(Debug, Clone, Args)]
+pub struct Conn {
+    /// Data dir of the broker (finds broker.url, bundle.pem and admin/ in it).
+    #[arg(long, env = "SIGIL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Broker URL, e.g. https://127.0.0.1:8443.
+    #[arg(long, env = "SIGIL_BROKER")]
+    pub broker: Option<String>,
+    /// Trust bundle (PEM) to verify the broker with.
+    #[arg(long, env = "SIGIL_TRUST_BUNDLE")]
+    pub trust_bundle: Option<PathBuf>,
+    /// Operator certificate (PEM).
+    #[arg(long, env = "SIGIL_ADMIN_CERT")]
+    pub admin_cert: Option<PathBuf>,
+    /// Operator key (PEM, mode 0600).
+    #[arg(long, env = "SIGIL_ADMIN_KEY")]
+    pub admin_key: Option<PathBuf>,
+}
+
+/// A connection resolved from [`Conn`]: everything read, nothing connected yet.
+struct Resolved {
+    broker: String,
+    bundle_pem: Vec<u8>,
+    cert_pem: Vec<u8>,
+    key_pem: zeroize::Zeroizing<Vec<u8>>,
+}
+
+fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))
+}
+
+impl Conn {
+    /// Resolves the broker URL, trust bundle and operator credential, and connects.
+    pub fn connect(&self) -> Result<AdminClient<Channel>> {
+        let r = self.resolve()?;
+        Ok(sigil_sdk::connect_admin(
+            &r.broker,
+            &r.bundle_pem,
+            &r.cert_pem,
+            &r.key_pem,
+        )?)
+    }
+
+    /// The broker `sigil bench` measures.
+    pub(crate) fn for_bench(&self) -> Result<sigil_bench::External> {
+        let r = self.resolve()?;
+        Ok(sigil_bench::External {
+            url: r.broker,
+            bundle_pem: r.bundle_pem,
+            admin_cert_pem: r.cert_pem,
+            admin_key_pem: r.key_pem,
+        })
+    }
+
+    fn resolve(&self) -> Result<Resolved> {
+        let dir = self.data_dir.as_deref();
+        let pick =
+            |flag: &Option<PathBuf>, default: Option<PathBuf>, name: &str| -> Result<PathBuf> {
+                flag.clone().or(default).ok_or_else(|| {
+                    anyhow!("no {name}: pass --{name} (or --data-dir of the broker)")
+                })
+            };
+        let bundle = pick(
+            &self.trust_bundle,
+            dir.map(|d| d.join(BUNDLE_FILE)),
+            "trust-bundle",
+        )?;
+        let cert = pick(
+            &self.admin_cert,
+            dir.map(|d| d.join(ADMIN_DIR).join("admin.crt")),
+            "admin-cert",
+        )?;
+        let key = pick(
+            &self.admin_key,
+            dir.map(|d| d.join(ADMIN_DIR).join("admin.key")),
+            "admin-key",
+        )?;
+        let broker = match (&self.broker, dir) {
+            (Some(b), _) => b.clone(),
+            (None, Some(d)) => broker_url_of(d)?,
+            (None, None) => bail!("no broker: pass --broker URL (or --data-dir of the broker)"),
+        };
+        let mode = std::fs::metadata(&key)
+            .with_context(|| format!("operator key {}", key.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            bail!(
+                "operator key {} is readable by group or others (mode {:o}); run `chmod 600 {}`",
+                key.display(),
+                mode & 0o777,
+                key.display()
+            );
+        }
+        Ok(Resolved {
+            broker,
+            bundle_pem: read(&bundle, "trust bundle")?,
+            cert_pem: read(&cert, "operator certificate")?,
+            key_pem: zeroize::Zeroizing::new(read(&key, "operator key")?),
+        })
+    }
+}
+
+/// The URL a broker on `dir` listens on: `broker.url` (written by `sigil serve`), else the
+/// configured listen address.
+pub fn broker_url_of(dir: &Path) -> Result<String> {
+    match std::fs::read_to_string(dir.join(BROKER_URL_FILE)) {
+        Ok(u) => Ok(u.trim().to_owned()),
+        Err(_) => {
+            let cfg = sigil_broker::config::Config::load(dir)?;
+            Ok(format!("https://{}", cfg.listen))
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! What a backend implements: the reads ([`crate::StoreReads`]) and one transaction per batch
+//! ([`Txn`]). Everything else — preconditions, commit order, usage, audit chaining, the
+//! commit observer — is [`crate::GroupCommit`]'s, the same for every backend.
+//!
+//! A batch runs in three steps, so a backend that talks to a server does a few round trips per
+//! batch, not per change: [`Txn::load`] fetches every row the batch's preconditions and writes
+//! need ([`Needs`]), the writer decides each change in memory, and [`Txn::write`] applies
+//! what it decided ([`Write`]s, in commit order), then [`Txn::commit`] makes it durable.
+
+use std::borrow::Cow;
+use std::collections::{BTreeSet, HashMap};
+
+use async_trait::async_trait;
+
+use crate::audit::ChainHead;
+use crate::model::{
+    ApprovalRecord, IdentityRecord, JoinTokenRecord, KeyRecord, LedgerRecord, OwnerRecord,
+    RevocationRecord, UsageRecord,
+};
+use crate::{StoreError, StoreReads};
+
+/// A storage backend.
+#[async_trait(?Send)]
+pub trait Backend: StoreReads {
+    /// Starts the transaction of one batch. Only the writer calls this, one batch at a time.
+    async fn begin(&self) -> Result<Box<dyn Txn + '_>, StoreError>;
+
+    /// Releases the backend's resources once the writer has stopped (called once).
+    fn shut_down(&self);
+}
+
+/// The transaction of one batch.
+#[async_trait(?Send)]
+pub trait Txn {
+    /// The rows named in `needs` as committed now, and the audit chain's head. Rows that do
+    /// not exist are absent from the maps.
+    async fn load(&mut self, needs: &Needs) -> Result<Loaded, StoreError>;
+
+    /// Applies `writes` in order.
+    async fn write(&mut self, writes: &[Write<'_>]) -> Result<(), StoreError>;
+
+    /// Makes everything written durable, or nothing.
+    async fn commit(self: Box<Self>) -> Result<(), StoreError>;
+}
+
+/// The rows a batch needs read.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Needs {
+    /// Identities whose whole record is needed (created or updated in the batch).
+    pub identities: BTreeSet<String>,
+    /// Identities whose revision is needed (asserted in the batch).
+    pub revisions: BTreeSet<String>,
+    /// SPIFFE IDs whose owner (identity id) is needed.
+    pub spiffe_ids: BTreeSet<String>,
+    /// Join tokens (by hash) consumed in the batch.
+    pub join_tokens: BTreeSet<String>,
+    /// Identities whose usage the batch's ledger records change.
+    pub usage: BTreeSet<String>,
+}
+
+/// What [`Txn::load`] found.
+#[derive(Debug, Default, Clone)]
+pub struct Loaded {
+    /// Identity id → record.
+    pub identities: HashMap<String, IdentityRecord>,
+    /// Identity id → revision.
+    pub revisions: HashMap<String, u64>,
+    /// SPIFFE ID → identity id.
+    pub spiffe_ids: HashMap<String, String>,
+    /// Join token hash → record.
+    pub join_tokens: HashMap<String, JoinTokenRecord>,
+    /// Identity id → usage.
+    pub usage: HashMap<String, UsageRecord>,
+    /// The audit chain after its last entry.
+    pub head: ChainHead,
+}
+
+/// One write the batch decided, in commit order.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Write<'a> {
+    /// Inserts or replaces an identity (and its revision and SPIFFE ID index entry).
+    PutIdentity {
+        /// The record.
+        record: &'a IdentityRecord,
+        /// The SPIFFE ID the stored record had, when it changes (its index entry goes).
+        replaces_spiffe_id: Option<String>,
+    },
+    /// Inserts or replaces a join token.
+    PutJoinToken(Cow<'a, JoinTokenRecord>),
+    /// Inserts or replaces a key.
+    PutKey(&'a KeyRecord),
+    /// Appends a ledger record.
+    AppendLedger(&'a LedgerRecord),
+    /// Inserts a revocation.
+    PutRevocation(&'a RevocationRecord),
+    /// Drops revocations of credentials that expired before this (Unix seconds).
+    PruneRevocations {
+        /// Cut-off.
+        expired_before: i64,
+    },
+    /// Drops at most `limit` ledger records issued before `issued_before`, oldest first.
+    PruneLedger {
+        /// Cut-off (Unix seconds).
+        issued_before: i64,
+        /// Most rows.
+        limit: usize,
+    },
+    /// Inserts or replaces an owner.
+    PutOwner(&'a OwnerRecord),
+    /// Inserts or replaces an approval.
+    PutApproval(&'a ApprovalRecord),
+    /// Replaces an identity's usage.
+    PutUsage {
+        /// The identity.
+        identity_id: String,
+        /// Its usage now.
+        usage: UsageRecord,
+    },
+    /// Appends an audit entry (already chained).
+    AppendAudit {
+        /// Its sequence number.
+        seq: u64,
+        /// Its chain hash.
+        hash: String,
+        /// Its JSON encoding, as stored and verified.
+        bytes: Vec<u8>,
+    },
+}

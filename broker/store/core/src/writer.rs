@@ -1,0 +1,555 @@
+//! The group-committing writer every backend shares.
+//!
+//! One writer thread owns every write. It takes every change that is waiting (up to
+//! [`MAX_BATCH`]), loads the rows they need in one go, decides each change in commit order
+//! against the state before it (the committed state plus the batch's earlier changes), writes
+//! what it decided, commits once — one transaction and one fsync for the whole batch — and
+//! only then tells the commit observer and answers each caller.
+//!
+//! The thread runs its own single-threaded runtime, so a backend's transaction may be
+//! synchronous (redb: blocking this thread, never a request's) or asynchronous (a database
+//! client).
+
+use std::borrow::Cow;
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::thread::JoinHandle;
+
+use arc_swap::ArcSwapOption;
+use async_trait::async_trait;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::audit::ChainHead;
+use crate::backend::{Backend, Loaded, Needs, Write};
+use crate::model::{
+    ApprovalRecord, IdentityRecord, JoinTokenRecord, KeyRecord, LedgerRecord, OwnerRecord,
+    RevocationRecord, UsageRecord,
+};
+use crate::seal::Sealer;
+use crate::{
+    Change, CommitObserver, Committed, Conflict, Op, Store, StoreError, StoreMeta, StoreReads,
+};
+
+/// Most changes folded into one transaction.
+pub(crate) const MAX_BATCH: usize = 2048;
+
+type Observer = Arc<RwLock<Option<Weak<dyn CommitObserver>>>>;
+
+struct Job {
+    change: Change,
+    reply: oneshot::Sender<Result<Committed, StoreError>>,
+}
+
+/// A [`Store`] over a backend: reads go to the backend, changes to the shared writer.
+pub struct GroupCommit<B: Backend> {
+    backend: Arc<B>,
+    /// `None` once closed; dropping the last sender lets the writer drain and exit.
+    tx: ArcSwapOption<mpsc::UnboundedSender<Job>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    /// The last commit failure, cleared by the next successful commit.
+    failure: Arc<Mutex<Option<String>>>,
+    observer: Observer,
+}
+
+impl<B: Backend> std::fmt::Debug for GroupCommit<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupCommit")
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Backend> GroupCommit<B> {
+    /// Starts the writer over `backend`; `sealer` keys the audit chain.
+    pub fn start(backend: B, sealer: Arc<Sealer>) -> Result<Self, StoreError> {
+        let backend = Arc::new(backend);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let failure = Arc::new(Mutex::new(None));
+        let observer: Observer = Arc::default();
+        let (wb, wf, wo) = (backend.clone(), failure.clone(), observer.clone());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("store writer runtime: {e}")))?;
+        let writer = std::thread::Builder::new()
+            .name("sigil-store-writer".into())
+            .spawn(move || {
+                rt.block_on(writer_loop(&*wb, &sealer, rx, &wf, &wo));
+                wb.shut_down();
+            })
+            .map_err(|e| StoreError::Unavailable(format!("store writer thread: {e}")))?;
+        Ok(GroupCommit {
+            backend,
+            tx: ArcSwapOption::from_pointee(tx),
+            writer: Mutex::new(Some(writer)),
+            failure,
+            observer,
+        })
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+}
+
+async fn writer_loop<B: Backend>(
+    backend: &B,
+    sealer: &Sealer,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    failure: &Mutex<Option<String>>,
+    observer: &Observer,
+) {
+    let mut jobs: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.recv().await {
+        jobs.push(first);
+        while jobs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let batch_size = jobs.len();
+        let started = std::time::Instant::now();
+        match apply_batch(backend, sealer, &mut jobs).await {
+            Ok(results) => {
+                if let Ok(mut f) = failure.lock() {
+                    f.take();
+                }
+                // In-memory views catch up before anyone hears the commit succeeded.
+                let obs = observer
+                    .read()
+                    .ok()
+                    .and_then(|o| o.as_ref().and_then(Weak::upgrade));
+                if let Some(obs) = obs {
+                    let ops: Vec<&Op> = jobs
+                        .iter()
+                        .zip(&results)
+                        .filter(|(_, r)| r.is_ok())
+                        .flat_map(|(j, _)| j.change.ops.iter())
+                        .collect();
+                    if !ops.is_empty() {
+                        obs.committed(&ops);
+                    }
+                }
+                for (job, result) in jobs.drain(..).zip(results) {
+                    let _ = job.reply.send(result.map_err(StoreError::from));
+                }
+            }
+            Err(e) => {
+                if let Ok(mut f) = failure.lock() {
+                    *f = Some(e.to_string());
+                }
+                tracing::error!(error = %e, batch_size, "store commit failed; every change in the batch was refused");
+                let reason = match &e {
+                    StoreError::Unavailable(r) => r.clone(),
+                    other => other.to_string(),
+                };
+                for job in jobs.drain(..) {
+                    let _ = job.reply.send(Err(StoreError::Unavailable(reason.clone())));
+                }
+            }
+        }
+        metrics::histogram!("sigil_store_commit_batch_size").record(batch_size as f64);
+        metrics::histogram!("sigil_store_commit_seconds").record(started.elapsed().as_secs_f64());
+    }
+}
+
+/// Every row the batch's preconditions and writes read.
+fn needs_of(jobs: &[Job]) -> Needs {
+    let mut n = Needs::default();
+    for op in jobs.iter().flat_map(|j| &j.change.ops) {
+        match op {
+            Op::CreateIdentity(r) => {
+                n.identities.insert(r.id.clone());
+                n.spiffe_ids.insert(r.spiffe_id.to_string());
+            }
+            Op::UpdateIdentity { record, .. } => {
+                n.identities.insert(record.id.clone());
+                n.spiffe_ids.insert(record.spiffe_id.to_string());
+            }
+            Op::AssertIdentityRevision { id, .. } => {
+                n.revisions.insert(id.clone());
+            }
+            Op::ConsumeJoinToken { hash, .. } => {
+                n.join_tokens.insert(hash.clone());
+            }
+            Op::AppendLedger(r) if !r.identity_id.is_empty() => {
+                n.usage.insert(r.identity_id.clone());
+            }
+            _ => {}
+        }
+    }
+    n
+}
+
+/// The state the batch decides against: what was committed, then each accepted change.
+struct View {
+    loaded: Loaded,
+    /// Identities whose usage changed, in the order first touched.
+    usage_touched: Vec<String>,
+}
+
+impl View {
+    fn revision(&self, id: &str) -> Option<u64> {
+        self.loaded
+            .identities
+            .get(id)
+            .map(|r| r.revision)
+            .or_else(|| self.loaded.revisions.get(id).copied())
+    }
+
+    /// `Err(conflict)` when a precondition of `change` does not hold now.
+    fn check(&self, change: &Change) -> Result<(), Conflict> {
+        for op in &change.ops {
+            match op {
+                Op::CreateIdentity(rec) => {
+                    if self.loaded.identities.contains_key(&rec.id)
+                        || self.loaded.revisions.contains_key(&rec.id)
+                    {
+                        return Err(Conflict::IdentityIdTaken(rec.id.clone()));
+                    }
+                    if self.loaded.spiffe_ids.contains_key(rec.spiffe_id.as_str()) {
+                        return Err(Conflict::SpiffeIdTaken(rec.spiffe_id.to_string()));
+                    }
+                }
+                Op::UpdateIdentity {
+                    record,
+                    expected_revision,
+                } => {
+                    let Some(stored) = self.loaded.identities.get(&record.id) else {
+                        return Err(Conflict::IdentityMissing(record.id.clone()));
+                    };
+                    if stored.revision != *expected_revision {
+                        return Err(Conflict::StaleRevision {
+                            id: record.id.clone(),
+                            expected: *expected_revision,
+                            found: stored.revision,
+                        });
+                    }
+                    if stored.spiffe_id != record.spiffe_id
+                        && let Some(owner) = self.loaded.spiffe_ids.get(record.spiffe_id.as_str())
+                        && *owner != record.id
+                    {
+                        return Err(Conflict::SpiffeIdTaken(record.spiffe_id.to_string()));
+                    }
+                }
+                Op::ConsumeJoinToken { hash, now } => {
+                    let Some(rec) = self.loaded.join_tokens.get(hash) else {
+                        return Err(Conflict::JoinTokenUnknown);
+                    };
+                    if rec.consumed_at.is_some() {
+                        return Err(Conflict::JoinTokenUsed);
+                    }
+                    if rec.expires_at <= *now {
+                        return Err(Conflict::JoinTokenExpired);
+                    }
+                }
+                Op::AssertIdentityRevision { id, revision } => match self.revision(id) {
+                    None => return Err(Conflict::IdentityMissing(id.clone())),
+                    Some(r) if r != *revision => {
+                        return Err(Conflict::StaleRevision {
+                            id: id.clone(),
+                            expected: *revision,
+                            found: r,
+                        });
+                    }
+                    Some(_) => {}
+                },
+                Op::PutJoinToken(_)
+                | Op::PutKey(_)
+                | Op::AppendLedger(_)
+                | Op::PutRevocation(_)
+                | Op::PruneRevocations { .. }
+                | Op::PutOwner(_)
+                | Op::PutApproval(_)
+                | Op::PruneLedger { .. } => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies an accepted change to the view: stamps `commit_seq` (its place in commit
+    /// order) on join tokens it creates and on identities whose status it changes, and
+    /// returns what each op needs beyond its own record.
+    fn apply(&mut self, change: &mut Change, commit_seq: u64) -> Vec<Extra> {
+        let mut extras = Vec::with_capacity(change.ops.len());
+        for op in &mut change.ops {
+            let extra = match op {
+                Op::CreateIdentity(rec) => {
+                    rec.status_seq = commit_seq;
+                    self.put_identity(rec);
+                    Extra::None
+                }
+                Op::UpdateIdentity { record, .. } => {
+                    let old = self.loaded.identities.get(&record.id);
+                    record.status_seq = match old {
+                        Some(o) if o.status == record.status => o.status_seq,
+                        _ => commit_seq,
+                    };
+                    let replaces = old
+                        .filter(|o| o.spiffe_id != record.spiffe_id)
+                        .map(|o| o.spiffe_id.to_string());
+                    if let Some(s) = &replaces {
+                        self.loaded.spiffe_ids.remove(s);
+                    }
+                    self.put_identity(record);
+                    Extra::ReplacesSpiffeId(replaces)
+                }
+                Op::PutJoinToken(rec) => {
+                    rec.created_seq = commit_seq;
+                    self.loaded
+                        .join_tokens
+                        .insert(rec.hash.clone(), rec.clone());
+                    Extra::None
+                }
+                Op::ConsumeJoinToken { hash, now } => match self.loaded.join_tokens.get_mut(hash) {
+                    Some(rec) => {
+                        rec.consumed_at = Some(*now);
+                        Extra::Consumed(rec.clone())
+                    }
+                    // Checked above: the token exists.
+                    None => Extra::None,
+                },
+                Op::AppendLedger(r) if !r.identity_id.is_empty() => {
+                    let id = r.identity_id.clone();
+                    if !self.usage_touched.contains(&id) {
+                        self.usage_touched.push(id.clone());
+                    }
+                    self.loaded.usage.entry(id).or_default().apply(r);
+                    Extra::None
+                }
+                _ => Extra::None,
+            };
+            extras.push(extra);
+        }
+        extras
+    }
+
+    fn put_identity(&mut self, rec: &IdentityRecord) {
+        self.loaded
+            .spiffe_ids
+            .insert(rec.spiffe_id.to_string(), rec.id.clone());
+        self.loaded.revisions.insert(rec.id.clone(), rec.revision);
+        self.loaded.identities.insert(rec.id.clone(), rec.clone());
+    }
+}
+
+/// What an op's write needs beyond the op.
+enum Extra {
+    None,
+    ReplacesSpiffeId(Option<String>),
+    Consumed(JoinTokenRecord),
+}
+
+/// What one accepted change writes besides its ops: its chained audit entries.
+struct Accepted {
+    extras: Vec<Extra>,
+    audit: Vec<(u64, String, Vec<u8>)>,
+}
+
+async fn apply_batch<B: Backend>(
+    backend: &B,
+    sealer: &Sealer,
+    jobs: &mut [Job],
+) -> Result<Vec<Result<Committed, Conflict>>, StoreError> {
+    let needs = needs_of(jobs);
+    let mut txn = backend.begin().await?;
+    let loaded = txn.load(&needs).await?;
+    let mut head: ChainHead = loaded.head.clone();
+    let mut view = View {
+        loaded,
+        usage_touched: Vec::new(),
+    };
+    // Decide each change in order.
+    let mut decided: Vec<Result<Accepted, Conflict>> = Vec::with_capacity(jobs.len());
+    for job in jobs.iter_mut() {
+        if let Err(c) = view.check(&job.change) {
+            decided.push(Err(c));
+            continue;
+        }
+        // The sequence its first audit entry gets: the change's place in commit order.
+        let extras = view.apply(&mut job.change, head.seq + 1);
+        // The drafts are not needed once chained (whatever the batch's fate, the change is
+        // answered, never retried): move them instead of copying.
+        let drafts = std::mem::take(&mut job.change.audit);
+        let audit = drafts
+            .into_iter()
+            .map(|d| {
+                let (entry, bytes) = head.append(sealer, d);
+                (entry.seq, entry.hash, bytes)
+            })
+            .collect();
+        decided.push(Ok(Accepted { extras, audit }));
+    }
+    // Write what was decided, in order.
+    let mut writes: Vec<Write<'_>> = Vec::new();
+    let mut results = Vec::with_capacity(jobs.len());
+    for (job, d) in jobs.iter().zip(decided.iter_mut()) {
+        let Ok(acc) = d else {
+            if let Err(c) = d {
+                results.push(Err(c.clone()));
+            }
+            continue;
+        };
+        for (op, extra) in job.change.ops.iter().zip(acc.extras.iter_mut()) {
+            if let Some(w) = write_of(op, std::mem::replace(extra, Extra::None)) {
+                writes.push(w);
+            }
+        }
+        let mut seqs = Vec::with_capacity(acc.audit.len());
+        for (seq, hash, bytes) in acc.audit.drain(..) {
+            seqs.push(seq);
+            writes.push(Write::AppendAudit { seq, hash, bytes });
+        }
+        results.push(Ok(Committed { audit_seqs: seqs }));
+    }
+    for id in &view.usage_touched {
+        if let Some(u) = view.loaded.usage.remove(id) {
+            writes.push(Write::PutUsage {
+                identity_id: id.clone(),
+                usage: u,
+            });
+        }
+    }
+    txn.write(&writes).await?;
+    txn.commit().await?;
+    Ok(results)
+}
+
+fn write_of(op: &Op, extra: Extra) -> Option<Write<'_>> {
+    Some(match op {
+        Op::CreateIdentity(record) => Write::PutIdentity {
+            record,
+            replaces_spiffe_id: None,
+        },
+        Op::UpdateIdentity { record, .. } => Write::PutIdentity {
+            record,
+            replaces_spiffe_id: match extra {
+                Extra::ReplacesSpiffeId(s) => s,
+                _ => None,
+            },
+        },
+        Op::PutJoinToken(r) => Write::PutJoinToken(Cow::Borrowed(r)),
+        Op::ConsumeJoinToken { .. } => match extra {
+            Extra::Consumed(r) => Write::PutJoinToken(Cow::Owned(r)),
+            _ => return None,
+        },
+        Op::AssertIdentityRevision { .. } => return None,
+        Op::PutKey(r) => Write::PutKey(r),
+        Op::AppendLedger(r) => Write::AppendLedger(r),
+        Op::PutRevocation(r) => Write::PutRevocation(r),
+        Op::PruneRevocations { expired_before } => Write::PruneRevocations {
+            expired_before: *expired_before,
+        },
+        Op::PutOwner(r) => Write::PutOwner(r),
+        Op::PutApproval(r) => Write::PutApproval(r),
+        Op::PruneLedger {
+            issued_before,
+            limit,
+        } => Write::PruneLedger {
+            issued_before: *issued_before,
+            limit: *limit,
+        },
+    })
+}
+
+#[async_trait]
+impl<B: Backend> Store for GroupCommit<B> {
+    async fn commit(&self, change: Change) -> Result<Committed, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        {
+            let tx = self.tx.load();
+            let tx = tx.as_ref().ok_or(StoreError::Closed)?;
+            tx.send(Job { change, reply })
+                .map_err(|_| StoreError::Closed)?;
+        }
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    fn set_observer(&self, observer: Weak<dyn CommitObserver>) {
+        if let Ok(mut o) = self.observer.write() {
+            *o = Some(observer);
+        }
+    }
+
+    fn health(&self) -> Result<(), String> {
+        match self.failure.lock() {
+            Ok(f) => f.clone().map_or(Ok(()), Err),
+            Err(_) => Err("store writer panicked".into()),
+        }
+    }
+
+    async fn close(&self) {
+        self.tx.store(None);
+        let handle = self.writer.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle {
+            // The writer finishes what is queued, then exits (and shuts the backend down)
+            // because no sender is left.
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+    }
+}
+
+#[async_trait]
+impl<B: Backend> StoreReads for GroupCommit<B> {
+    async fn meta(&self) -> Result<StoreMeta, StoreError> {
+        self.backend.meta().await
+    }
+    async fn identities(&self) -> Result<Vec<IdentityRecord>, StoreError> {
+        self.backend.identities().await
+    }
+    async fn join_token(&self, hash: &str) -> Result<Option<JoinTokenRecord>, StoreError> {
+        self.backend.join_token(hash).await
+    }
+    async fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        self.backend.keys().await
+    }
+    async fn ledger_record(
+        &self,
+        credential_id: &[u8],
+    ) -> Result<Option<LedgerRecord>, StoreError> {
+        self.backend.ledger_record(credential_id).await
+    }
+    async fn ledger_len(&self) -> Result<u64, StoreError> {
+        self.backend.ledger_len().await
+    }
+    async fn ledger_since(
+        &self,
+        since: i64,
+        identity_id: Option<String>,
+    ) -> Result<Vec<LedgerRecord>, StoreError> {
+        self.backend.ledger_since(since, identity_id).await
+    }
+    async fn revocations(&self) -> Result<Vec<RevocationRecord>, StoreError> {
+        self.backend.revocations().await
+    }
+    async fn usage(&self) -> Result<Vec<UsageRecord>, StoreError> {
+        self.backend.usage().await
+    }
+    async fn owners(&self) -> Result<Vec<OwnerRecord>, StoreError> {
+        self.backend.owners().await
+    }
+    async fn approvals(&self) -> Result<Vec<ApprovalRecord>, StoreError> {
+        self.backend.approvals().await
+    }
+    async fn ledger_count_before(
+        &self,
+        issued_before: i64,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        self.backend.ledger_count_before(issued_before, limit).await
+    }
+    async fn join_tokens(&self) -> Result<Vec<JoinTokenRecord>, StoreError> {
+        self.backend.join_tokens().await
+    }
+    async fn audit_head(&self) -> Result<u64, StoreError> {
+        self.backend.audit_head().await
+    }
+    async fn audit_entries(
+        &self,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.backend.audit_entries(from_seq, limit).await
+    }
+}

@@ -1,0 +1,367 @@
+//! The conformance suite against a deliberately trivial in-memory backend, written here and
+//! not in the crate: it shows the suite runs unchanged against any backend.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use sigil_store_core::audit::{AuditEntry, ChainHead};
+use sigil_store_core::backend::{Backend, Loaded, Needs, Txn, Write};
+use sigil_store_core::conformance::{Harness, run};
+use sigil_store_core::model::{
+    ApprovalRecord, IdentityRecord, JoinTokenRecord, KeyRecord, LedgerRecord, OwnerRecord,
+    RevocationRecord, UsageRecord, credential_key,
+};
+use sigil_store_core::seal::Sealer;
+use sigil_store_core::{GroupCommit, SCHEMA_VERSION, Store, StoreError, StoreMeta, StoreReads};
+
+/// Everything, in maps.
+#[derive(Debug, Clone, Default)]
+struct Data {
+    meta: Option<StoreMeta>,
+    key_check: Vec<u8>,
+    identities: BTreeMap<String, IdentityRecord>,
+    spiffe: BTreeMap<String, String>,
+    tokens: BTreeMap<String, JoinTokenRecord>,
+    keys: BTreeMap<String, KeyRecord>,
+    ledger: BTreeMap<Vec<u8>, LedgerRecord>,
+    revocations: BTreeMap<(i64, Vec<u8>), RevocationRecord>,
+    owners: BTreeMap<String, OwnerRecord>,
+    approvals: BTreeMap<String, ApprovalRecord>,
+    usage: BTreeMap<String, UsageRecord>,
+    audit: BTreeMap<u64, Vec<u8>>,
+}
+
+#[derive(Debug)]
+struct Memory {
+    data: Arc<Mutex<Data>>,
+    failing: Arc<AtomicBool>,
+}
+
+struct MemTxn<'a> {
+    backend: &'a Memory,
+    pending: Data,
+}
+
+#[async_trait(?Send)]
+impl Backend for Memory {
+    async fn begin(&self) -> Result<Box<dyn Txn + '_>, StoreError> {
+        let pending = self.data.lock().unwrap().clone();
+        Ok(Box::new(MemTxn {
+            backend: self,
+            pending,
+        }))
+    }
+    fn shut_down(&self) {}
+}
+
+#[async_trait(?Send)]
+impl Txn for MemTxn<'_> {
+    async fn load(&mut self, needs: &Needs) -> Result<Loaded, StoreError> {
+        let d = &self.pending;
+        let pick = |ids: &std::collections::BTreeSet<String>, m: &BTreeMap<String, _>| {
+            ids.iter()
+                .filter_map(|i| m.get(i).map(|v: &IdentityRecord| (i.clone(), v.clone())))
+                .collect::<HashMap<_, _>>()
+        };
+        let head = match d.audit.iter().next_back() {
+            Some((seq, bytes)) => ChainHead {
+                seq: *seq,
+                hash: serde_json::from_slice::<AuditEntry>(bytes).unwrap().hash,
+            },
+            None => ChainHead::default(),
+        };
+        Ok(Loaded {
+            identities: pick(&needs.identities, &d.identities),
+            revisions: needs
+                .revisions
+                .iter()
+                .filter_map(|i| d.identities.get(i).map(|r| (i.clone(), r.revision)))
+                .collect(),
+            spiffe_ids: needs
+                .spiffe_ids
+                .iter()
+                .filter_map(|s| d.spiffe.get(s).map(|i| (s.clone(), i.clone())))
+                .collect(),
+            join_tokens: needs
+                .join_tokens
+                .iter()
+                .filter_map(|h| d.tokens.get(h).map(|t| (h.clone(), t.clone())))
+                .collect(),
+            usage: needs
+                .usage
+                .iter()
+                .filter_map(|i| d.usage.get(i).map(|u| (i.clone(), u.clone())))
+                .collect(),
+            head,
+        })
+    }
+
+    async fn write(&mut self, writes: &[Write<'_>]) -> Result<(), StoreError> {
+        let d = &mut self.pending;
+        for w in writes {
+            match w {
+                Write::PutIdentity {
+                    record,
+                    replaces_spiffe_id,
+                } => {
+                    if let Some(s) = replaces_spiffe_id {
+                        d.spiffe.remove(s);
+                    }
+                    d.spiffe
+                        .insert(record.spiffe_id.to_string(), record.id.clone());
+                    d.identities.insert(record.id.clone(), (*record).clone());
+                }
+                Write::PutJoinToken(t) => {
+                    d.tokens.insert(t.hash.clone(), t.as_ref().clone());
+                }
+                Write::PutKey(k) => {
+                    d.keys.insert(k.id.clone(), (*k).clone());
+                }
+                Write::AppendLedger(r) => {
+                    d.ledger.insert(
+                        credential_key(r.kind, &r.credential_id).unwrap(),
+                        (*r).clone(),
+                    );
+                }
+                Write::PutRevocation(r) => {
+                    let k = (
+                        r.expires_at,
+                        credential_key(r.kind, &r.credential_id).unwrap(),
+                    );
+                    d.revocations.insert(k, (*r).clone());
+                }
+                Write::PruneRevocations { expired_before } => {
+                    d.revocations.retain(|(exp, _), _| *exp >= *expired_before);
+                }
+                Write::PruneLedger {
+                    issued_before,
+                    limit,
+                } => {
+                    let doomed: Vec<Vec<u8>> = d
+                        .ledger
+                        .iter()
+                        .filter(|(_, r)| r.issued_at < *issued_before)
+                        .take(*limit)
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    for k in doomed {
+                        d.ledger.remove(&k);
+                    }
+                }
+                Write::PutOwner(o) => {
+                    d.owners.insert(o.name.clone(), (*o).clone());
+                }
+                Write::PutApproval(a) => {
+                    d.approvals.insert(a.id.clone(), (*a).clone());
+                }
+                Write::PutUsage { identity_id, usage } => {
+                    let mut u = usage.clone();
+                    u.identity_id = identity_id.clone();
+                    d.usage.insert(identity_id.clone(), u);
+                }
+                Write::AppendAudit { seq, bytes, .. } => {
+                    d.audit.insert(*seq, bytes.clone());
+                }
+                _ => panic!("a write the memory backend does not know"),
+            }
+        }
+        Ok(())
+    }
+
+    async fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        if self.backend.failing.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("injected failure".into()));
+        }
+        *self.backend.data.lock().unwrap() = self.pending;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl StoreReads for Memory {
+    async fn meta(&self) -> Result<StoreMeta, StoreError> {
+        Ok(self.data.lock().unwrap().meta.clone().unwrap())
+    }
+    async fn identities(&self) -> Result<Vec<IdentityRecord>, StoreError> {
+        Ok(self
+            .data
+            .lock()
+            .unwrap()
+            .identities
+            .values()
+            .cloned()
+            .collect())
+    }
+    async fn join_token(&self, hash: &str) -> Result<Option<JoinTokenRecord>, StoreError> {
+        Ok(self.data.lock().unwrap().tokens.get(hash).cloned())
+    }
+    async fn keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        Ok(self.data.lock().unwrap().keys.values().cloned().collect())
+    }
+    async fn ledger_record(&self, id: &[u8]) -> Result<Option<LedgerRecord>, StoreError> {
+        Ok(self.data.lock().unwrap().ledger.get(id).cloned())
+    }
+    async fn ledger_len(&self) -> Result<u64, StoreError> {
+        Ok(self.data.lock().unwrap().ledger.len() as u64)
+    }
+    async fn ledger_since(
+        &self,
+        since: i64,
+        identity_id: Option<String>,
+    ) -> Result<Vec<LedgerRecord>, StoreError> {
+        let mut v: Vec<LedgerRecord> = self
+            .data
+            .lock()
+            .unwrap()
+            .ledger
+            .values()
+            .filter(|r| r.issued_at >= since)
+            .filter(|r| identity_id.as_deref().is_none_or(|i| r.identity_id == i))
+            .cloned()
+            .collect();
+        v.sort_by_key(|r| r.issued_at);
+        Ok(v)
+    }
+    async fn revocations(&self) -> Result<Vec<RevocationRecord>, StoreError> {
+        Ok(self
+            .data
+            .lock()
+            .unwrap()
+            .revocations
+            .values()
+            .cloned()
+            .collect())
+    }
+    async fn usage(&self) -> Result<Vec<UsageRecord>, StoreError> {
+        Ok(self.data.lock().unwrap().usage.values().cloned().collect())
+    }
+    async fn owners(&self) -> Result<Vec<OwnerRecord>, StoreError> {
+        Ok(self.data.lock().unwrap().owners.values().cloned().collect())
+    }
+    async fn approvals(&self) -> Result<Vec<ApprovalRecord>, StoreError> {
+        Ok(self
+            .data
+            .lock()
+            .unwrap()
+            .approvals
+            .values()
+            .cloned()
+            .collect())
+    }
+    async fn ledger_count_before(&self, before: i64, limit: usize) -> Result<usize, StoreError> {
+        Ok(self
+            .data
+            .lock()
+            .unwrap()
+            .ledger
+            .values()
+            .filter(|r| r.issued_at < before)
+            .take(limit)
+            .count())
+    }
+    async fn join_tokens(&self) -> Result<Vec<JoinTokenRecord>, StoreError> {
+        Ok(self.data.lock().unwrap().tokens.values().cloned().collect())
+    }
+    async fn audit_head(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .data
+            .lock()
+            .unwrap()
+            .audit
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(0))
+    }
+    async fn audit_entries(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        Ok(self
+            .data
+            .lock()
+            .unwrap()
+            .audit
+            .range(from..)
+            .take(limit)
+            .map(|(k, v)| (*k, v.clone()))
+            .collect())
+    }
+}
+
+/// One named store's data and its failure switch.
+type Named = (Arc<Mutex<Data>>, Arc<AtomicBool>);
+
+/// Named stores that outlive their `Store`s, so a test can reopen one.
+#[derive(Default)]
+struct MemoryHarness {
+    stores: Mutex<HashMap<String, Named>>,
+}
+
+impl MemoryHarness {
+    fn start(&self, name: &str, sealer: Arc<Sealer>) -> Result<Arc<dyn Store>, StoreError> {
+        let (data, failing) = self.stores.lock().unwrap()[name].clone();
+        {
+            let d = data.lock().unwrap();
+            let meta = d.meta.clone().unwrap();
+            if meta.schema_version != SCHEMA_VERSION {
+                return Err(StoreError::Incompatible(format!(
+                    "{name} has schema version {}",
+                    meta.schema_version
+                )));
+            }
+            if sealer.open("meta", "key_check", &d.key_check).is_err() {
+                return Err(StoreError::Incompatible(
+                    "the master key does not match the data".into(),
+                ));
+            }
+        }
+        let store = GroupCommit::start(Memory { data, failing }, sealer)?;
+        Ok(Arc::new(store))
+    }
+}
+
+#[async_trait]
+impl Harness for MemoryHarness {
+    async fn create(
+        &self,
+        name: &str,
+        sealer: Arc<Sealer>,
+        meta: StoreMeta,
+    ) -> Result<Arc<dyn Store>, StoreError> {
+        let data = Data {
+            meta: Some(meta),
+            key_check: sealer.seal("meta", "key_check", b"check"),
+            ..Data::default()
+        };
+        self.stores.lock().unwrap().insert(
+            name.to_owned(),
+            (Arc::new(Mutex::new(data)), Arc::default()),
+        );
+        self.start(name, sealer)
+    }
+    async fn open(&self, name: &str, sealer: Arc<Sealer>) -> Result<Arc<dyn Store>, StoreError> {
+        self.start(name, sealer)
+    }
+    fn fail_writes(&self, name: &str, on: bool) {
+        self.stores.lock().unwrap()[name]
+            .1
+            .store(on, Ordering::SeqCst);
+    }
+    async fn set_schema_version(&self, name: &str, version: u64) {
+        let data = self.stores.lock().unwrap()[name].0.clone();
+        if let Some(m) = data.lock().unwrap().meta.as_mut() {
+            m.schema_version = version;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trivial_in_memory_backend_passes_the_conformance_suite() {
+    run(&MemoryHarness::default()).await;
+}
