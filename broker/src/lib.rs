@@ -15,7 +15,8 @@
 //!   [`hub`]: the revocation set and the fan-out to `Watch` streams.
 //! - [`keys`]: CA and JWT keys in memory; [`rotate`]: their rotation schedule;
 //!   [`seal`]: the master key and sealing at rest.
-//! - [`store`]: the [`store::Store`] trait and its redb backend (group-committing writer).
+//! - [`store`]: the store (the `sigil-store` crate: the [`store::Store`] trait, the records,
+//!   the group-committing writer, the backends).
 //! - [`audit`]: hash-chained audit entries; [`model`]: the records.
 //! - [`http`]: health and bundle over HTTP.
 //! - [`server`]: wiring, start-up and shutdown; [`init`]: creating a data dir.

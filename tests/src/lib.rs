@@ -1,4 +1,4 @@
-//! End-to-end test harness: a real broker on loopback (real TLS, a real redb file in a temp
+//! End-to-end test harness: a real broker on loopback (real TLS, a real store file in a temp
 //! dir), driven through the real SDK and the real admin API.
 //!
 //! Layout:

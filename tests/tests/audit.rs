@@ -2,44 +2,39 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use clap::Parser as _;
+use sigil_broker::store::StoreConfig;
+use sigil_broker::store::testing::edit_audit;
 use sigil_proto::v1 as pb;
 use sigil_tests::TestBroker;
-
-const AUDIT: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("audit");
 
 /// A copy of a stopped broker's data dir, with its master key in a 0600 file so `sigil audit
 /// verify --offline` can read it.
 fn copy_data_dir(b: &TestBroker, name: &str) -> PathBuf {
     let dst = b.dir.path().join(name);
     std::fs::create_dir_all(dst.join("admin")).unwrap();
-    for f in [
-        "sigil.redb",
-        "sigil.redb.keycheck",
-        "sigil.toml",
-        "bundle.pem",
-    ] {
+    let files = StoreConfig::in_data_dir(&b.data).files();
+    for f in files.iter().map(|p| p.file_name().unwrap()) {
+        std::fs::copy(b.data.join(f), dst.join(f)).unwrap();
+    }
+    for f in ["sigil.toml", "bundle.pem"] {
         std::fs::copy(b.data.join(f), dst.join(f)).unwrap();
     }
     b.master.write_new_file(&dst.join("master.key")).unwrap();
     dst
 }
 
-fn tamper(dir: &Path, f: impl FnOnce(&mut redb::Table<'_, u64, &[u8]>)) {
-    let db = redb::Database::open(dir.join("sigil.redb")).unwrap();
-    let tx = db.begin_write().unwrap();
-    {
-        let mut t = tx.open_table(AUDIT).unwrap();
-        f(&mut t);
-    }
-    tx.commit().unwrap();
+/// Edits the audit entries of a stopped store as someone with write access to its files (but
+/// not the master key) could.
+fn tamper(dir: &Path, f: impl FnOnce(&mut BTreeMap<u64, Vec<u8>>)) {
+    edit_audit(&StoreConfig::in_data_dir(dir), f).unwrap();
 }
 
-fn get(t: &redb::Table<'_, u64, &[u8]>, seq: u64) -> Vec<u8> {
-    use redb::ReadableTable;
-    t.get(seq).unwrap().unwrap().value().to_vec()
+fn get(t: &BTreeMap<u64, Vec<u8>>, seq: u64) -> Vec<u8> {
+    t[&seq].clone()
 }
 
 async fn verify_offline(dir: &Path) -> Result<(), String> {
@@ -75,7 +70,7 @@ async fn verify_names_the_first_edited_removed_or_reordered_entry() {
         let e = String::from_utf8(get(t, 7))
             .unwrap()
             .replace("\"decision\":\"allow\"", "\"decision\":\"deny\"");
-        t.insert(7, e.as_bytes()).unwrap();
+        t.insert(7, e.into_bytes());
     });
     let e = verify_offline(&edited).await.unwrap_err();
     assert!(
@@ -85,7 +80,7 @@ async fn verify_names_the_first_edited_removed_or_reordered_entry() {
 
     let removed = copy_data_dir(&b, "removed");
     tamper(&removed, |t| {
-        t.remove(5).unwrap();
+        t.remove(&5);
     });
     let e = verify_offline(&removed).await.unwrap_err();
     assert!(
@@ -96,8 +91,8 @@ async fn verify_names_the_first_edited_removed_or_reordered_entry() {
     let reordered = copy_data_dir(&b, "reordered");
     tamper(&reordered, |t| {
         let (a, c) = (get(t, 3), get(t, 9));
-        t.insert(3, c.as_slice()).unwrap();
-        t.insert(9, a.as_slice()).unwrap();
+        t.insert(3, c);
+        t.insert(9, a);
     });
     let e = verify_offline(&reordered).await.unwrap_err();
     assert!(
@@ -113,8 +108,7 @@ async fn verify_names_the_first_edited_removed_or_reordered_entry() {
         e["reason"] = "nothing to see".into();
         e["hash"] =
             serde_json::from_slice::<serde_json::Value>(&get(t, n - 1)).unwrap()["hash"].clone();
-        t.insert(n, serde_json::to_vec(&e).unwrap().as_slice())
-            .unwrap();
+        t.insert(n, serde_json::to_vec(&e).unwrap());
     });
     let e = verify_offline(&forged).await.unwrap_err();
     assert!(e.contains(&format!("broken at entry {n}")), "{e}");

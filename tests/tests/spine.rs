@@ -1,4 +1,4 @@
-//! The spine end to end: a real broker on loopback (TLS, redb in a temp dir), the real SDK,
+//! The spine end to end: a real broker on loopback (TLS, a real store in a temp dir), the real SDK,
 //! the real CLI code, and openssl as an outside check.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -906,7 +906,8 @@ async fn state_survives_a_restart_and_a_wrong_master_key_changes_nothing() {
         "refusing to start must leave every file as it was"
     );
     // Even with the sidecar check gone, the key check inside the store refuses.
-    std::fs::remove_file(b.data.join("sigil.redb.keycheck")).unwrap();
+    let key_check = sigil_broker::store::StoreConfig::in_data_dir(&b.data).files()[1].clone();
+    std::fs::remove_file(key_check).unwrap();
     let err = b
         .boot_with(sigil_broker::seal::MasterKey::generate())
         .await

@@ -620,6 +620,11 @@ fn sigil_bench_runs_embedded_and_prints_the_documented_json() {
     );
 }
 
+/// The files of the embedded store in data dir `d`: the database, then its key-check file.
+fn files_of(d: &Path) -> Vec<PathBuf> {
+    sigil_broker::store::StoreConfig::in_data_dir(d).files()
+}
+
 /// sha256 of every file under `dir`, by relative path.
 fn digests(dir: &Path) -> std::collections::BTreeMap<String, String> {
     let mut out = std::collections::BTreeMap::new();
@@ -656,8 +661,8 @@ fn a_wrong_master_key_or_a_damaged_store_changes_nothing_in_any_start_path() {
     let _ = std::fs::remove_file(data.join("broker.url"));
     let good = digests(&data);
     let wrong = sigil_broker::seal::MasterKey::generate().to_base64();
-    let store = data.join("sigil.redb");
-    let sidecar = data.join("sigil.redb.keycheck");
+    let files = sigil_broker::store::StoreConfig::in_data_dir(&data).files();
+    let (store, sidecar) = (files[0].clone(), files[1].clone());
     let sidecar_bytes = std::fs::read(&sidecar).unwrap();
     let store_bytes = std::fs::read(&store).unwrap();
     let d = data.to_str().unwrap();
@@ -686,7 +691,7 @@ fn a_wrong_master_key_or_a_damaged_store_changes_nothing_in_any_start_path() {
         (
             "wrong key, no key-check file",
             Some(wrong.expose_secret()),
-            |d, _, _| std::fs::remove_file(d.join("sigil.redb.keycheck")).unwrap(),
+            |d, _, _| std::fs::remove_file(files_of(d)[1].clone()).unwrap(),
             "the master key does not match the data in",
         ),
         (
@@ -698,13 +703,15 @@ fn a_wrong_master_key_or_a_damaged_store_changes_nothing_in_any_start_path() {
         (
             "truncated store",
             None,
-            |d, _, store| std::fs::write(d.join("sigil.redb"), &store[..store.len() / 2]).unwrap(),
-            "sigil.redb",
+            |d, _, store| {
+                std::fs::write(files_of(d)[0].clone(), &store[..store.len() / 2]).unwrap()
+            },
+            "the store could not be opened",
         ),
         (
             "torn key-check file",
             None,
-            |d, _, _| std::fs::write(d.join("sigil.redb.keycheck"), b"").unwrap(),
+            |d, _, _| std::fs::write(files_of(d)[1].clone(), b"").unwrap(),
             "is empty (torn by a crash",
         ),
     ];

@@ -131,6 +131,25 @@ pub fn durable_commit_rate(dir: &std::path::Path, commits: u32) -> Result<f64, S
     sigil_store_redb::durable_commit_rate(dir, commits)
 }
 
+/// Tools for tests that damage or rewrite a stopped store, as an attacker with write access
+/// to its files (but not the master key) could.
+#[cfg(feature = "testing")]
+pub mod testing {
+    use std::collections::BTreeMap;
+
+    use super::{StoreConfig, StoreError};
+
+    /// Lets `f` edit the audit entries (sequence number → stored JSON) of the stopped store.
+    pub fn edit_audit(
+        cfg: &StoreConfig,
+        f: impl FnOnce(&mut BTreeMap<u64, Vec<u8>>),
+    ) -> Result<(), StoreError> {
+        match cfg {
+            StoreConfig::Redb { path } => sigil_store_redb::testing::edit_audit(path, f),
+        }
+    }
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {

@@ -1059,8 +1059,38 @@ pub fn read_audit_file(path: &Path) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
 pub mod testing {
     use std::path::Path;
 
-    use super::{META, META_INFO, StoreError, StoreMeta, corrupt, to_json, unavailable};
-    use redb::{Database, ReadableDatabase as _};
+    use std::collections::BTreeMap;
+
+    use super::{AUDIT, META, META_INFO, StoreError, StoreMeta, corrupt, to_json, unavailable};
+    use redb::{Database, ReadableDatabase as _, ReadableTable as _};
+
+    /// Lets `f` edit the audit entries of the stopped store at `path` (sequence number →
+    /// stored JSON) as someone with write access to the file but not the master key could,
+    /// and writes the result back.
+    pub fn edit_audit(
+        path: &Path,
+        f: impl FnOnce(&mut BTreeMap<u64, Vec<u8>>),
+    ) -> Result<(), StoreError> {
+        let db = Database::open(path).map_err(unavailable)?;
+        let w = db.begin_write().map_err(unavailable)?;
+        {
+            let mut t = w.open_table(AUDIT).map_err(unavailable)?;
+            let mut entries = BTreeMap::new();
+            for item in t.iter().map_err(unavailable)? {
+                let (k, v) = item.map_err(unavailable)?;
+                entries.insert(k.value(), v.value().to_vec());
+            }
+            let before: Vec<u64> = entries.keys().copied().collect();
+            f(&mut entries);
+            for k in before {
+                t.remove(k).map_err(unavailable)?;
+            }
+            for (k, v) in &entries {
+                t.insert(*k, v.as_slice()).map_err(unavailable)?;
+            }
+        }
+        w.commit().map_err(unavailable)
+    }
 
     /// Rewrites the schema version recorded in the store at `path`.
     pub fn set_schema_version(path: &Path, version: u64) -> Result<(), StoreError> {
