@@ -8,30 +8,13 @@ use std::time::Duration;
 use sigil_pki::SecretString;
 
 use crate::attest::join_token;
-use crate::attest::x509::PeerIssuer;
 use crate::audit::{AuditDraft, Decision};
+use crate::authz::Operator;
 use crate::broker::{Broker, RequestContext};
 use crate::error::BrokerError;
 use crate::model::{IdentityRecord, IdentityStatus, JoinTokenRecord};
 use crate::registry::{self, EntitlementSpec, IdentitySpec};
 use crate::store::{Change, Op};
-
-/// An authenticated operator.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Operator {
-    /// The operator's name (last segment of `spiffe://<td>/sigil/operator/[<role>/]<name>`).
-    pub name: String,
-    /// `admin`, `operator`, `auditor` or `revoker` (a credential without a role segment, like
-    /// the first one `sigil init` writes, is an admin's).
-    pub role: String,
-}
-
-impl Operator {
-    /// The actor string in audit entries.
-    pub fn actor(&self) -> String {
-        format!("operator:{}", self.name)
-    }
-}
 
 /// Changes to an identity; `None` leaves a field as it is.
 #[derive(Debug, Clone, Default)]
@@ -64,48 +47,11 @@ pub enum StatusChange {
 impl Broker {
     /// The operator behind a request, or why there is none.
     pub fn authorize_operator(&self, ctx: &RequestContext) -> Result<Operator, BrokerError> {
-        let peer = ctx.peer.as_ref().ok_or_else(|| {
-            BrokerError::Unauthenticated(
-                "the admin API needs mutual TLS with an operator credential (see `sigil init`)"
-                    .into(),
-            )
-        })?;
-        if peer.issuer != PeerIssuer::Operator {
-            return Err(BrokerError::Unauthenticated(
-                "the admin API needs an operator credential; a workload SVID is not one".into(),
-            ));
-        }
-        if let Some(r) = self.revocations.get(&peer.serial) {
-            return Err(BrokerError::Unauthenticated(format!(
-                "operator credential was revoked: {}",
-                r.reason
-            )));
-        }
-        if peer.not_after <= self.clock.unix() {
-            return Err(BrokerError::Unauthenticated(format!(
-                "operator credential expired at {}",
-                crate::clock::rfc3339(peer.not_after)
-            )));
-        }
-        let rest = peer
-            .spiffe_id
-            .as_ref()
-            .and_then(|id| {
-                id.path()
-                    .strip_prefix("/sigil/operator/")
-                    .map(str::to_owned)
-            })
-            .unwrap_or_default();
-        let (role, name) = match rest.split_once('/') {
-            None => ("admin".to_owned(), rest.clone()),
-            Some((role, name)) => (role.to_owned(), name.to_owned()),
-        };
-        if name.is_empty() || name.contains('/') || !crate::policy::ROLES.contains(&role.as_str()) {
-            return Err(BrokerError::Unauthenticated(
-                "operator credential has no valid operator SPIFFE ID".into(),
-            ));
-        }
-        Ok(Operator { name, role })
+        Ok(crate::authz::operator::authenticate(
+            ctx.peer.as_deref(),
+            &self.revocations,
+            self.clock.unix(),
+        )?)
     }
 
     /// The operator behind a request, if its role may perform `action` (a Cedar admin action,
@@ -265,8 +211,7 @@ impl Broker {
         ctx: &RequestContext,
     ) -> Result<IdentityRecord, BrokerError> {
         let cur = self.find_identity(target)?;
-        let mut next = (*cur).clone();
-        let action = match change {
+        let (to, action) = match change {
             StatusChange::Suspend => {
                 match cur.status {
                     IdentityStatus::Active => {}
@@ -278,8 +223,7 @@ impl Broker {
                         )));
                     }
                 }
-                next.status = IdentityStatus::Suspended;
-                "identity.suspend"
+                (IdentityStatus::Suspended, "identity.suspend")
             }
             StatusChange::Resume => {
                 match cur.status {
@@ -298,8 +242,7 @@ impl Broker {
                         )));
                     }
                 }
-                next.status = IdentityStatus::Active;
-                "identity.resume"
+                (IdentityStatus::Active, "identity.resume")
             }
             StatusChange::Retire => {
                 if cur.status == IdentityStatus::Retired {
@@ -326,8 +269,8 @@ impl Broker {
                 return Ok(r.identity);
             }
         };
-        next.status_reason = reason.trim().to_owned();
-        next.status_since = self.clock.unix();
+        let next =
+            crate::registry::transition(&cur, to, reason.trim(), &op.actor(), self.clock.unix());
         let draft = AuditDraft::new(
             self.now_nanos(),
             op.actor(),
@@ -353,12 +296,17 @@ impl Broker {
         &self,
         op: &Operator,
         cur: &IdentityRecord,
-        mut next: IdentityRecord,
+        next: IdentityRecord,
         draft: AuditDraft,
     ) -> Result<IdentityRecord, BrokerError> {
-        next.revision = cur.revision + 1;
-        next.updated_at = self.clock.unix();
-        next.updated_by = op.actor();
+        // The next revision, whatever the caller changed (registry::transition already made
+        // one for status changes; the same values again).
+        let next = IdentityRecord {
+            revision: cur.revision + 1,
+            updated_at: self.clock.unix(),
+            updated_by: op.actor(),
+            ..next
+        };
         self.store
             .commit(Change {
                 ops: vec![Op::UpdateIdentity {
@@ -381,7 +329,7 @@ impl Broker {
         ctx: &RequestContext,
     ) -> Result<(SecretString, JoinTokenRecord, Arc<IdentityRecord>), BrokerError> {
         let identity = self.find_identity(target)?;
-        if !crate::issue::join_token_allowed(identity.status) {
+        if !crate::registry::join_token_allowed(identity.status) {
             return Err(BrokerError::FailedPrecondition(format!(
                 "identity {} is retired; it cannot attest again",
                 identity.spiffe_id

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use sigil_pki::{LeafSpec, LeafUsage, VerifiedCsr, ids};
 
-use crate::admin::Operator;
 use crate::audit::{AuditDraft, Decision};
+use crate::authz::Operator;
 use crate::broker::{Broker, RequestContext};
 use crate::clock::unix_secs;
 use crate::error::BrokerError;

@@ -44,7 +44,9 @@ pub struct Broker {
     /// Credentials issued that have not expired (for metrics).
     pub(crate) live: crate::telemetry::LiveCredentials,
     /// Behaviour baselines.
-    pub(crate) behaviour: crate::govern::Behaviour,
+    pub(crate) behaviour: crate::baseline::Behaviour,
+    /// Where committed issuances go for the baselines (never handled in the writer thread).
+    observations: crate::baseline::Observations,
     /// Wakes the rotation schedule now (e.g. the signing CA turned out to be expired).
     pub(crate) rotation_kick: tokio::sync::Notify,
     /// Gate 3 policies and admin roles.
@@ -52,14 +54,10 @@ pub struct Broker {
     /// Trusted OIDC issuers.
     pub(crate) oidc: crate::attest::oidc::OidcVerifier,
     /// Hashes of workload binaries (Unix attestation).
-    pub(crate) unix_hashes: crate::attest::unix::HashCache,
+    pub(crate) unix_hashes: Arc<crate::attest::unix::HashCache>,
     /// Approvals by identity id (every record; expired ones are filtered when read).
     pub(crate) approvals:
         std::sync::RwLock<std::collections::HashMap<String, Vec<crate::model::ApprovalRecord>>>,
-    /// Where follow-up work of the commit observer runs (never in the writer thread).
-    rt: tokio::runtime::Handle,
-    /// This broker, for spawning follow-up work.
-    pub(crate) me: std::sync::Weak<Broker>,
 }
 
 /// What the transport knows about a request.
@@ -122,14 +120,15 @@ pub struct BrokerParts {
     pub oidc: crate::attest::oidc::OidcVerifier,
     /// Every stored approval.
     pub approvals: Vec<crate::model::ApprovalRecord>,
+    /// Where committed issuances go for the behaviour baselines.
+    pub observations: crate::baseline::Observations,
 }
 
 impl Broker {
-    /// Assembles a broker and registers it as the store's commit observer. Must be called on
-    /// a tokio runtime.
+    /// Assembles a broker and registers it as the store's commit observer.
     pub fn new(p: BrokerParts) -> Arc<Self> {
         let start = u64::try_from(crate::clock::unix_nanos(p.clock.now()) / 1000).unwrap_or(0);
-        let broker = Arc::new_cyclic(|me| Broker {
+        let broker = Arc::new(Broker {
             store: p.store,
             registry: p.registry,
             keys: p.keys,
@@ -143,7 +142,8 @@ impl Broker {
             key_lock: tokio::sync::Mutex::new(()),
             shutdown: p.shutdown,
             live: crate::telemetry::LiveCredentials::default(),
-            behaviour: crate::govern::Behaviour::new(p.usage),
+            behaviour: crate::baseline::Behaviour::new(p.usage),
+            observations: p.observations,
             rotation_kick: tokio::sync::Notify::new(),
             policy: p.policy,
             oidc: p.oidc,
@@ -155,8 +155,6 @@ impl Broker {
                 }
                 m
             }),
-            rt: tokio::runtime::Handle::current(),
-            me: me.clone(),
         });
         let weak: std::sync::Weak<dyn CommitObserver> =
             Arc::downgrade(&broker) as std::sync::Weak<Broker>;
@@ -358,14 +356,7 @@ impl CommitObserver for Broker {
                 }
                 Op::AppendLedger(r) => {
                     self.live.add(&r.credential_id, r.expires_at);
-                    let anomalies = self.behaviour.observe(r, &self.cfg.governance);
-                    if !anomalies.is_empty()
-                        && let Some(me) = self.me.upgrade()
-                    {
-                        let id = r.identity_id.clone();
-                        self.rt
-                            .spawn(async move { me.on_anomalies(id, anomalies).await });
-                    }
+                    self.observations.push(r);
                 }
                 _ => {}
             }

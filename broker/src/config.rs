@@ -281,7 +281,7 @@ impl OidcIssuer {
                     "oidc issuer {n:?}: algorithm {a} is refused (none and HMAC cannot prove a workload)"
                 ));
             }
-            if crate::attest::oidc::parse_alg(a).is_none() {
+            if oidc_algorithm(a).is_none() {
                 return Err(format!(
                     "oidc issuer {n:?}: unknown algorithm {a:?} (RS256, PS256, ES256, ES384, EdDSA, ...)"
                 ));
@@ -291,6 +291,16 @@ impl OidcIssuer {
             return Err(format!("oidc issuer {n:?}: clock_skew must be at most 5m"));
         }
         Ok(())
+    }
+}
+
+/// The algorithm named `name`, if `jsonwebtoken` supports it and it is asymmetric.
+pub fn oidc_algorithm(name: &str) -> Option<jsonwebtoken::Algorithm> {
+    use jsonwebtoken::Algorithm;
+    let a: Algorithm = name.parse().ok()?;
+    match a {
+        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => None,
+        other => Some(other),
     }
 }
 

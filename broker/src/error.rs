@@ -86,6 +86,21 @@ impl From<StoreError> for BrokerError {
     }
 }
 
+impl From<crate::registry::InvalidField> for BrokerError {
+    fn from(e: crate::registry::InvalidField) -> Self {
+        BrokerError::InvalidArgument {
+            field: e.field,
+            reason: e.reason,
+        }
+    }
+}
+
+impl From<crate::authz::operator::NotAnOperator> for BrokerError {
+    fn from(e: crate::authz::operator::NotAnOperator) -> Self {
+        BrokerError::Unauthenticated(e.0)
+    }
+}
+
 impl From<sigil_pki::PkiError> for BrokerError {
     fn from(e: sigil_pki::PkiError) -> Self {
         BrokerError::Internal(e.to_string())

@@ -334,7 +334,7 @@ impl Broker {
         let now = self.clock.unix();
         let mc = crate::authz::MintContext {
             identity: &actor.identity,
-            method: actor.method,
+            method: actor.method.as_str(),
             presented_generation: actor.presented_generation,
             evidence_issued_at: actor.evidence_issued_at,
             evidence_seq: actor.evidence_seq,

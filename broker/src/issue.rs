@@ -171,8 +171,19 @@ impl Broker {
                 Evidence::JoinToken(t) => {
                     attest::join_token::attest(self.store.as_ref(), &self.registry, t, now_s).await
                 }
-                Evidence::Oidc(t) => self.attest_oidc(t, spiffe_id, now_s).await,
-                Evidence::Unix => self.attest_unix(ctx, spiffe_id, now_s).await,
+                Evidence::Oidc(t) => {
+                    attest::oidc::attest(&self.oidc, &self.registry, t, spiffe_id, now_s).await
+                }
+                Evidence::Unix => {
+                    attest::unix::attest(
+                        &self.unix_hashes,
+                        &self.registry,
+                        ctx.unix,
+                        spiffe_id,
+                        now_s,
+                    )
+                    .await
+                }
             };
             let attested = match attested {
                 Ok(a) => a,
@@ -247,14 +258,13 @@ impl Broker {
             let id = &attested.identity;
             if id.status == IdentityStatus::Compromised {
                 // Fresh evidence (gate 1 checked it postdates the compromise) restores it.
-                let mut restored = (**id).clone();
-                restored.status = IdentityStatus::Active;
-                restored.status_since = now_s;
-                restored.status_reason =
-                    format!("restored by a fresh {} attestation", attested.method);
-                restored.revision += 1;
-                restored.updated_at = now_s;
-                restored.updated_by = attested.actor.clone();
+                let restored = crate::registry::transition(
+                    id,
+                    IdentityStatus::Active,
+                    &format!("restored by a fresh {} attestation", attested.method),
+                    &attested.actor,
+                    now_s,
+                );
                 change.ops.push(Op::UpdateIdentity {
                     record: restored,
                     expected_revision: id.revision,
@@ -314,9 +324,9 @@ impl Broker {
                 // A concurrent use of the same join token won the race: nothing was issued here.
                 Err(StoreError::Conflict(c)) => {
                     let reason = match c {
-                        Conflict::JoinTokenUsed => "used",
-                        Conflict::JoinTokenExpired => "expired",
-                        _ => "unknown",
+                        Conflict::JoinTokenUsed => attest::Reason::Used,
+                        Conflict::JoinTokenExpired => attest::Reason::Expired,
+                        _ => attest::Reason::Unknown,
                     };
                     let e = AttestError::Failed {
                         public: None,
@@ -504,9 +514,14 @@ impl Broker {
             // On the Unix socket the kernel vouches for the caller on every call, as on the
             // SPIFFE Workload API: there is no client certificate to present there.
             if ctx.unix.is_some() {
-                return match self
-                    .attest_unix(ctx, ctx.spiffe_id_hint.as_deref(), self.clock.unix())
-                    .await
+                return match attest::unix::attest(
+                    &self.unix_hashes,
+                    &self.registry,
+                    ctx.unix,
+                    ctx.spiffe_id_hint.as_deref(),
+                    self.clock.unix(),
+                )
+                .await
                 {
                     Ok(a) => Ok(a),
                     Err(e) => Err(self.attestation_failed(e, action, ctx).await),
@@ -517,7 +532,17 @@ impl Broker {
                     .into(),
             ));
         };
-        match attest::x509::attest(self, peer, self.clock.unix()).await {
+        let ring = self.keys.current();
+        let attested = attest::x509::attest(
+            peer,
+            &self.registry,
+            &self.revocations,
+            &ring,
+            self.store.as_ref(),
+            self.clock.unix(),
+        )
+        .await;
+        match attested {
             Ok(a) => Ok(a),
             Err(e) => Err(self.attestation_failed(e, action, ctx).await),
         }
@@ -575,8 +600,8 @@ impl Broker {
                 detail,
                 public,
             } => {
-                tracing::info!(request_id = %ctx.request_id, method, reason, %actor, %detail, "attestation failed");
-                metrics::counter!("sigil_attestation_failures_total", "method" => method, "reason" => reason)
+                tracing::info!(request_id = %ctx.request_id, %method, %reason, %actor, %detail, "attestation failed");
+                metrics::counter!("sigil_attestation_failures_total", "method" => method.as_str(), "reason" => reason.code())
                     .increment(1);
                 let draft = AuditDraft::new(
                     self.now_nanos(),
@@ -591,9 +616,9 @@ impl Broker {
                 .with("method", method);
                 self.audit_only(vec![draft]).await;
                 let hint = match (method, reason) {
-                    ("join_token", _) => attest::join_token::HINT,
+                    (attest::Method::JoinToken, _) => attest::join_token::HINT,
                     // The holder may know its own certificate is revoked (the CRL says so too).
-                    (_, "revoked") => {
+                    (_, attest::Reason::Revoked) => {
                         "the client certificate has been revoked; attest again with fresh evidence"
                     }
                     _ => {
@@ -601,7 +626,7 @@ impl Broker {
                     }
                 };
                 BrokerError::AttestationFailed {
-                    method,
+                    method: method.as_str(),
                     hint: public.unwrap_or_else(|| hint.to_owned()),
                 }
             }
@@ -621,7 +646,7 @@ impl Broker {
         let approvals = self.approvals_in_force(&attested.identity.id, now);
         let mc = MintContext {
             identity: &attested.identity,
-            method: attested.method,
+            method: attested.method.as_str(),
             presented_generation: attested.presented_generation,
             evidence_issued_at: attested.evidence_issued_at,
             evidence_seq: attested.evidence_seq,
@@ -726,7 +751,7 @@ impl Broker {
             issued_at: unix_secs(now),
             expires_at,
             signing_key_id: ring.intermediate_id.clone(),
-            attestation: attested.method.into(),
+            attestation: attested.method.as_str().into(),
             source: ctx.remote.map(|a| a.ip().to_string()).unwrap_or_default(),
         };
         let audit = AuditDraft::new(
@@ -798,7 +823,7 @@ impl Broker {
             issued_at: iat,
             expires_at: exp,
             signing_key_id: ring.jwt.kid().to_owned(),
-            attestation: attested.method.into(),
+            attestation: attested.method.as_str().into(),
             source: ctx.remote.map(|a| a.ip().to_string()).unwrap_or_default(),
         };
         let audit = AuditDraft::new(
@@ -856,159 +881,4 @@ impl Broker {
         }
         out
     }
-
-    async fn attest_oidc(
-        &self,
-        token: &SecretString,
-        spiffe_id: Option<&str>,
-        now: i64,
-    ) -> Result<Attested, AttestError> {
-        if self.oidc.is_empty() {
-            return Err(AttestError::Failed {
-                method: "oidc",
-                reason: "not_configured",
-                actor: "oidc".into(),
-                identity_id: None,
-                detail: "no OIDC issuer is configured".into(),
-                public: Some("this broker trusts no OIDC issuer ([[oidc]] in sigil.toml)".into()),
-            });
-        }
-        let v = match self.oidc.verify(token.expose_secret(), now).await {
-            Ok(v) => v,
-            Err(r) => {
-                return Err(AttestError::Failed {
-                    method: "oidc",
-                    reason: r.reason,
-                    actor: "oidc".into(),
-                    identity_id: None,
-                    detail: r.message.clone(),
-                    public: Some(format!("the OIDC token was refused: {}", r.message)),
-                });
-            }
-        };
-        let actor = format!("oidc:{}:{}", v.issuer_name, v.sub);
-        let identity = self.pick_identity("oidc", &v.selectors, spiffe_id, &actor)?;
-        Ok(Attested {
-            identity,
-            method: "oidc",
-            actor,
-            consume_join_token: None,
-            presented_generation: None,
-            evidence_issued_at: v.iat,
-            evidence_seq: None,
-            selectors: v.selectors,
-        })
-    }
-
-    async fn attest_unix(
-        &self,
-        ctx: &RequestContext,
-        spiffe_id: Option<&str>,
-        now: i64,
-    ) -> Result<Attested, AttestError> {
-        let fail = |reason: &'static str, msg: String| AttestError::Failed {
-            method: "unix",
-            reason,
-            actor: "unix".into(),
-            identity_id: None,
-            detail: msg.clone(),
-            public: Some(msg),
-        };
-        let Some(peer) = ctx.unix else {
-            return Err(fail(
-                "not_unix",
-                "unix evidence works only on the broker's Unix socket (workload_socket)".into(),
-            ));
-        };
-        let me = self
-            .me
-            .upgrade()
-            .ok_or(AttestError::Store(crate::store::StoreError::Closed))?;
-        let info = tokio::task::spawn_blocking(move || me.unix_hashes.inspect(&peer))
-            .await
-            .map_err(|e| fail("unreadable", e.to_string()))?
-            .map_err(|r| fail(r.reason, r.message))?;
-        let selectors = info.selectors();
-        let actor = info.actor();
-        let identity = self.pick_identity("unix", &selectors, spiffe_id, &actor)?;
-        Ok(Attested {
-            identity,
-            method: "unix",
-            actor,
-            consume_join_token: None,
-            presented_generation: None,
-            // The kernel's word is always fresh evidence.
-            evidence_issued_at: Some(now),
-            evidence_seq: None,
-            selectors,
-        })
-    }
-
-    /// The identity selector-based evidence proves: the one named, or the only match.
-    // AttestError is returned once per failed attestation; its size does not matter.
-    #[allow(clippy::result_large_err)]
-    fn pick_identity(
-        &self,
-        method: &'static str,
-        shown: &std::collections::BTreeSet<crate::model::Selector>,
-        spiffe_id: Option<&str>,
-        actor: &str,
-    ) -> Result<std::sync::Arc<crate::model::IdentityRecord>, AttestError> {
-        let matches = self.registry.matching(shown);
-        let shown_list = || {
-            shown
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let fail = |reason: &'static str, msg: String| AttestError::Failed {
-            method,
-            reason,
-            actor: actor.to_owned(),
-            identity_id: None,
-            detail: msg.clone(),
-            public: Some(msg),
-        };
-        if let Some(want) = spiffe_id {
-            return matches
-                .into_iter()
-                .find(|r| r.spiffe_id.as_str() == want)
-                .ok_or_else(|| {
-                    fail(
-                        "no_match",
-                        format!(
-                            "the {method} evidence does not match identity {want} (it showed: {})",
-                            shown_list()
-                        ),
-                    )
-                });
-        }
-        match matches.len() {
-            0 => Err(fail(
-                "no_match",
-                format!(
-                    "the {method} evidence matches no identity (it showed: {}); an operator registers one with `sigil identity create --selector ...`",
-                    shown_list()
-                ),
-            )),
-            1 => Ok(matches.into_iter().next().unwrap_or_else(|| unreachable!())),
-            _ => Err(fail(
-                "ambiguous",
-                format!(
-                    "the {method} evidence matches several identities ({}); name one with spiffe_id",
-                    matches
-                        .iter()
-                        .map(|r| r.spiffe_id.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            )),
-        }
-    }
-}
-
-/// True when `status` still allows a join token to be created (anything but retired).
-pub(crate) fn join_token_allowed(status: IdentityStatus) -> bool {
-    status != IdentityStatus::Retired
 }

@@ -27,6 +27,7 @@ pub mod api;
 pub mod approve;
 pub mod attest;
 pub mod authz;
+pub mod baseline;
 pub mod broker;
 pub mod clock;
 pub mod config;

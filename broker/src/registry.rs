@@ -9,7 +9,6 @@ use std::time::Duration;
 use sigil_pki::{SpiffeId, TrustDomain};
 
 use crate::config::Issuance;
-use crate::error::BrokerError;
 use crate::model::{CredentialKind, Entitlements, IdentityRecord, Selector};
 
 /// Path prefix reserved for the broker's own identities (broker, operators).
@@ -174,22 +173,72 @@ pub struct EntitlementSpec {
     pub approval_scopes: Vec<String>,
 }
 
-fn check_text(field: &str, v: &str, max: usize) -> Result<String, BrokerError> {
+/// A field of an identity spec that is not acceptable: which field, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field}: {reason}")]
+pub struct InvalidField {
+    /// The field, as named in the API.
+    pub field: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> InvalidField {
+    InvalidField {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// The next revision of `rec`, changed by `actor` at `now` (Unix seconds): what every change
+/// to an identity record goes through.
+pub fn revise(rec: &IdentityRecord, actor: &str, now: i64) -> IdentityRecord {
+    let mut next = rec.clone();
+    next.revision = rec.revision + 1;
+    next.updated_at = now;
+    next.updated_by = actor.to_owned();
+    next
+}
+
+/// The one way an identity's status changes (an operator's suspend, resume or retire, a leak
+/// report, an anomaly, a fresh attestation restoring a compromised identity): the next
+/// revision of `rec` in status `to`, saying why. `status_since` moves only when the status
+/// does (the store stamps the commit sequence then). Whether the change is allowed is the
+/// caller's call.
+pub fn transition(
+    rec: &IdentityRecord,
+    to: crate::model::IdentityStatus,
+    reason: &str,
+    actor: &str,
+    now: i64,
+) -> IdentityRecord {
+    let mut next = revise(rec, actor, now);
+    if next.status != to {
+        next.status = to;
+        next.status_since = now;
+    }
+    next.status_reason = reason.to_owned();
+    next
+}
+
+/// True when `status` still allows a join token to be created (anything but retired).
+pub fn join_token_allowed(status: crate::model::IdentityStatus) -> bool {
+    status != crate::model::IdentityStatus::Retired
+}
+
+fn check_text(field: &str, v: &str, max: usize) -> Result<String, InvalidField> {
     let t = v.trim();
     if t.is_empty() {
-        return Err(BrokerError::invalid(
+        return Err(invalid(
             field,
             "is required (every identity needs a named owner and a purpose)",
         ));
     }
     if t.chars().count() > max {
-        return Err(BrokerError::invalid(
-            field,
-            format!("is longer than {max} characters"),
-        ));
+        return Err(invalid(field, format!("is longer than {max} characters")));
     }
     if t.chars().any(char::is_control) {
-        return Err(BrokerError::invalid(field, "contains control characters"));
+        return Err(invalid(field, "contains control characters"));
     }
     Ok(t.to_owned())
 }
@@ -198,11 +247,11 @@ fn check_token_list(
     field: &str,
     items: &[String],
     what: &str,
-) -> Result<BTreeSet<String>, BrokerError> {
+) -> Result<BTreeSet<String>, InvalidField> {
     let mut out = BTreeSet::new();
     for i in items {
         if i.is_empty() || i.len() > 256 || i.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(BrokerError::invalid(
+            return Err(invalid(
                 field,
                 format!("{what} {i:?} must be 1-256 characters without spaces"),
             ));
@@ -216,25 +265,22 @@ fn check_token_list(
 pub fn check_entitlements(
     e: &EntitlementSpec,
     cfg: &Issuance,
-) -> Result<Entitlements, BrokerError> {
+) -> Result<Entitlements, InvalidField> {
     let mut kinds = BTreeSet::new();
     for k in &e.kinds {
         for part in k.split(',').filter(|p| !p.trim().is_empty()) {
             kinds.insert(
                 part.parse::<CredentialKind>()
-                    .map_err(|r| BrokerError::invalid("entitlements.kinds", r))?,
+                    .map_err(|r| invalid("entitlements.kinds", r))?,
             );
         }
     }
     let max_ttl = e.max_ttl.unwrap_or(cfg.default_max_ttl);
     if max_ttl < Duration::from_secs(1) {
-        return Err(BrokerError::invalid(
-            "entitlements.max_ttl",
-            "must be at least 1s",
-        ));
+        return Err(invalid("entitlements.max_ttl", "must be at least 1s"));
     }
     if max_ttl > cfg.max_ttl_ceiling {
-        return Err(BrokerError::invalid(
+        return Err(invalid(
             "entitlements.max_ttl",
             format!(
                 "{} is above the broker's ceiling of {} (issuance.max_ttl_ceiling)",
@@ -249,7 +295,7 @@ pub fn check_entitlements(
         if rustls_pki_types::DnsName::try_from(lower.as_str()).is_err()
             || lower.parse::<std::net::IpAddr>().is_ok()
         {
-            return Err(BrokerError::invalid(
+            return Err(invalid(
                 "entitlements.dns_names",
                 format!("{d:?} is not a valid DNS name"),
             ));
@@ -260,7 +306,7 @@ pub fn check_entitlements(
     let approval_scopes =
         check_token_list("entitlements.approval_scopes", &e.approval_scopes, "scope")?;
     if let Some(s) = approval_scopes.iter().find(|s| !scopes.contains(*s)) {
-        return Err(BrokerError::invalid(
+        return Err(invalid(
             "entitlements.approval_scopes",
             format!("{s:?} needs approval but is not one of the identity's scopes"),
         ));
@@ -276,25 +322,25 @@ pub fn check_entitlements(
 }
 
 /// Checks a SPIFFE ID for a workload identity: valid, in `td`, with a path, not reserved.
-pub fn check_spiffe_id(raw: &str, td: &TrustDomain) -> Result<SpiffeId, BrokerError> {
+pub fn check_spiffe_id(raw: &str, td: &TrustDomain) -> Result<SpiffeId, InvalidField> {
     let id: SpiffeId = raw
         .trim()
         .parse()
-        .map_err(|e: sigil_pki::SpiffeIdError| BrokerError::invalid("spiffe_id", e.to_string()))?;
+        .map_err(|e: sigil_pki::SpiffeIdError| invalid("spiffe_id", e.to_string()))?;
     if !id.is_member_of(td) {
-        return Err(BrokerError::invalid(
+        return Err(invalid(
             "spiffe_id",
             format!("{id} is not in this broker's trust domain {td}"),
         ));
     }
     if id.path().is_empty() {
-        return Err(BrokerError::invalid(
+        return Err(invalid(
             "spiffe_id",
             "needs a path (the trust domain's own ID cannot be a workload)",
         ));
     }
     if id.path() == RESERVED_PATH || id.path().starts_with("/sigil/") {
-        return Err(BrokerError::invalid(
+        return Err(invalid(
             "spiffe_id",
             format!("paths under {RESERVED_PATH}/ are reserved for the broker itself"),
         ));
@@ -305,7 +351,7 @@ pub fn check_spiffe_id(raw: &str, td: &TrustDomain) -> Result<SpiffeId, BrokerEr
 /// Checks labels: keys of `[a-z0-9._/-]`, values without control characters.
 pub fn check_labels(
     labels: &BTreeMap<String, String>,
-) -> Result<BTreeMap<String, String>, BrokerError> {
+) -> Result<BTreeMap<String, String>, InvalidField> {
     for (k, v) in labels {
         if k.is_empty()
             || k.len() > 63
@@ -313,13 +359,13 @@ pub fn check_labels(
                 .chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._/-".contains(c))
         {
-            return Err(BrokerError::invalid(
+            return Err(invalid(
                 "labels",
                 format!("label key {k:?} must be 1-63 of a-z 0-9 . _ / -"),
             ));
         }
         if v.len() > 256 || v.chars().any(char::is_control) {
-            return Err(BrokerError::invalid(
+            return Err(invalid(
                 "labels",
                 format!("label {k:?} value must be at most 256 printable characters"),
             ));
@@ -336,8 +382,8 @@ const OIDC_FAMILY: &[&str] = &["oidc", "k8s", "github", "gitlab"];
 /// identity (all selectors must match, so mixing methods could never match), and OIDC-based
 /// selectors pinned to an issuer with `oidc:iss:` (so a token from another issuer with the
 /// same claims cannot match).
-pub fn check_selectors(raw: &[String]) -> Result<BTreeSet<Selector>, BrokerError> {
-    let bad = |m: String| BrokerError::invalid("selectors", m);
+pub fn check_selectors(raw: &[String]) -> Result<BTreeSet<Selector>, InvalidField> {
+    let bad = |m: String| invalid("selectors", m);
     let set: BTreeSet<Selector> = raw
         .iter()
         .map(|s| s.parse::<Selector>().map_err(bad))
@@ -412,13 +458,13 @@ pub fn check_selectors(raw: &[String]) -> Result<BTreeSet<Selector>, BrokerError
 }
 
 /// Checks an identity lifetime.
-pub fn check_lifetime(d: Option<Duration>, cfg: &Issuance) -> Result<Duration, BrokerError> {
+pub fn check_lifetime(d: Option<Duration>, cfg: &Issuance) -> Result<Duration, InvalidField> {
     let d = d.unwrap_or(cfg.identity_lifetime);
     if d < Duration::from_secs(60) {
-        return Err(BrokerError::invalid("expires_in", "must be at least 1m"));
+        return Err(invalid("expires_in", "must be at least 1m"));
     }
     if d > Duration::from_secs(5 * 366 * 86400) {
-        return Err(BrokerError::invalid(
+        return Err(invalid(
             "expires_in",
             "must be at most 5 years; identities are recertified, not immortal",
         ));
@@ -448,7 +494,7 @@ pub fn build_record(
     cfg: &Issuance,
     actor: &str,
     now: i64,
-) -> Result<IdentityRecord, BrokerError> {
+) -> Result<IdentityRecord, InvalidField> {
     let spiffe_id = check_spiffe_id(&spec.spiffe_id, td)?;
     let owner = check_text("owner", &spec.owner, 200)?;
     let purpose = check_text("purpose", &spec.purpose, 1000)?;
@@ -478,12 +524,12 @@ pub fn build_record(
 }
 
 /// Checks owner/purpose text (for updates).
-pub fn check_owner(v: &str) -> Result<String, BrokerError> {
+pub fn check_owner(v: &str) -> Result<String, InvalidField> {
     check_text("owner", v, 200)
 }
 
 /// Checks purpose text (for updates).
-pub fn check_purpose(v: &str) -> Result<String, BrokerError> {
+pub fn check_purpose(v: &str) -> Result<String, InvalidField> {
     check_text("purpose", v, 1000)
 }
 

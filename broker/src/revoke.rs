@@ -10,8 +10,8 @@ use serde_json::json;
 use sigil_pki::{VerifyOptions, ids};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::admin::Operator;
 use crate::audit::{AuditDraft, Decision};
+use crate::authz::Operator;
 use crate::broker::{Broker, RequestContext};
 use crate::error::BrokerError;
 use crate::model::{
@@ -320,18 +320,11 @@ impl Broker {
                 });
             }
             let now = self.clock.unix();
-            let mut next = (*identity).clone();
+            let mut next = match status {
+                Some(s) => crate::registry::transition(&identity, s, reason, actor, now),
+                None => crate::registry::revise(&identity, actor, now),
+            };
             next.generation += 1;
-            next.revision += 1;
-            next.updated_at = now;
-            next.updated_by = actor.to_owned();
-            if let Some(s) = status {
-                if next.status != s {
-                    next.status = s;
-                    next.status_since = now;
-                }
-                next.status_reason = reason.to_owned();
-            }
             let mut ops = vec![Op::UpdateIdentity {
                 record: next.clone(),
                 expected_revision: identity.revision,

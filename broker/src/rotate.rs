@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime};
 use serde_json::json;
 use sigil_pki::{CaRole, CertificateAuthority, EcKey};
 
-use crate::admin::Operator;
 use crate::audit::{AuditDraft, Decision};
+use crate::authz::Operator;
 use crate::broker::{Broker, RequestContext};
 use crate::clock::{unix_nanos, unix_secs};
 use crate::config::Rotation;

@@ -193,6 +193,7 @@ pub async fn start(
     let oidc = crate::attest::oidc::OidcVerifier::new(&cfg.oidc)
         .map_err(|e| StartError::Other(format!("oidc: {e:#}")))?;
     let cancel = CancellationToken::new();
+    let (observations, committed) = crate::baseline::Observations::channel();
     let broker = Broker::new(crate::broker::BrokerParts {
         store,
         registry,
@@ -208,7 +209,13 @@ pub async fn start(
         policy,
         oidc,
         approvals,
+        observations,
     });
+    let mut tasks = vec![tokio::spawn(crate::govern::follow_baselines(
+        Arc::downgrade(&broker),
+        committed,
+        cancel.clone(),
+    ))];
 
     let resolver = Arc::new(ServerCertResolver::new(
         server_cert(&broker, grpc_addr).await?,
@@ -220,7 +227,6 @@ pub async fn start(
     )
     .map_err(|e| StartError::Other(format!("TLS setup: {e}")))?;
 
-    let mut tasks = Vec::new();
     crate::telemetry::prometheus();
     let limit = cfg.limits.max_request_bytes;
     // gRPC health (grpc.health.v1) and server reflection, so grpcurl and load balancers work.

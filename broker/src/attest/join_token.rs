@@ -6,9 +6,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use sigil_pki::{SecretString, ids};
 
-use super::{AttestError, Attested};
+use super::{AttestError, Attested, Method, Reason};
 use crate::registry::Registry;
-use crate::store::Store;
+use crate::store::StoreReads;
 
 /// Every token starts with this, so secret scanners can find leaked ones.
 pub const PREFIX: &str = "sigil_jt_";
@@ -45,26 +45,25 @@ fn well_formed(token: &str) -> bool {
 /// Finds the identity a token is for. Does not consume it: the issuance commit does, so a
 /// token is only spent when a credential is really issued.
 pub async fn attest(
-    store: &dyn Store,
+    store: &dyn StoreReads,
     registry: &Registry,
     token: &SecretString,
     now: i64,
 ) -> Result<Attested, AttestError> {
-    let fail = |reason: &'static str,
-                actor: String,
-                identity_id: Option<String>,
-                detail: String| AttestError::Failed {
-        public: None,
-        method: "join_token",
-        reason,
-        actor,
-        identity_id,
-        detail,
+    let fail = |reason: Reason, actor: String, identity_id: Option<String>, detail: String| {
+        AttestError::Failed {
+            public: None,
+            method: Method::JoinToken,
+            reason,
+            actor,
+            identity_id,
+            detail,
+        }
     };
     let t = token.expose_secret().trim();
     if !well_formed(t) {
         return Err(fail(
-            "malformed",
+            Reason::Malformed,
             "join_token:malformed".into(),
             None,
             "malformed join token".into(),
@@ -73,11 +72,16 @@ pub async fn attest(
     let h = hash(t);
     let actor = fingerprint(&h);
     let Some(rec) = store.join_token(&h).await? else {
-        return Err(fail("unknown", actor, None, "unknown join token".into()));
+        return Err(fail(
+            Reason::Unknown,
+            actor,
+            None,
+            "unknown join token".into(),
+        ));
     };
     if let Some(at) = rec.consumed_at {
         return Err(fail(
-            "used",
+            Reason::Used,
             actor,
             Some(rec.identity_id),
             format!("join token already used at {}", crate::clock::rfc3339(at)),
@@ -85,7 +89,7 @@ pub async fn attest(
     }
     if rec.expires_at <= now {
         return Err(fail(
-            "expired",
+            Reason::Expired,
             actor,
             Some(rec.identity_id),
             format!(
@@ -96,7 +100,7 @@ pub async fn attest(
     }
     let Some(identity) = registry.get(&rec.identity_id) else {
         return Err(fail(
-            "identity_missing",
+            Reason::IdentityMissing,
             actor,
             Some(rec.identity_id.clone()),
             format!(
@@ -107,7 +111,7 @@ pub async fn attest(
     };
     Ok(Attested {
         identity,
-        method: "join_token",
+        method: Method::JoinToken,
         actor,
         consume_join_token: Some(h),
         presented_generation: None,

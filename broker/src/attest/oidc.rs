@@ -19,8 +19,12 @@ use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
+use sigil_pki::SecretString;
+
+use super::{AttestError, Attested, Method, Reason};
 use crate::config::{OidcIssuer, OidcPreset};
 use crate::model::Selector;
+use crate::registry::Registry;
 
 /// Longest token accepted.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
@@ -29,20 +33,57 @@ const MAX_JWKS_BYTES: usize = 1024 * 1024;
 /// Most selectors derived from one token's claims.
 const MAX_CLAIM_SELECTORS: usize = 128;
 
-/// The algorithm named `name`, if `jsonwebtoken` supports it and it is asymmetric.
-pub fn parse_alg(name: &str) -> Option<Algorithm> {
-    let a: Algorithm = name.parse().ok()?;
-    match a {
-        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => None,
-        other => Some(other),
-    }
-}
+pub use crate::config::oidc_algorithm as parse_alg;
 
 // Reason codes: `malformed`, `alg_refused`, `alg_not_allowed`, `unknown_issuer`,
 // `unknown_key`, `key_mismatch`, `bad_signature`, `expired`, `not_yet_valid`,
 // `wrong_audience`, `bad_claim`, `jwks_unavailable`.
 pub use super::Rejection;
 use super::reject;
+
+/// Attests with an OIDC token: `verifier` checks it against its issuer; its claims are the
+/// selectors an identity in `registry` must match (`spiffe_id` names one when several do).
+pub async fn attest(
+    verifier: &OidcVerifier,
+    registry: &Registry,
+    token: &SecretString,
+    spiffe_id: Option<&str>,
+    now: i64,
+) -> Result<Attested, AttestError> {
+    if verifier.is_empty() {
+        return Err(AttestError::Failed {
+            method: Method::Oidc,
+            reason: Reason::NotConfigured,
+            actor: "oidc".into(),
+            identity_id: None,
+            detail: "no OIDC issuer is configured".into(),
+            public: Some("this broker trusts no OIDC issuer ([[oidc]] in sigil.toml)".into()),
+        });
+    }
+    let v = verifier
+        .verify(token.expose_secret(), now)
+        .await
+        .map_err(|r| AttestError::Failed {
+            method: Method::Oidc,
+            reason: r.reason,
+            actor: "oidc".into(),
+            identity_id: None,
+            detail: r.message.clone(),
+            public: Some(format!("the OIDC token was refused: {}", r.message)),
+        })?;
+    let actor = format!("oidc:{}:{}", v.issuer_name, v.sub);
+    let identity = super::select(registry, Method::Oidc, &v.selectors, spiffe_id, &actor)?;
+    Ok(Attested {
+        identity,
+        method: Method::Oidc,
+        actor,
+        consume_join_token: None,
+        presented_generation: None,
+        evidence_issued_at: v.iat,
+        evidence_seq: None,
+        selectors: v.selectors,
+    })
+}
 
 /// A token that passed every check.
 #[derive(Debug, Clone)]
@@ -151,7 +192,7 @@ impl OidcVerifier {
     pub async fn verify(&self, token: &str, now: i64) -> Result<VerifiedOidc, Rejection> {
         if token.len() > MAX_TOKEN_LEN {
             return Err(reject(
-                "malformed",
+                Reason::Malformed,
                 format!("the token is longer than {MAX_TOKEN_LEN} bytes"),
             ));
         }
@@ -160,36 +201,36 @@ impl OidcVerifier {
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(reject(
-                "malformed",
+                Reason::Malformed,
                 "not a JWT (expected three dot-separated parts)",
             ));
         };
         let header = decode_part(h, "header")?;
         let alg_name = match header.get("alg") {
             Some(Value::String(a)) => a.clone(),
-            _ => return Err(reject("malformed", "the header has no alg")),
+            _ => return Err(reject(Reason::Malformed, "the header has no alg")),
         };
         if alg_name.eq_ignore_ascii_case("none") {
             return Err(reject(
-                "alg_refused",
+                Reason::AlgRefused,
                 "alg \"none\" is refused: an unsigned token proves nothing",
             ));
         }
         if alg_name.to_ascii_uppercase().starts_with("HS") {
             return Err(reject(
-                "alg_refused",
+                Reason::AlgRefused,
                 format!("alg {alg_name:?} is refused: HMAC tokens cannot prove a workload"),
             ));
         }
         let claims = decode_part(p, "payload")?;
         let iss = match claims.get("iss") {
             Some(Value::String(s)) => s.clone(),
-            Some(_) => return Err(reject("bad_claim", "iss must be a string")),
-            None => return Err(reject("bad_claim", "the token has no iss")),
+            Some(_) => return Err(reject(Reason::BadClaim, "iss must be a string")),
+            None => return Err(reject(Reason::BadClaim, "the token has no iss")),
         };
         let Some(issuer) = self.issuers.get(&iss) else {
             return Err(reject(
-                "unknown_issuer",
+                Reason::UnknownIssuer,
                 format!(
                     "issuer {iss:?} is not trusted by this broker (see [[oidc]] in sigil.toml)"
                 ),
@@ -200,7 +241,7 @@ impl OidcVerifier {
             .filter(|a| issuer.algorithms.contains(a))
             .ok_or_else(|| {
                 reject(
-                    "alg_not_allowed",
+                    Reason::AlgNotAllowed,
                     format!(
                         "alg {alg_name:?} is not allowed for issuer {name} (allowed: {})",
                         issuer.cfg.algorithms.join(", ")
@@ -210,7 +251,7 @@ impl OidcVerifier {
         let kid = match header.get("kid") {
             None => None,
             Some(Value::String(k)) => Some(k.clone()),
-            Some(_) => return Err(reject("malformed", "kid must be a string")),
+            Some(_) => return Err(reject(Reason::Malformed, "kid must be a string")),
         };
         let key = issuer.key_for(kid.as_deref(), alg, now).await?;
         check_key_fits(&key.jwk, alg)?;
@@ -225,14 +266,17 @@ impl OidcVerifier {
             use jsonwebtoken::errors::ErrorKind;
             return Err(match e.kind() {
                 ErrorKind::InvalidSignature => reject(
-                    "bad_signature",
+                    Reason::BadSignature,
                     format!("the signature does not verify with issuer {name}'s key"),
                 ),
                 ErrorKind::InvalidAlgorithm | ErrorKind::InvalidKeyFormat => reject(
-                    "key_mismatch",
+                    Reason::KeyMismatch,
                     format!("the key does not fit alg {alg_name}"),
                 ),
-                _ => reject("malformed", format!("the token could not be checked: {e}")),
+                _ => reject(
+                    Reason::Malformed,
+                    format!("the token could not be checked: {e}"),
+                ),
             });
         }
         check_claims(issuer, &claims, now)
@@ -242,11 +286,11 @@ impl OidcVerifier {
 fn decode_part(part: &str, what: &str) -> Result<Map<String, Value>, Rejection> {
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(part.trim_end_matches('='))
-        .map_err(|_| reject("malformed", format!("the {what} is not base64url")))?;
+        .map_err(|_| reject(Reason::Malformed, format!("the {what} is not base64url")))?;
     match serde_json::from_slice::<Value>(&bytes) {
         Ok(Value::Object(m)) => Ok(m),
         _ => Err(reject(
-            "malformed",
+            Reason::Malformed,
             format!("the {what} is not a JSON object"),
         )),
     }
@@ -259,7 +303,7 @@ fn check_key_fits(jwk: &Jwk, alg: Algorithm) -> Result<(), Rejection> {
         let same = format!("{ka:?}") == format!("{alg:?}");
         if !same {
             return Err(reject(
-                "key_mismatch",
+                Reason::KeyMismatch,
                 format!("the header says alg {alg:?} but the key is for {ka:?}"),
             ));
         }
@@ -283,7 +327,7 @@ fn check_key_fits(jwk: &Jwk, alg: Algorithm) -> Result<(), Rejection> {
         Ok(())
     } else {
         Err(reject(
-            "key_mismatch",
+            Reason::KeyMismatch,
             format!("the header says alg {alg:?} but the key's type or curve does not fit it"),
         ))
     }
@@ -296,9 +340,9 @@ fn numeric(claims: &Map<String, Value>, name: &'static str) -> Result<Option<i64
             .as_i64()
             .or_else(|| n.as_f64().map(|f| f as i64))
             .map(Some)
-            .ok_or_else(|| reject("bad_claim", format!("{name} is not a usable number"))),
+            .ok_or_else(|| reject(Reason::BadClaim, format!("{name} is not a usable number"))),
         Some(other) => Err(reject(
-            "bad_claim",
+            Reason::BadClaim,
             format!(
                 "{name} must be a JSON number (seconds since the epoch), not {}",
                 json_type(other)
@@ -326,12 +370,12 @@ fn check_claims(
     let cfg = &issuer.cfg;
     let skew = cfg.clock_skew.as_secs() as i64;
     let exp = numeric(claims, "exp")?
-        .ok_or_else(|| reject("bad_claim", "the token has no exp; tokens must expire"))?;
+        .ok_or_else(|| reject(Reason::BadClaim, "the token has no exp; tokens must expire"))?;
     let nbf = numeric(claims, "nbf")?;
     let iat = numeric(claims, "iat")?;
     if now >= exp + skew {
         return Err(reject(
-            "expired",
+            Reason::Expired,
             format!(
                 "the token expired at {} (now {})",
                 crate::clock::rfc3339(exp),
@@ -343,7 +387,7 @@ fn check_claims(
         && now + skew < nbf
     {
         return Err(reject(
-            "not_yet_valid",
+            Reason::NotYetValid,
             format!(
                 "the token is not valid before {}",
                 crate::clock::rfc3339(nbf)
@@ -354,7 +398,7 @@ fn check_claims(
         && now + skew < iat
     {
         return Err(reject(
-            "not_yet_valid",
+            Reason::NotYetValid,
             format!(
                 "the token claims to be issued in the future ({})",
                 crate::clock::rfc3339(iat)
@@ -366,7 +410,7 @@ fn check_claims(
         Some(Value::Array(v)) => v.iter().filter_map(Value::as_str).collect(),
         Some(_) => {
             return Err(reject(
-                "bad_claim",
+                Reason::BadClaim,
                 "aud must be a string or an array of strings",
             ));
         }
@@ -377,7 +421,7 @@ fn check_claims(
         .any(|a| cfg.audiences.iter().any(|want| want == a))
     {
         return Err(reject(
-            "wrong_audience",
+            Reason::WrongAudience,
             format!(
                 "the token's audience {aud:?} is not one this broker accepts for issuer {} ({})",
                 cfg.name,
@@ -387,7 +431,7 @@ fn check_claims(
     }
     let sub = match claims.get("sub") {
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
-        _ => return Err(reject("bad_claim", "the token has no sub")),
+        _ => return Err(reject(Reason::BadClaim, "the token has no sub")),
     };
     let iss = cfg.issuer.clone();
     Ok(VerifiedOidc {
@@ -563,7 +607,7 @@ impl IssuerState {
         }
         if cache.keys.is_empty() {
             return Err(reject(
-                "jwks_unavailable",
+                Reason::JwksUnavailable,
                 format!(
                     "issuer {}'s keys are unavailable: {}",
                     self.cfg.name,
@@ -572,7 +616,7 @@ impl IssuerState {
             ));
         }
         Err(reject(
-            "unknown_key",
+            Reason::UnknownKey,
             match kid {
                 Some(k) => format!("issuer {} has no key {k:?}", self.cfg.name),
                 None => format!(

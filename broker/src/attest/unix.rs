@@ -26,9 +26,11 @@
 use std::collections::{BTreeSet, HashMap};
 use std::io::Read as _;
 use std::os::unix::fs::MetadataExt as _;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use super::{AttestError, Attested, Method, Reason};
 use crate::model::Selector;
+use crate::registry::Registry;
 
 /// What the kernel said about a connection on the Unix socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +132,52 @@ impl ProcessInfo {
 pub use super::Rejection;
 use super::reject;
 
+/// Attests the caller on the Unix socket by what the kernel said about its connection
+/// (`peer`; `None` off the socket): the process behind it is inspected (`hashes`, on the
+/// blocking pool: it may read the binary) and its selectors must match an identity in
+/// `registry` (`spiffe_id` names one when several do).
+pub async fn attest(
+    hashes: &Arc<HashCache>,
+    registry: &Registry,
+    peer: Option<UnixPeer>,
+    spiffe_id: Option<&str>,
+    now: i64,
+) -> Result<Attested, AttestError> {
+    let fail = |reason: Reason, msg: String| AttestError::Failed {
+        method: Method::Unix,
+        reason,
+        actor: "unix".into(),
+        identity_id: None,
+        detail: msg.clone(),
+        public: Some(msg),
+    };
+    let Some(peer) = peer else {
+        return Err(fail(
+            Reason::NotUnix,
+            "unix evidence works only on the broker's Unix socket (workload_socket)".into(),
+        ));
+    };
+    let h = hashes.clone();
+    let info = tokio::task::spawn_blocking(move || h.inspect(&peer))
+        .await
+        .map_err(|e| fail(Reason::Unreadable, e.to_string()))?
+        .map_err(|r| fail(r.reason, r.message))?;
+    let selectors = info.selectors();
+    let actor = info.actor();
+    let identity = super::select(registry, Method::Unix, &selectors, spiffe_id, &actor)?;
+    Ok(Attested {
+        identity,
+        method: Method::Unix,
+        actor,
+        consume_join_token: None,
+        presented_generation: None,
+        // The kernel's word is always fresh evidence.
+        evidence_issued_at: Some(now),
+        evidence_seq: None,
+        selectors,
+    })
+}
+
 /// Clock ticks since boot now (from `/proc/uptime`, in the 100 Hz ticks `/proc/<pid>/stat`
 /// uses on Linux).
 pub fn uptime_ticks() -> Option<u64> {
@@ -155,22 +203,22 @@ const HASH_CACHE_MAX: usize = 4096;
 
 fn start_time(pid: i32) -> Result<u64, Rejection> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_err(|_| reject("process_gone", format!("process {pid} is gone")))?;
+        .map_err(|_| reject(Reason::ProcessGone, format!("process {pid} is gone")))?;
     // The command name (field 2) may contain spaces and ')'; fields after the last ')'.
     let rest = stat
         .rsplit_once(')')
         .map(|(_, r)| r)
-        .ok_or_else(|| reject("unreadable", "unexpected /proc stat format"))?;
+        .ok_or_else(|| reject(Reason::Unreadable, "unexpected /proc stat format"))?;
     // After ')' come field 3 (state) onwards; starttime is field 22.
     rest.split_whitespace()
         .nth(22 - 3)
         .and_then(|v| v.parse().ok())
-        .ok_or_else(|| reject("unreadable", "unexpected /proc stat format"))
+        .ok_or_else(|| reject(Reason::Unreadable, "unexpected /proc stat format"))
 }
 
 fn status_ids(pid: i32) -> Result<(Vec<u32>, Vec<u32>), Rejection> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .map_err(|_| reject("process_gone", format!("process {pid} is gone")))?;
+        .map_err(|_| reject(Reason::ProcessGone, format!("process {pid} is gone")))?;
     let mut uids = Vec::new();
     let mut groups = Vec::new();
     for line in status.lines() {
@@ -195,19 +243,19 @@ impl HashCache {
         let pid = peer
             .pid
             .filter(|p| *p > 0)
-            .ok_or_else(|| reject("no_pid", "the kernel did not report the caller's pid"))?;
+            .ok_or_else(|| reject(Reason::NoPid, "the kernel did not report the caller's pid"))?;
         let before = start_time(pid)?;
         if let Some(accepted) = peer.accepted_at_ticks
             && before > accepted + 1
         {
             return Err(reject(
-                "pid_reused",
+                Reason::PidReused,
                 format!("process {pid} started after the connection was made; its pid was reused"),
             ));
         }
         if peer.start_time.is_some_and(|t| t != before) {
             return Err(reject(
-                "pid_reused",
+                Reason::PidReused,
                 format!(
                     "process {pid} is not the process that opened this connection (it exited and its pid was reused)"
                 ),
@@ -216,7 +264,7 @@ impl HashCache {
         let path = std::fs::read_link(format!("/proc/{pid}/exe"))
             .map_err(|e| {
                 reject(
-                    "unreadable",
+                    Reason::Unreadable,
                     format!("cannot read process {pid}'s binary: {e}"),
                 )
             })?
@@ -225,13 +273,13 @@ impl HashCache {
         // /proc/<pid>/exe opens the very file the process runs, even if it was replaced.
         let mut f = std::fs::File::open(format!("/proc/{pid}/exe")).map_err(|e| {
             reject(
-                "unreadable",
+                Reason::Unreadable,
                 format!("cannot read process {pid}'s binary: {e}"),
             )
         })?;
         let meta = f
             .metadata()
-            .map_err(|e| reject("unreadable", e.to_string()))?;
+            .map_err(|e| reject(Reason::Unreadable, e.to_string()))?;
         let now_running = ExeId {
             dev: meta.dev(),
             ino: meta.ino(),
@@ -240,7 +288,7 @@ impl HashCache {
             Some(at_accept) if at_accept == now_running => {}
             Some(_) => {
                 return Err(reject(
-                    "exec",
+                    Reason::Exec,
                     format!(
                         "process {pid} replaced its program (exec) after it opened this connection; a connection is attested only as the program that opened it, so open a new one"
                     ),
@@ -248,7 +296,7 @@ impl HashCache {
             }
             None => {
                 return Err(reject(
-                    "exec",
+                    Reason::Exec,
                     format!(
                         "the program of process {pid} could not be identified when it opened this connection; open a new one"
                     ),
@@ -276,7 +324,7 @@ impl HashCache {
                 loop {
                     let n = f
                         .read(&mut buf)
-                        .map_err(|e| reject("unreadable", e.to_string()))?;
+                        .map_err(|e| reject(Reason::Unreadable, e.to_string()))?;
                     if n == 0 {
                         break;
                     }
@@ -295,14 +343,14 @@ impl HashCache {
         let after = start_time(pid)?;
         if after != before {
             return Err(reject(
-                "pid_reused",
+                Reason::PidReused,
                 format!("process {pid} was replaced while it was being inspected"),
             ));
         }
         // Real, effective, saved, filesystem: the reported uid must still be the effective one.
         if uids.get(1) != Some(&peer.uid) {
             return Err(reject(
-                "uid_changed",
+                Reason::UidChanged,
                 format!(
                     "process {pid} no longer runs as uid {} (it connected as that uid)",
                     peer.uid
@@ -371,18 +419,18 @@ mod tests {
         p.accepted_at_ticks = Some(0);
         assert_eq!(
             HashCache::default().inspect(&p).unwrap_err().reason,
-            "pid_reused"
+            Reason::PidReused
         );
         let mut p = me();
         p.uid = p.uid.wrapping_add(4242);
         assert_eq!(
             HashCache::default().inspect(&p).unwrap_err().reason,
-            "uid_changed"
+            Reason::UidChanged
         );
         p.pid = None;
         assert_eq!(
             HashCache::default().inspect(&p).unwrap_err().reason,
-            "no_pid"
+            Reason::NoPid
         );
     }
 
@@ -392,7 +440,7 @@ mod tests {
         let mut p = me();
         p.start_time = p.start_time.map(|t| t + 1);
         let e = HashCache::default().inspect(&p).unwrap_err();
-        assert_eq!(e.reason, "pid_reused", "{e:?}");
+        assert_eq!(e.reason, Reason::PidReused, "{e:?}");
         // Another program file since the connection was accepted: an exec.
         let mut p = me();
         p.exe = p.exe.map(|x| ExeId {
@@ -400,11 +448,14 @@ mod tests {
             ..x
         });
         let e = HashCache::default().inspect(&p).unwrap_err();
-        assert_eq!(e.reason, "exec", "{e:?}");
+        assert_eq!(e.reason, Reason::Exec, "{e:?}");
         assert!(e.message.contains("replaced its program"), "{}", e.message);
         // Nothing recorded at accept: refused rather than trusted.
         let mut p = me();
         p.exe = None;
-        assert_eq!(HashCache::default().inspect(&p).unwrap_err().reason, "exec");
+        assert_eq!(
+            HashCache::default().inspect(&p).unwrap_err().reason,
+            Reason::Exec
+        );
     }
 }

@@ -8,10 +8,12 @@ use tokio::sync::OnceCell;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use super::{AttestError, Attested};
-use crate::broker::Broker;
+use super::{AttestError, Attested, Method, Reason};
+use crate::hub::RevocationSet;
+use crate::keys::KeyRing;
 use crate::model::CredentialKind;
-use crate::store::Store;
+use crate::registry::Registry;
+use crate::store::StoreReads;
 
 /// Which of the broker's anchors issued a client certificate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,7 +91,7 @@ impl PeerCert {
     /// per connection.
     pub async fn ledger_entry(
         &self,
-        store: &dyn Store,
+        store: &dyn StoreReads,
     ) -> Result<Option<(String, u64)>, crate::store::StoreError> {
         self.ledger
             .get_or_try_init(|| async {
@@ -106,9 +108,15 @@ impl PeerCert {
 
 /// Attests the caller of an mTLS request by its certificate: a current Sigil certificate,
 /// not revoked, from a CA that is not revoked, of a known identity.
+///
+/// Reads: the registry (the identity), the revocation set (the certificate), the key ring (its
+/// CA) and the ledger (its generation, once per connection).
 pub async fn attest(
-    broker: &Broker,
     peer: &Arc<PeerCert>,
+    registry: &Registry,
+    revocations: &RevocationSet,
+    ring: &KeyRing,
+    ledger: &dyn StoreReads,
     now: i64,
 ) -> Result<Attested, AttestError> {
     let actor = peer
@@ -116,25 +124,24 @@ pub async fn attest(
         .as_ref()
         .map(ToString::to_string)
         .unwrap_or_else(|| format!("x509:{}", peer.serial_hex()));
-    let fail =
-        |reason: &'static str, identity_id: Option<String>, detail: String| AttestError::Failed {
-            public: None,
-            method: "x509",
-            reason,
-            actor: actor.clone(),
-            identity_id,
-            detail,
-        };
+    let fail = |reason: Reason, identity_id: Option<String>, detail: String| AttestError::Failed {
+        public: None,
+        method: Method::X509,
+        reason,
+        actor: actor.clone(),
+        identity_id,
+        detail,
+    };
     if peer.issuer != PeerIssuer::Workload {
         return Err(fail(
-            "operator_credential",
+            Reason::OperatorCredential,
             None,
             "an operator credential cannot act as a workload".into(),
         ));
     }
     if peer.not_after <= now {
         return Err(fail(
-            "expired",
+            Reason::Expired,
             None,
             format!(
                 "client certificate expired at {}",
@@ -142,9 +149,9 @@ pub async fn attest(
             ),
         ));
     }
-    if let Some(r) = broker.revocations().get(&peer.serial) {
+    if let Some(r) = revocations.get(&peer.serial) {
         return Err(fail(
-            "revoked",
+            Reason::Revoked,
             Some(r.identity_id),
             format!(
                 "certificate {} was revoked: {}",
@@ -156,31 +163,31 @@ pub async fn attest(
     if peer
         .issuer_key_id
         .as_deref()
-        .is_some_and(|k| broker.keys().current().is_revoked(k))
+        .is_some_and(|k| ring.is_revoked(k))
     {
         return Err(fail(
-            "ca_revoked",
+            Reason::CaRevoked,
             None,
             "the CA that signed the certificate was revoked".into(),
         ));
     }
     let Some(id) = &peer.spiffe_id else {
         return Err(fail(
-            "no_spiffe_id",
+            Reason::NoSpiffeId,
             None,
             "client certificate has no single SPIFFE ID URI SAN".into(),
         ));
     };
-    let Some(identity) = broker.registry().by_spiffe_id(id.as_str()) else {
+    let Some(identity) = registry.by_spiffe_id(id.as_str()) else {
         return Err(fail(
-            "unknown_identity",
+            Reason::UnknownIdentity,
             None,
             format!("no identity has SPIFFE ID {id}"),
         ));
     };
-    let Some((identity_id, generation)) = peer.ledger_entry(broker.store().as_ref()).await? else {
+    let Some((identity_id, generation)) = peer.ledger_entry(ledger).await? else {
         return Err(fail(
-            "not_in_ledger",
+            Reason::NotInLedger,
             Some(identity.id.clone()),
             format!(
                 "certificate {} is not in the issuance ledger",
@@ -190,7 +197,7 @@ pub async fn attest(
     };
     if identity_id != identity.id {
         return Err(fail(
-            "wrong_identity",
+            Reason::WrongIdentity,
             Some(identity.id.clone()),
             format!(
                 "certificate {} was issued to another identity ({identity_id})",
@@ -200,7 +207,7 @@ pub async fn attest(
     }
     Ok(Attested {
         identity,
-        method: "x509",
+        method: Method::X509,
         actor,
         consume_join_token: None,
         presented_generation: Some(generation),

@@ -17,6 +17,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod operator;
+
+pub use operator::Operator;
+
 use crate::clock::rfc3339;
 use crate::model::{CredentialKind, IdentityRecord, IdentityStatus, Selector};
 use crate::policy::{MintFacts, PolicyEngine, Principal, Resource};
