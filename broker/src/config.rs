@@ -124,7 +124,7 @@ pub struct OidcIssuer {
     #[serde(default)]
     pub preset: OidcPreset,
     /// The exact `iss` of accepted tokens. Defaults for `github`
-    /// (https://token.actions.githubusercontent.com) and `gitlab` (https://gitlab.com).
+    /// (<https://token.actions.githubusercontent.com>) and `gitlab` (<https://gitlab.com>).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub issuer: String,
     /// Accepted `aud` values; a token must name at least one. Required: a token minted for

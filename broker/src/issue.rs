@@ -1,4 +1,4 @@
-//! Workload operations: attest and mint, the flow of DESIGN.md end to end.
+//! Workload operations: attest and mint, end to end (ARCHITECTURE.md traces one request).
 //!
 //! evidence → attest → gates 1..n → CSR check → sign → ONE durable commit (join token
 //! consumption + ledger records + audit entries) → reply. Nothing is returned unless that

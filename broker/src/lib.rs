@@ -1,26 +1,25 @@
-//! The Sigil broker.
+//! The Sigil broker library: attestation, the identity registry, the authorization gates,
+//! issuance with a durable ledger and audit, revocation, rotation, governance, and the gRPC and
+//! HTTP APIs. ARCHITECTURE.md (at the top of the repository) is the map; the `sigil` binary is
+//! the `sigil-cli` crate and the store is the `sigil-store` crates.
 //!
-//! Layout, in the order one request flows through it:
-//! - [`config`]: settings from `sigil.toml`, the environment and flags.
-//! - [`api`]: the TLS listener and the gRPC services (workload `Broker`, operator `Admin`),
-//!   the Unix socket with the SPIFFE Workload API; the one place errors become gRPC statuses.
-//! - [`attest`]: evidence → identity (join tokens, mTLS renewal, OIDC tokens, Unix peer
-//!   credentials).
-//! - [`registry`]: the identity records every gate reads.
+//! Layout, lowest layer first (a module uses only the layers below it; `tests/layers.rs`
+//! checks):
+//! - [`clock`], [`config`], [`hub`], [`fsutil`], [`telemetry`]: time, settings, the revocation
+//!   set and the watch fan-out, atomic files, metrics and request ids.
+//! - [`registry`]: identity records in memory and the one status [`registry::transition`];
+//!   [`keys`]: the key ring; [`policy`]: Cedar; [`baseline`]: behaviour baselines.
+//! - [`attest`]: evidence → identity (join tokens, mTLS renewal, OIDC tokens, Unix peers).
 //! - [`authz`]: gate 1 (identity proof), gate 2 (entitlement scope), gate 3 (approvals and
-//!   [`policy`]: Cedar request policy, also admin roles); [`exchange`]: delegated tokens.
-//! - [`issue`]: signing and the single durable commit of ledger + audit; [`admin`]: operator
-//!   changes to identities and join tokens.
-//! - [`revoke`]: revoking credentials and identities, leak response, introspection;
-//!   [`hub`]: the revocation set and the fan-out to `Watch` streams.
-//! - [`keys`]: CA and JWT keys in memory; [`rotate`]: their rotation schedule;
-//!   [`seal`]: the master key and sealing at rest.
-//! - [`store`]: the store (the `sigil-store` crate: the [`store::Store`] trait, the records,
-//!   the group-committing writer, the backends).
-//! - [`audit`]: hash-chained audit entries; [`model`]: the records.
-//! - [`http`]: health and bundle over HTTP.
+//!   Cedar), and who an operator is.
+//! - [`broker`]: the state a request reads and the commit observer; [`error`]: the error type.
+//! - [`issue`]: attest and mint, and its one durable commit; [`admin`], [`approve`],
+//!   [`revoke`], [`rotate`]: operator operations, approvals, revocation and leak response, key
+//!   rotation; [`exchange`]: delegated tokens; [`govern`]: reports and anomalies.
+//! - [`api`]: the gRPC services, the TLS listener and the Unix socket, and the one place errors
+//!   become statuses; [`http`]: health, metrics, bundle, discovery, CRLs.
 //! - [`server`]: wiring, start-up and shutdown; [`init`]: creating a data dir.
-//! - [`cli`], [`dev`], [`bench`]: the `sigil` binary's commands.
+//! - [`store`], [`model`], [`seal`], [`audit`]: re-exported from `sigil-store`.
 
 pub mod admin;
 pub mod api;
