@@ -45,6 +45,8 @@ pub struct Broker {
     pub(crate) live: crate::telemetry::LiveCredentials,
     /// Behaviour baselines.
     pub(crate) behaviour: crate::baseline::Behaviour,
+    /// Folds repeated refusals into one audit entry per interval.
+    pub(crate) refusals: crate::throttle::Throttle,
     /// Where committed issuances go for the baselines (never handled in the writer thread).
     observations: crate::baseline::Observations,
     /// Wakes the rotation schedule now (e.g. the signing CA turned out to be expired).
@@ -77,6 +79,16 @@ pub struct RequestContext {
 }
 
 impl RequestContext {
+    /// Where the request came from, for logs and aggregation: the peer address, or the uid
+    /// on the Unix socket.
+    pub fn source(&self) -> String {
+        match (&self.remote, &self.unix) {
+            (Some(a), _) => a.ip().to_string(),
+            (None, Some(u)) => format!("unix:uid={}", u.uid),
+            (None, None) => "unknown".into(),
+        }
+    }
+
     /// A context with a fresh request id.
     pub fn new(remote: Option<SocketAddr>, peer: Option<Arc<PeerCert>>) -> Self {
         RequestContext {
@@ -128,6 +140,7 @@ impl Broker {
     /// Assembles a broker and registers it as the store's commit observer.
     pub fn new(p: BrokerParts) -> Arc<Self> {
         let start = u64::try_from(crate::clock::unix_nanos(p.clock.now()) / 1000).unwrap_or(0);
+        let refusals = crate::throttle::Throttle::new(p.cfg.audit.aggregate_interval);
         let broker = Arc::new(Broker {
             store: p.store,
             registry: p.registry,
@@ -143,6 +156,7 @@ impl Broker {
             shutdown: p.shutdown,
             live: crate::telemetry::LiveCredentials::default(),
             behaviour: crate::baseline::Behaviour::new(p.usage),
+            refusals,
             observations: p.observations,
             rotation_kick: tokio::sync::Notify::new(),
             policy: p.policy,
@@ -217,6 +231,14 @@ impl Broker {
     pub(crate) async fn audit_only(&self, drafts: Vec<AuditDraft>) {
         if let Err(e) = self.store.commit(Change::audit_only(drafts)).await {
             tracing::error!(error = %e, "could not record a denial in the audit log");
+        }
+    }
+
+    /// Writes the summaries of folded refusals whose interval ended (all of them at shutdown).
+    pub async fn flush_refusals(&self, all: bool) {
+        let summaries = self.refusals.flush(self.clock.unix(), all);
+        if !summaries.is_empty() {
+            self.audit_only(summaries).await;
         }
     }
 

@@ -111,6 +111,35 @@ pub struct Config {
     pub policy: Policy,
     /// Token exchange for delegation (agents acting for workloads).
     pub exchange: Exchange,
+    /// The audit log's growth: aggregation of repeated failures, retention.
+    pub audit: Audit,
+}
+
+/// How the audit log stays bounded.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Audit {
+    /// Identical refusals (same source, method or gate, and reason) within this interval are
+    /// written once; the next entry counts the rest. `0s` writes every refusal.
+    #[serde(with = "dur")]
+    pub aggregate_interval: Duration,
+    /// Entries older than this are removed, leaving a checkpoint the chain verifies from.
+    #[serde(with = "dur")]
+    pub retention: Duration,
+    /// Where removed entries are first exported as JSON lines (one file per prune); unset:
+    /// removed without export.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub export_dir: Option<PathBuf>,
+}
+
+impl Default for Audit {
+    fn default() -> Self {
+        Audit {
+            aggregate_interval: Duration::from_secs(60),
+            retention: Duration::from_secs(400 * 86400),
+            export_dir: None,
+        }
+    }
 }
 
 /// A trusted OIDC issuer.
@@ -554,6 +583,7 @@ impl Default for Config {
             oidc: Vec::new(),
             policy: Policy::default(),
             exchange: Exchange::default(),
+            audit: Audit::default(),
         }
     }
 }

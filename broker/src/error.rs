@@ -78,6 +78,9 @@ impl From<StoreError> for BrokerError {
                 // A conflict this build does not know yet: the change was not made.
                 other => BrokerError::FailedPrecondition(other.to_string()),
             },
+            StoreError::Overloaded(_) => BrokerError::Unavailable(
+                "the broker is overloaded and refused this before doing anything; retry shortly with backoff".into(),
+            ),
             StoreError::Unavailable(_) | StoreError::Open(_) | StoreError::Closed => BrokerError::Unavailable(
                 "the broker could not record this durably, so nothing was issued or changed; retry shortly".into(),
             ),

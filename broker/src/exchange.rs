@@ -59,6 +59,12 @@ impl Broker {
                 "at least one audience (a subset of the subject token's) is required",
             ));
         }
+        // Bounded and deduplicated before anything is compared with them.
+        let max = self.cfg.limits.max_audiences;
+        let mut ask = ask;
+        ask.audiences =
+            crate::issue::bounded_list("audiences", ask.audiences, max, crate::issue::name)?;
+        ask.scopes = crate::issue::bounded_list("scopes", ask.scopes, max, crate::issue::name)?;
         let actor = self.attest_peer(ctx, "jwt.exchange").await?;
         // Gate 1 for the actor itself.
         self.run_gates_exchange_actor(&actor, ctx).await?;

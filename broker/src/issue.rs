@@ -113,6 +113,44 @@ fn ttl_secs(d: Duration) -> u64 {
     d.as_secs()
 }
 
+/// An audience or scope as a request names it: 1-256 characters without spaces.
+pub(crate) fn name(a: &str) -> Result<String, String> {
+    if a.is_empty() || a.len() > 256 || a.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "{:?} must be 1-256 characters without spaces",
+            a.chars().take(64).collect::<String>()
+        ));
+    }
+    Ok(a.to_owned())
+}
+
+/// A list from a request, bounded before any work on its elements: more than `max` entries is
+/// refused outright (duplicates count, so a list cannot be padded past the check); then each
+/// entry is checked (and normalised) by `each`, and repeats are dropped, keeping the first.
+/// Linear in the list's length.
+pub(crate) fn bounded_list(
+    field: &str,
+    list: Vec<String>,
+    max: usize,
+    each: impl Fn(&str) -> Result<String, String>,
+) -> Result<Vec<String>, BrokerError> {
+    if list.len() > max {
+        return Err(BrokerError::invalid(
+            field,
+            format!("at most {max} entries (got {})", list.len()),
+        ));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(list.len());
+    let mut out = Vec::with_capacity(list.len());
+    for item in &list {
+        let v = each(item).map_err(|reason| BrokerError::invalid(field, reason))?;
+        if seen.insert(v.clone()) {
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
+
 /// How often an issuance is re-run when its identity changed between the gates and the commit.
 const STALE_RETRIES: usize = 3;
 
@@ -142,9 +180,7 @@ impl Broker {
         jwts: Vec<JwtAsk>,
         ctx: &RequestContext,
     ) -> Result<(Option<IssuedX509>, Vec<IssuedJwt>), BrokerError> {
-        if let Some(x) = &x509 {
-            self.check_x509_ask(x)?;
-        }
+        let x509 = x509.map(|x| self.check_x509_ask(x)).transpose()?;
         if jwts.len() > self.cfg.limits.max_jwts_per_request {
             return Err(BrokerError::invalid(
                 "jwts",
@@ -154,9 +190,11 @@ impl Broker {
                 ),
             ));
         }
-        for (i, j) in jwts.iter().enumerate() {
-            self.check_jwt_ask(j, &format!("jwts[{i}]"))?;
-        }
+        let jwts = jwts
+            .into_iter()
+            .enumerate()
+            .map(|(i, j)| self.check_jwt_ask(j, &format!("jwts[{i}]")))
+            .collect::<Result<Vec<_>, _>>()?;
         let csr = match &x509 {
             Some(x) => Some(
                 VerifiedCsr::from_der(&x.csr_der)
@@ -350,7 +388,7 @@ impl Broker {
         ask: X509Ask,
         ctx: &RequestContext,
     ) -> Result<IssuedX509, BrokerError> {
-        self.check_x509_ask(&ask)?;
+        let ask = self.check_x509_ask(ask)?;
         let csr = VerifiedCsr::from_der(&ask.csr_der)
             .map_err(|e| BrokerError::invalid("csr", e.to_string()))?;
         for _ in 0..STALE_RETRIES {
@@ -388,7 +426,7 @@ impl Broker {
         ask: JwtAsk,
         ctx: &RequestContext,
     ) -> Result<IssuedJwt, BrokerError> {
-        self.check_jwt_ask(&ask, "request")?;
+        let ask = self.check_jwt_ask(ask, "request")?;
         for _ in 0..STALE_RETRIES {
             let now = self.clock.now();
             let attested = self.attest_peer(ctx, "jwt.mint").await?;
@@ -452,57 +490,41 @@ impl Broker {
         )
     }
 
-    fn check_x509_ask(&self, ask: &X509Ask) -> Result<(), BrokerError> {
+    /// The X.509 request, checked: a CSR, and at most `limits.max_dns_names` valid DNS names
+    /// (lower-cased, each once).
+    fn check_x509_ask(&self, mut ask: X509Ask) -> Result<X509Ask, BrokerError> {
         if ask.csr_der.is_empty() {
             return Err(BrokerError::invalid(
                 "csr",
                 "is required (a DER PKCS#10 request; the private key stays with the workload)",
             ));
         }
-        if ask.dns_names.len() > self.cfg.limits.max_dns_names {
-            return Err(BrokerError::invalid(
-                "dns_names",
-                format!("at most {} names", self.cfg.limits.max_dns_names),
-            ));
-        }
-        for d in &ask.dns_names {
-            if rustls_pki_types::DnsName::try_from(d.as_str()).is_err() {
-                return Err(BrokerError::invalid(
-                    "dns_names",
-                    format!("{d:?} is not a valid DNS name"),
-                ));
-            }
-        }
-        Ok(())
+        ask.dns_names = bounded_list(
+            "dns_names",
+            ask.dns_names,
+            self.cfg.limits.max_dns_names,
+            |d| {
+                rustls_pki_types::DnsName::try_from(d)
+                    .map(|_| d.to_ascii_lowercase())
+                    .map_err(|_| format!("{d:?} is not a valid DNS name"))
+            },
+        )?;
+        Ok(ask)
     }
 
-    fn check_jwt_ask(&self, ask: &JwtAsk, field: &str) -> Result<(), BrokerError> {
-        let max = self.cfg.limits.max_audiences;
+    /// A JWT request, checked: at least one audience, and at most `limits.max_audiences`
+    /// audiences and scopes, each once.
+    fn check_jwt_ask(&self, mut ask: JwtAsk, field: &str) -> Result<JwtAsk, BrokerError> {
         if ask.audiences.is_empty() {
             return Err(BrokerError::invalid(
                 format!("{field}.audiences"),
                 "at least one audience is required",
             ));
         }
-        for (name, list) in [("audiences", &ask.audiences), ("scopes", &ask.scopes)] {
-            if list.len() > max {
-                return Err(BrokerError::invalid(
-                    format!("{field}.{name}"),
-                    format!("at most {max} entries"),
-                ));
-            }
-            if let Some(bad) = list.iter().find(|a| {
-                a.is_empty()
-                    || a.len() > 256
-                    || a.chars().any(|c| c.is_whitespace() || c.is_control())
-            }) {
-                return Err(BrokerError::invalid(
-                    format!("{field}.{name}"),
-                    format!("{bad:?} must be 1-256 characters without spaces"),
-                ));
-            }
-        }
-        Ok(())
+        let max = self.cfg.limits.max_audiences;
+        ask.audiences = bounded_list(&format!("{field}.audiences"), ask.audiences, max, name)?;
+        ask.scopes = bounded_list(&format!("{field}.scopes"), ask.scopes, max, name)?;
+        Ok(ask)
     }
 
     pub(crate) async fn attest_peer(
@@ -603,6 +625,7 @@ impl Broker {
                 tracing::info!(request_id = %ctx.request_id, %method, %reason, %actor, %detail, "attestation failed");
                 metrics::counter!("sigil_attestation_failures_total", "method" => method.as_str(), "reason" => reason.code())
                     .increment(1);
+                let key = format!("{}/{method}/{reason}/{actor}", ctx.source());
                 let draft = AuditDraft::new(
                     self.now_nanos(),
                     actor,
@@ -613,8 +636,12 @@ impl Broker {
                     &ctx.request_id,
                 )
                 .gate(crate::authz::GateId::IdentityProof.code())
-                .with("method", method);
-                self.audit_only(vec![draft]).await;
+                .with("method", method)
+                .with("source", ctx.source());
+                let write = self.refusals.admit(&key, self.clock.unix(), draft);
+                if !write.is_empty() {
+                    self.audit_only(write).await;
+                }
                 let hint = match (method, reason) {
                     (attest::Method::JoinToken, _) => attest::join_token::HINT,
                     // The holder may know its own certificate is revoked (the CRL says so too).
@@ -663,6 +690,12 @@ impl Broker {
             Ok(g) => Ok((g, ev.trail)),
             Err(Denial { gate, reason }) => {
                 metrics::counter!("sigil_issuance_total", "kind" => ask.label(), "result" => "denied", "gate" => gate.code()).increment(1);
+                let key = format!(
+                    "{}/{action}/{}/{reason}/{}",
+                    attested.identity.id,
+                    gate.code(),
+                    attested.actor
+                );
                 let draft = AuditDraft::new(
                     self.now_nanos(),
                     &attested.actor,
@@ -675,7 +708,10 @@ impl Broker {
                 .gate(gate.code())
                 .with("gates", ev.trail)
                 .with("method", attested.method);
-                self.audit_only(vec![draft]).await;
+                let write = self.refusals.admit(&key, now, draft);
+                if !write.is_empty() {
+                    self.audit_only(write).await;
+                }
                 Err(BrokerError::Denied { gate, reason })
             }
         }

@@ -45,6 +45,7 @@ pub mod revoke;
 pub mod rotate;
 pub mod server;
 pub mod telemetry;
+pub mod throttle;
 
 pub use sigil_store as store;
 pub use sigil_store::{audit, model, seal};

@@ -221,6 +221,9 @@ pub fn transition(
     next
 }
 
+/// Most selectors on one identity (each must match, so more would only be a typo's worth).
+pub const MAX_SELECTORS: usize = 32;
+
 /// True when `status` still allows a join token to be created (anything but retired).
 pub fn join_token_allowed(status: crate::model::IdentityStatus) -> bool {
     status != crate::model::IdentityStatus::Retired
@@ -384,9 +387,23 @@ const OIDC_FAMILY: &[&str] = &["oidc", "k8s", "github", "gitlab"];
 /// same claims cannot match).
 pub fn check_selectors(raw: &[String]) -> Result<BTreeSet<Selector>, InvalidField> {
     let bad = |m: String| invalid("selectors", m);
+    if raw.len() > MAX_SELECTORS {
+        return Err(bad(format!(
+            "at most {MAX_SELECTORS} selectors (got {})",
+            raw.len()
+        )));
+    }
     let set: BTreeSet<Selector> = raw
         .iter()
-        .map(|s| s.parse::<Selector>().map_err(bad))
+        .map(|s| {
+            if s.len() > 512 {
+                return Err(bad(format!(
+                    "{:?}... is longer than 512 characters",
+                    s.chars().take(40).collect::<String>()
+                )));
+            }
+            s.parse::<Selector>().map_err(bad)
+        })
         .collect::<Result<_, _>>()?;
     let mut unix = false;
     let mut oidc = false;

@@ -497,6 +497,7 @@ pub async fn schedule_loop(
         if let Err(e) = broker.record_expired_approvals().await {
             tracing::warn!(error = %e, "recording expired approvals failed; will retry");
         }
+        broker.flush_refusals(false).await;
     }
 }
 

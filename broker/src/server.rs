@@ -123,6 +123,7 @@ impl RunningBroker {
         for t in self.tasks {
             let _ = t.await;
         }
+        self.broker.flush_refusals(true).await;
         self.broker.store().close().await;
         let _ = std::fs::remove_file(self.broker.config().data_dir.join(BROKER_URL_FILE));
     }

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use clap::Parser as _;
 use sigil_broker::store::StoreConfig;
@@ -213,7 +214,11 @@ async fn export_filters_by_identity_action_and_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_callers_request_id_reaches_the_reply_and_the_audit_entry() {
-    let b = TestBroker::start().await;
+    // Every refusal written (not folded per interval), to see each one's request id.
+    let b = TestBroker::start_configured(Arc::new(sigil_broker::clock::SystemClock), |c| {
+        c.audit.aggregate_interval = std::time::Duration::ZERO
+    })
+    .await;
     b.identity("svc/a", |_| {}).await;
     let attest = |request_id: Option<&'static str>| {
         let mut req = tonic::Request::new(pb::AttestRequest {

@@ -228,6 +228,8 @@ async fn world() -> World {
         SystemTime::now() - Duration::from_secs(120),
     ));
     let b = TestBroker::start_configured(clock.clone(), |c| {
+        // Each refusal is its own audit entry here (these tests read them one by one).
+        c.audit.aggregate_interval = Duration::ZERO;
         c.oidc = vec![
             OidcIssuer {
                 jwks_file: Some(k8s_jwks.clone()),

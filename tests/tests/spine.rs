@@ -204,7 +204,11 @@ async fn fetch_writes_credentials_that_verify_with_webpki_openssl_and_the_bundle
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_token_works_exactly_once_even_under_a_race() {
-    let b = TestBroker::start().await;
+    // Every refusal its own audit entry (not folded per interval), to count them.
+    let b = TestBroker::start_configured(Arc::new(sigil_broker::clock::SystemClock), |c| {
+        c.audit.aggregate_interval = Duration::ZERO
+    })
+    .await;
     b.identity("payments/api", |_| {}).await;
     let token = b.join_token(APP).await;
     let w = b.workload();

@@ -49,8 +49,59 @@ pub struct AuditDraft {
     pub detail: BTreeMap<String, Value>,
 }
 
+/// Longest text an audit entry keeps from any one field (actor, target, reason, a detail
+/// string); longer text is cut, saying how much was dropped. Entries often quote what a caller
+/// sent (an OIDC subject, a refused value): the log must not grow with an attacker's input.
+pub const MAX_FIELD: usize = 512;
+/// Most elements an audit detail list keeps.
+pub const MAX_LIST: usize = 64;
+
+/// `s` cut to [`MAX_FIELD`] bytes (at a character boundary), control characters replaced, so
+/// nothing an attacker sends reaches the log unbounded or as terminal escapes.
+pub fn bounded(s: impl Into<String>) -> String {
+    let s: String = s.into();
+    let clean = |t: &str| -> String {
+        t.chars()
+            .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+            .collect()
+    };
+    if s.len() <= MAX_FIELD {
+        return if s.chars().any(char::is_control) {
+            clean(&s)
+        } else {
+            s
+        };
+    }
+    let mut end = MAX_FIELD;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…[{} more bytes]", clean(&s[..end]), s.len() - end)
+}
+
+fn bounded_value(v: Value) -> Value {
+    match v {
+        Value::String(s) => Value::String(bounded(s)),
+        Value::Array(a) => {
+            let n = a.len();
+            let mut kept: Vec<Value> = a.into_iter().take(MAX_LIST).map(bounded_value).collect();
+            if n > MAX_LIST {
+                kept.push(Value::String(format!("…[{} more]", n - MAX_LIST)));
+            }
+            Value::Array(kept)
+        }
+        Value::Object(m) => Value::Object(
+            m.into_iter()
+                .take(MAX_LIST)
+                .map(|(k, v)| (bounded(k), bounded_value(v)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
 impl AuditDraft {
-    /// A draft with the given basics and no detail.
+    /// A draft with the given basics and no detail. Text fields are [`bounded`].
     pub fn new(
         time: i64,
         actor: impl Into<String>,
@@ -62,13 +113,13 @@ impl AuditDraft {
     ) -> Self {
         AuditDraft {
             time,
-            actor: actor.into(),
-            action: action.into(),
-            target: target.into(),
+            actor: bounded(actor),
+            action: bounded(action),
+            target: bounded(target),
             decision,
             gate: String::new(),
-            reason: reason.into(),
-            request_id: request_id.into(),
+            reason: bounded(reason),
+            request_id: bounded(request_id),
             detail: BTreeMap::new(),
         }
     }
@@ -79,9 +130,10 @@ impl AuditDraft {
         self
     }
 
-    /// Adds a detail field.
+    /// Adds a detail field (strings and lists [`bounded`]).
     pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
-        self.detail.insert(key.to_owned(), value.into());
+        self.detail
+            .insert(key.to_owned(), bounded_value(value.into()));
         self
     }
 }
@@ -236,6 +288,30 @@ mod tests {
                 (e.seq, b)
             })
             .collect()
+    }
+
+    #[test]
+    fn what_a_caller_sent_is_bounded_and_cannot_inject_lines() {
+        let huge = "i".repeat(12 * 1024);
+        let d = AuditDraft::new(0, &huge, "attest", &huge, Decision::Deny, &huge, "r")
+            .with("iss", huge.as_str())
+            .with("list", vec![huge.clone(); 1000]);
+        for f in [&d.actor, &d.target, &d.reason] {
+            assert!(f.len() < MAX_FIELD + 40, "{}", f.len());
+            assert!(f.ends_with("more bytes]"), "{f}");
+        }
+        assert!(d.detail["iss"].as_str().unwrap().len() < MAX_FIELD + 40);
+        let list = d.detail["list"].as_array().unwrap();
+        assert_eq!(list.len(), MAX_LIST + 1);
+        assert_eq!(list[MAX_LIST], "…[936 more]");
+        let bytes = serde_json::to_vec(&d).unwrap();
+        assert!(bytes.len() < 64 * 1024, "{} bytes", bytes.len());
+        // Control characters (newlines, terminal escapes) are replaced.
+        let d = AuditDraft::new(0, "a\nb\u{1b}[2J", "x", "t", Decision::Deny, "ok", "r");
+        assert_eq!(d.actor, "a\u{fffd}b\u{fffd}[2J");
+        // Multi-byte text is cut at a character boundary.
+        let s = bounded("é".repeat(600));
+        assert!(s.starts_with("éé") && s.contains("more bytes"), "{s}");
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub mod model;
 pub mod seal;
 mod writer;
 
-pub use writer::GroupCommit;
+pub use writer::{GroupCommit, QUEUE as WRITER_QUEUE};
 
 use crate::audit::AuditDraft;
 use crate::model::{
@@ -183,6 +183,9 @@ pub enum StoreError {
     /// The change could not be made durable; nothing was written. Fail closed.
     #[error("the store could not commit: {0}")]
     Unavailable(String),
+    /// Too many changes are waiting for the store: this one was refused at once, unwritten.
+    #[error("the store is overloaded: {0}")]
+    Overloaded(String),
     /// The store could not be opened (missing, unreadable, damaged); nothing was written.
     #[error("the store could not be opened: {0}")]
     Open(String),

@@ -31,6 +31,10 @@ use crate::{
 
 /// Most changes folded into one transaction.
 pub(crate) const MAX_BATCH: usize = 2048;
+/// Most changes waiting for the writer: beyond that, new ones are shed at once with
+/// [`StoreError::Overloaded`] rather than queued (memory stays bounded under overload, and a
+/// caller learns to back off instead of waiting ever longer).
+pub const QUEUE: usize = 16_384;
 
 type Observer = Arc<RwLock<Option<Weak<dyn CommitObserver>>>>;
 
@@ -43,7 +47,7 @@ struct Job {
 pub struct GroupCommit<B: Backend> {
     backend: Arc<B>,
     /// `None` once closed; dropping the last sender lets the writer drain and exit.
-    tx: ArcSwapOption<mpsc::UnboundedSender<Job>>,
+    tx: ArcSwapOption<mpsc::Sender<Job>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     /// The last commit failure, cleared by the next successful commit.
     failure: Arc<Mutex<Option<String>>>,
@@ -62,7 +66,7 @@ impl<B: Backend> GroupCommit<B> {
     /// Starts the writer over `backend`; `sealer` keys the audit chain.
     pub fn start(backend: B, sealer: Arc<Sealer>) -> Result<Self, StoreError> {
         let backend = Arc::new(backend);
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(QUEUE);
         let failure = Arc::new(Mutex::new(None));
         let observer: Observer = Arc::default();
         let (wb, wf, wo) = (backend.clone(), failure.clone(), observer.clone());
@@ -95,7 +99,7 @@ impl<B: Backend> GroupCommit<B> {
 async fn writer_loop<B: Backend>(
     backend: &B,
     sealer: &Sealer,
-    mut rx: mpsc::UnboundedReceiver<Job>,
+    mut rx: mpsc::Receiver<Job>,
     failure: &Mutex<Option<String>>,
     observer: &Observer,
 ) {
@@ -460,8 +464,15 @@ impl<B: Backend> Store for GroupCommit<B> {
         {
             let tx = self.tx.load();
             let tx = tx.as_ref().ok_or(StoreError::Closed)?;
-            tx.send(Job { change, reply })
-                .map_err(|_| StoreError::Closed)?;
+            tx.try_send(Job { change, reply }).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => {
+                    metrics::counter!("sigil_store_shed_total").increment(1);
+                    StoreError::Overloaded(format!(
+                        "{QUEUE} changes are already waiting for the store"
+                    ))
+                }
+                mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
+            })?;
         }
         rx.await.map_err(|_| StoreError::Closed)?
     }
