@@ -13,7 +13,8 @@ use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 
-use super::{BenchArgs, Figures, OpError, drive};
+use super::args::BenchArgs;
+use super::driver::{Figures, OpError, drive};
 
 /// A running `cfssl serve` on loopback.
 pub(super) struct Cfssl {

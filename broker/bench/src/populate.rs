@@ -14,6 +14,8 @@ use sigil_broker::model::{CredentialKind, LedgerRecord, RevocationRecord};
 use sigil_broker::seal::{MasterKey, Sealer};
 use sigil_broker::store::{Change, Op};
 
+use super::driver::Figures;
+
 /// What was written.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Populated {
@@ -21,6 +23,20 @@ pub(super) struct Populated {
     pub(super) revocations: u64,
     pub(super) took: Duration,
 }
+
+/// The populated store: what was written, its size, time to ready, its figures, and the
+/// figures of an empty store measured alternately with it.
+pub(super) type Scale = (
+    Populated,
+    u64,
+    Duration,
+    Vec<(String, Figures)>,
+    Vec<(String, Figures)>,
+);
+
+/// Rounds of [`alternate`](crate::alternate): populated then empty, then empty then populated
+/// (ABBA), so a machine that speeds up or slows down during the run favours neither.
+pub(super) const ALTERNATE_ROUNDS: usize = 2;
 
 /// Writes `rows` ledger records and `revocations` live revocations of identity
 /// (`identity_id`, `spiffe_id`) into the store in `data`.

@@ -2,13 +2,30 @@
 //! serves, registers a demo identity and prints a join token with the exact `sigil fetch`
 //! command to use it.
 
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
+use clap::Args;
 use sigil_proto::v1 as pb;
 
-use crate::{Conn, DevArgs, parse_http_listen, shutdown_signal};
+use crate::Conn;
+use crate::serve::{load_config, parse_http_listen, shutdown_signal};
+
+/// `sigil dev`.
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Where to keep the dev broker's data.
+    #[arg(long, default_value = ".sigil-dev")]
+    pub data_dir: PathBuf,
+    /// gRPC listen address.
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub listen: SocketAddr,
+    /// HTTP listen address, or `off`.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub http_listen: String,
+}
 
 /// Trust domain of a dev data dir.
 pub(crate) const DEV_TRUST_DOMAIN: &str = "demo.sigil.test";
@@ -48,7 +65,7 @@ pub(crate) async fn run(a: DevArgs) -> Result<()> {
             r.trust_domain
         );
     }
-    let cfg = crate::load_config(&a.data_dir, Some(a.listen), Some(&a.http_listen))?;
+    let cfg = load_config(&a.data_dir, Some(a.listen), Some(&a.http_listen))?;
     let master = sigil_broker::server::load_master_key(&cfg)?;
     let running = sigil_broker::server::start(
         cfg,

@@ -1,0 +1,208 @@
+//! `sigil audit ...`: check the audit log's hash chain (through the broker or offline), export
+//! entries, tail them.
+
+use std::time::Duration;
+
+use anyhow::{Result, anyhow, bail};
+use clap::Subcommand;
+use sigil_proto::v1 as pb;
+
+use crate::Conn;
+use crate::serve::shutdown_signal;
+
+/// `sigil audit ...`.
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// Check the hash chain; names the first bad entry.
+    Verify {
+        /// Read the store file directly instead of asking the broker: for a stopped broker's
+        /// data dir or a copy of one (needs the master key).
+        #[arg(long)]
+        offline: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Print entries as JSON lines.
+    Export {
+        /// First sequence number.
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        /// Only entries since this time: RFC 3339 (2026-11-22T10:00:00Z) or a duration ago (1h).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only entries about this identity (id or SPIFFE ID).
+        #[arg(long)]
+        identity: Option<String>,
+        /// Only entries whose action starts with this (e.g. `jwt.mint`, `identity.`).
+        #[arg(long)]
+        action: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Print the newest entries; with --follow, keep printing new ones as they are written.
+    Tail {
+        /// How many.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: u32,
+        /// Keep going.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only entries about this identity.
+        #[arg(long)]
+        identity: Option<String>,
+        /// Only entries whose action starts with this.
+        #[arg(long)]
+        action: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+/// `sigil audit ...`.
+pub(crate) async fn run(cmd: AuditCmd) -> Result<()> {
+    match cmd {
+        AuditCmd::Verify {
+            offline: true,
+            conn,
+        } => {
+            let dir = conn.data_dir.as_deref().ok_or_else(|| {
+                anyhow!(
+                    "--offline needs --data-dir (a stopped broker's data dir, or a copy of one)"
+                )
+            })?;
+            let cfg = sigil_broker::config::Config::load(dir)?;
+            let sealer =
+                sigil_broker::seal::Sealer::new(&sigil_broker::server::load_master_key(&cfg)?);
+            let store = cfg.store();
+            sigil_broker::store::check_master_key(&store, &sealer)?;
+            let entries = sigil_broker::store::read_audit_offline(&store)?;
+            match sigil_broker::audit::verify_chain(&sealer, entries) {
+                sigil_broker::audit::ChainReport::Intact { entries } => {
+                    println!("audit log intact: {entries} entries")
+                }
+                sigil_broker::audit::ChainReport::Broken { seq, reason } => {
+                    bail!("audit log is broken at entry {seq}: {reason}")
+                }
+            }
+        }
+        AuditCmd::Verify {
+            offline: false,
+            conn,
+        } => {
+            let mut c = conn.connect()?;
+            let r = c
+                .verify_audit(pb::VerifyAuditRequest {})
+                .await
+                .map_err(sigil_sdk::SdkError::from)?
+                .into_inner();
+            if r.intact {
+                println!("audit log intact: {} entries", r.entries);
+            } else {
+                bail!(
+                    "audit log is broken at entry {}: {}",
+                    r.first_bad_sequence,
+                    r.reason
+                );
+            }
+        }
+        AuditCmd::Export {
+            from,
+            since,
+            identity,
+            action,
+            conn,
+        } => {
+            let mut c = conn.connect()?;
+            let since_unix_nanos = match since.as_deref() {
+                Some(s) => parse_since(s)?,
+                None => 0,
+            };
+            let mut next = from.max(1);
+            loop {
+                let r = c
+                    .list_audit(pb::ListAuditRequest {
+                        from_sequence: next,
+                        limit: 1000,
+                        since_unix_nanos,
+                        identity: identity.clone().unwrap_or_default(),
+                        action: action.clone().unwrap_or_default(),
+                        last: 0,
+                    })
+                    .await
+                    .map_err(sigil_sdk::SdkError::from)?
+                    .into_inner();
+                for e in &r.entries {
+                    println!("{e}");
+                }
+                if r.entries.len() < 1000 {
+                    break;
+                }
+                next = r.next_sequence;
+            }
+        }
+        AuditCmd::Tail {
+            lines,
+            follow,
+            identity,
+            action,
+            conn,
+        } => {
+            let mut c = conn.connect()?;
+            let base = pb::ListAuditRequest {
+                identity: identity.unwrap_or_default(),
+                action: action.unwrap_or_default(),
+                ..Default::default()
+            };
+            let r = c
+                .list_audit(pb::ListAuditRequest {
+                    last: lines.max(1),
+                    ..base.clone()
+                })
+                .await
+                .map_err(sigil_sdk::SdkError::from)?
+                .into_inner();
+            for e in &r.entries {
+                println!("{e}");
+            }
+            let mut next = r.next_sequence;
+            if follow {
+                loop {
+                    tokio::select! {
+                        _ = shutdown_signal() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                    let r = c
+                        .list_audit(pb::ListAuditRequest {
+                            from_sequence: next,
+                            limit: 1000,
+                            ..base.clone()
+                        })
+                        .await
+                        .map_err(sigil_sdk::SdkError::from)?
+                        .into_inner();
+                    for e in &r.entries {
+                        println!("{e}");
+                    }
+                    next = r.next_sequence;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Nanoseconds since the epoch for `--since`: RFC 3339, or a duration ago.
+fn parse_since(s: &str) -> Result<i64> {
+    if let Ok(t) = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
+        return Ok(t.unix_timestamp_nanos() as i64);
+    }
+    let ago = humantime::parse_duration(s).map_err(|_| {
+        anyhow!(
+            "--since {s:?}: give an RFC 3339 time (2026-11-22T10:00:00Z) or a duration ago (1h)"
+        )
+    })?;
+    let now = std::time::SystemTime::now();
+    Ok(sigil_broker::clock::unix_nanos(
+        now.checked_sub(ago).unwrap_or(std::time::UNIX_EPOCH),
+    ))
+}

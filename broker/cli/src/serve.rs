@@ -1,0 +1,175 @@
+//! `sigil init` and `sigil serve`: create a data dir, run the broker on one; and what `sigil dev`
+//! (and `sigil audit tail --follow`) share with them: loading a data dir's config, parsing
+//! `--http-listen`, waiting for a shutdown signal.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use clap::Args;
+
+/// `sigil init`.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// The data dir to create (must not exist or be empty).
+    #[arg(long, env = "SIGIL_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// The trust domain, e.g. `example.org`.
+    #[arg(long)]
+    pub trust_domain: String,
+    /// gRPC listen address to configure.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// HTTP listen address to configure, or `off`.
+    #[arg(long)]
+    pub http_listen: Option<String>,
+    /// Name of the first operator.
+    #[arg(long, default_value = "admin")]
+    pub operator: String,
+    /// Lifetime of the first operator credential.
+    #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+    pub operator_ttl: Duration,
+}
+
+/// `sigil serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The data dir made by `sigil init`.
+    #[arg(long, env = "SIGIL_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// gRPC listen address (overrides the config).
+    #[arg(long, env = "SIGIL_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// HTTP listen address, or `off` (overrides the config).
+    #[arg(long, env = "SIGIL_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
+    /// Also serve on this Unix socket: Unix attestation, the SPIFFE Workload API and the
+    /// Broker API (overrides `workload_socket` in the config).
+    #[arg(long, env = "SIGIL_WORKLOAD_SOCKET")]
+    pub workload_socket: Option<PathBuf>,
+}
+
+/// `sigil init`.
+pub(crate) async fn init(a: InitArgs) -> Result<()> {
+    let td = a
+        .trust_domain
+        .parse()
+        .map_err(|e| anyhow!("--trust-domain: {e}"))?;
+    let master_key = sigil_broker::seal::MasterKey::from_env()?;
+    let report = sigil_broker::init::init(
+        sigil_broker::init::InitOptions {
+            data_dir: a.data_dir,
+            trust_domain: td,
+            listen: a.listen,
+            http_listen: a
+                .http_listen
+                .as_deref()
+                .map(parse_http_listen)
+                .transpose()?,
+            operator: a.operator,
+            operator_ttl: a.operator_ttl,
+            master_key,
+        },
+        &sigil_broker::clock::SystemClock,
+    )
+    .await?;
+    println!(
+        "Initialized trust domain {} in {}",
+        report.trust_domain,
+        report.data_dir.display()
+    );
+    match &report.master_key_file {
+        Some(p) => println!(
+            "  master key:     {} (0600; keep a copy somewhere safe, and consider SIGIL_MASTER_KEY instead)",
+            p.display()
+        ),
+        None => println!("  master key:     from SIGIL_MASTER_KEY (not written to disk)"),
+    }
+    println!("  config:         {}", report.config_file.display());
+    println!(
+        "  trust bundle:   {} (hand this to workloads)",
+        report.bundle.display()
+    );
+    println!("  operator cert:  {}", report.admin_cert.display());
+    println!("  operator key:   {} (0600)", report.admin_key.display());
+    println!("Next: sigil serve --data-dir {}", report.data_dir.display());
+    Ok(())
+}
+
+/// `sigil serve`.
+pub(crate) async fn serve(a: ServeArgs) -> Result<()> {
+    let mut cfg = load_config(&a.data_dir, a.listen, a.http_listen.as_deref())?;
+    if let Some(p) = a.workload_socket {
+        cfg.workload_socket = Some(p);
+    }
+    let master = sigil_broker::server::load_master_key(&cfg)?;
+    let running =
+        sigil_broker::server::start(cfg, master, sigil_broker::server::StartOptions::default())
+            .await?;
+    println!("sigil broker listening on {}", running.url());
+    if let Some(h) = running.http_url() {
+        println!("sigil http listening on {h}");
+    }
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}
+
+/// Loads the config of a data dir and applies flag overrides.
+pub(crate) fn load_config(
+    data_dir: &Path,
+    listen: Option<SocketAddr>,
+    http_listen: Option<&str>,
+) -> Result<sigil_broker::config::Config> {
+    let store = sigil_broker::store::StoreConfig::in_data_dir(data_dir);
+    if !store.exists() {
+        bail!(
+            "{} is not a Sigil data dir (no {}); run `sigil init --data-dir {} --trust-domain ...` first",
+            data_dir.display(),
+            store.describe(),
+            data_dir.display()
+        );
+    }
+    let mut cfg = sigil_broker::config::Config::load(data_dir)?;
+    if let Some(l) = listen {
+        cfg.listen = l;
+    }
+    if let Some(h) = http_listen {
+        cfg.http_listen = parse_http_listen(h)?;
+    }
+    Ok(cfg)
+}
+
+/// Parses `ADDR` or `off`.
+pub(crate) fn parse_http_listen(v: &str) -> Result<Option<SocketAddr>> {
+    if v.eq_ignore_ascii_case("off") || v.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    Ok(Some(v.parse().with_context(|| {
+        format!("--http-listen {v:?} is not an address (or `off`)")
+    })?))
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
