@@ -489,11 +489,13 @@ pub struct AuditQuery {
 }
 
 impl Broker {
-    /// Walks the whole audit chain with the broker's key.
+    /// Walks the kept audit chain with the broker's key, from the retention checkpoint (if
+    /// older entries were removed).
     pub async fn verify_audit(&self) -> Result<crate::audit::ChainReport, BrokerError> {
         const PAGE: usize = 10_000;
+        let checkpoint = self.store.audit_checkpoint().await?;
         let mut all = Vec::new();
-        let mut from = 1;
+        let mut from = checkpoint.as_ref().map_or(1, |c| c.seq + 1);
         loop {
             let page = self.store.audit_entries(from, PAGE).await?;
             let n = page.len();
@@ -505,6 +507,83 @@ impl Broker {
                 break;
             }
         }
-        Ok(crate::audit::verify_chain(&self.sealer, all))
+        Ok(crate::audit::verify_chain_from(
+            &self.sealer,
+            checkpoint.as_ref(),
+            all,
+        ))
+    }
+
+    /// Removes audit entries older than `audit.retention` (at most `limit` per call), exporting
+    /// them first to `audit.export_dir` as JSON lines when it is set, and leaves a checkpoint the
+    /// kept chain verifies from. The newest entry always stays. Returns how many went.
+    pub async fn prune_audit(&self, limit: usize) -> Result<u64, BrokerError> {
+        let cutoff = self.now_nanos()
+            - i64::try_from(self.cfg.audit.retention.as_nanos()).unwrap_or(i64::MAX);
+        let head = self.store.audit_head().await?;
+        let first = self
+            .store
+            .audit_checkpoint()
+            .await?
+            .map_or(1, |c| c.seq + 1);
+        let page = self.store.audit_entries(first, limit).await?;
+        let mut doomed = Vec::new();
+        for (seq, bytes) in page {
+            if seq >= head {
+                break;
+            }
+            let e: crate::audit::AuditEntry = serde_json::from_slice(&bytes)
+                .map_err(|e| BrokerError::Internal(format!("audit entry {seq}: {e}")))?;
+            if e.draft.time >= cutoff {
+                break;
+            }
+            doomed.push((e, bytes));
+        }
+        let Some((last, _)) = doomed.last() else {
+            return Ok(0);
+        };
+        let (from, through, hash) = (doomed[0].0.seq, last.seq, last.hash.clone());
+        let exported = match &self.cfg.audit.export_dir {
+            Some(dir) => {
+                let path = dir.join(format!("audit-{from:012}-{through:012}.jsonl"));
+                let mut text = Vec::new();
+                for (_, b) in &doomed {
+                    text.extend_from_slice(b);
+                    text.push(b'\n');
+                }
+                std::fs::create_dir_all(dir)
+                    .and_then(|()| crate::fsutil::write_atomic(&path, &text, 0o600))
+                    .map_err(|e| {
+                        BrokerError::Unavailable(format!(
+                            "exporting audit entries to {} failed, so none were removed: {e}",
+                            path.display()
+                        ))
+                    })?;
+                path.display().to_string()
+            }
+            None => String::new(),
+        };
+        let checkpoint =
+            crate::audit::Checkpoint::new(&self.sealer, through, hash, self.now_nanos());
+        let n = doomed.len() as u64;
+        let draft = AuditDraft::new(
+            self.now_nanos(),
+            "broker",
+            "audit.prune",
+            "audit",
+            Decision::Allow,
+            "entries older than audit.retention removed; the chain verifies from the checkpoint",
+            "schedule",
+        )
+        .with("from", from)
+        .with("through", through)
+        .with("exported_to", exported);
+        self.store
+            .commit(Change {
+                ops: vec![Op::PruneAudit { checkpoint }],
+                audit: vec![draft],
+            })
+            .await?;
+        Ok(n)
     }
 }

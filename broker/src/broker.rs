@@ -47,6 +47,8 @@ pub struct Broker {
     pub(crate) behaviour: crate::baseline::Behaviour,
     /// Folds repeated refusals into one audit entry per interval.
     pub(crate) refusals: crate::throttle::Throttle,
+    /// Token buckets per caller.
+    pub(crate) rate_limits: Arc<crate::ratelimit::RateLimits>,
     /// Where committed issuances go for the baselines (never handled in the writer thread).
     observations: crate::baseline::Observations,
     /// Wakes the rotation schedule now (e.g. the signing CA turned out to be expired).
@@ -141,6 +143,7 @@ impl Broker {
     pub fn new(p: BrokerParts) -> Arc<Self> {
         let start = u64::try_from(crate::clock::unix_nanos(p.clock.now()) / 1000).unwrap_or(0);
         let refusals = crate::throttle::Throttle::new(p.cfg.audit.aggregate_interval);
+        let rate_limits = Arc::new(crate::ratelimit::RateLimits::new(&p.cfg.limits));
         let broker = Arc::new(Broker {
             store: p.store,
             registry: p.registry,
@@ -157,6 +160,7 @@ impl Broker {
             live: crate::telemetry::LiveCredentials::default(),
             behaviour: crate::baseline::Behaviour::new(p.usage),
             refusals,
+            rate_limits,
             observations: p.observations,
             rotation_kick: tokio::sync::Notify::new(),
             policy: p.policy,
@@ -232,6 +236,11 @@ impl Broker {
         if let Err(e) = self.store.commit(Change::audit_only(drafts)).await {
             tracing::error!(error = %e, "could not record a denial in the audit log");
         }
+    }
+
+    /// The token buckets of callers.
+    pub fn rate_limits(&self) -> &Arc<crate::ratelimit::RateLimits> {
+        &self.rate_limits
     }
 
     /// Writes the summaries of folded refusals whose interval ended (all of them at shutdown).

@@ -543,6 +543,37 @@ pub struct Limits {
     /// Most `Watch` streams open at once for one client (one certificate, or one process on
     /// the Unix socket); an SDK needs one.
     pub max_watch_streams_per_client: usize,
+    /// Calls per second (and burst) from one source address that presents no credential
+    /// (attestation, bundle fetches, a `Watch` without a certificate); 0 turns it off.
+    pub unauthenticated_per_second: u32,
+    /// Burst of unauthenticated calls from one source address.
+    pub unauthenticated_burst: u32,
+    /// Calls per second from one identity (its client certificate's SPIFFE ID, or one uid on
+    /// the Unix socket); 0 turns it off.
+    pub authenticated_per_second: u32,
+    /// Burst of calls from one identity.
+    pub authenticated_burst: u32,
+    /// HTTP requests per second from one source address (health checks are never limited);
+    /// 0 turns it off.
+    pub http_per_second: u32,
+    /// Burst of HTTP requests from one source address.
+    pub http_burst: u32,
+    /// Open connections on the gRPC (TLS) listener.
+    pub max_connections: usize,
+    /// Open connections from one source address, on the gRPC and the HTTP listener each.
+    pub max_connections_per_address: usize,
+    /// Open connections on the HTTP listener.
+    pub max_http_connections: usize,
+    /// Open connections on the Unix socket.
+    pub max_unix_connections: usize,
+    /// Open connections on the Unix socket from one uid.
+    pub max_unix_connections_per_uid: usize,
+    /// How long an HTTP connection may wait for a request's headers, idle or not.
+    #[serde(with = "dur")]
+    pub http_header_timeout: Duration,
+    /// On shutdown, how long in-flight calls get before every connection is closed.
+    #[serde(with = "dur")]
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Limits {
@@ -556,6 +587,19 @@ impl Default for Limits {
             max_audiences: 16,
             max_dns_names: 32,
             max_watch_streams_per_client: 64,
+            unauthenticated_per_second: 50,
+            unauthenticated_burst: 200,
+            authenticated_per_second: 500,
+            authenticated_burst: 2000,
+            http_per_second: 100,
+            http_burst: 400,
+            max_connections: 4096,
+            max_connections_per_address: 256,
+            max_http_connections: 512,
+            max_unix_connections: 1024,
+            max_unix_connections_per_uid: 256,
+            http_header_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(5),
         }
     }
 }

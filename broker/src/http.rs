@@ -81,16 +81,29 @@ pub fn tls_config(
     Ok(tls)
 }
 
+/// What the HTTP listener enforces on every connection and request.
+#[derive(Debug, Clone)]
+pub struct Guards {
+    /// Connection budget (per source address and in total).
+    pub budget: Arc<crate::conns::ConnLimit>,
+    /// Token buckets (per source address; health checks are never limited).
+    pub rate: Arc<crate::ratelimit::RateLimits>,
+    /// How long a connection may take to send a request's headers, idle or not.
+    pub header_timeout: Duration,
+    /// On shutdown, how long open requests get.
+    pub grace: Duration,
+}
+
 /// Serves `app` on `listener` (over TLS when `tls` is given) until `cancel`, then lets open
-/// connections finish their requests.
+/// connections finish their requests for up to the grace period.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     tls: Option<Arc<rustls::ServerConfig>>,
+    guards: Guards,
     cancel: tokio_util::sync::CancellationToken,
 ) {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    let service = hyper_util::service::TowerToHyperService::new(app);
     let mut conns = tokio::task::JoinSet::new();
     loop {
         let (tcp, remote) = tokio::select! {
@@ -98,26 +111,38 @@ pub async fn serve(
             a = listener.accept() => match a {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!(error = %e, "HTTP accept failed");
+                    guards.budget.log_once(|| format!("HTTP accept failed: {e}"));
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
-        let service = service.clone();
-        let acceptor = acceptor.clone();
-        let cancel = cancel.clone();
+        let ip = remote.ip().to_string();
+        let Ok(slot) = guards.budget.admit(&ip) else {
+            drop(tcp);
+            continue;
+        };
+        let (app, acceptor, cancel, guards) = (
+            app.clone(),
+            acceptor.clone(),
+            cancel.clone(),
+            guards.clone(),
+        );
         conns.spawn(async move {
+            let _slot = slot;
+            let service = limited(app, guards.rate.clone(), ip);
             match acceptor {
-                Some(a) => match tokio::time::timeout(Duration::from_secs(10), a.accept(tcp)).await
-                {
+                Some(a) => match tokio::time::timeout(guards.header_timeout, a.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        serve_conn(hyper_util::rt::TokioIo::new(tls), service, cancel).await
+                        serve_conn(hyper_util::rt::TokioIo::new(tls), service, &guards, cancel)
+                            .await
                     }
                     Ok(Err(e)) => tracing::debug!(%remote, error = %e, "HTTP TLS handshake failed"),
                     Err(_) => tracing::debug!(%remote, "HTTP TLS handshake timed out"),
                 },
-                None => serve_conn(hyper_util::rt::TokioIo::new(tcp), service, cancel).await,
+                None => {
+                    serve_conn(hyper_util::rt::TokioIo::new(tcp), service, &guards, cancel).await
+                }
             }
         });
         // Reap finished connections as we go.
@@ -126,23 +151,63 @@ pub async fn serve(
     while conns.join_next().await.is_some() {}
 }
 
+type Limited = hyper_util::service::TowerToHyperService<
+    tower::util::BoxCloneSyncService<
+        axum::http::Request<hyper::body::Incoming>,
+        Response,
+        std::convert::Infallible,
+    >,
+>;
+
+/// `app` behind the rate limit of the client at `ip`: 429 with `Retry-After` when its bucket
+/// is empty; health checks always pass.
+fn limited(app: Router, rate: Arc<crate::ratelimit::RateLimits>, ip: String) -> Limited {
+    use tower::ServiceExt as _;
+    let svc = tower::service_fn(move |req: axum::http::Request<hyper::body::Incoming>| {
+        let (app, rate, ip) = (app.clone(), rate.clone(), ip.clone());
+        async move {
+            let health = matches!(req.uri().path(), "/healthz" | "/readyz");
+            if !health && let Err(wait) = rate.check(crate::ratelimit::Class::Http, &ip) {
+                let ms = crate::ratelimit::retry_ms(wait);
+                let secs = ms.div_ceil(1000).to_string();
+                return Ok::<_, std::convert::Infallible>(
+                    (
+                        StatusCode::TOO_MANY_REQUESTS,
+                        [(header::RETRY_AFTER, secs)],
+                        format!(
+                            "rate limit: too many requests from this address (limits.http_per_second); retry in {ms} ms\n"
+                        ),
+                    )
+                        .into_response(),
+                );
+            }
+            Ok(app
+                .oneshot(req.map(axum::body::Body::new))
+                .await
+                .unwrap_or_else(|e| match e {}))
+        }
+    });
+    hyper_util::service::TowerToHyperService::new(tower::util::BoxCloneSyncService::new(svc))
+}
+
 async fn serve_conn<I>(
     io: I,
-    service: hyper_util::service::TowerToHyperService<Router>,
+    service: Limited,
+    guards: &Guards,
     cancel: tokio_util::sync::CancellationToken,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10))
+        .header_read_timeout(guards.header_timeout)
         .serve_connection(io, service);
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => { let _ = r; }
         _ = cancel.cancelled() => {
             conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+            let _ = tokio::time::timeout(guards.grace, conn).await;
         }
     }
 }

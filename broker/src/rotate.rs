@@ -497,7 +497,13 @@ pub async fn schedule_loop(
         if let Err(e) = broker.record_expired_approvals().await {
             tracing::warn!(error = %e, "recording expired approvals failed; will retry");
         }
+        match broker.prune_audit(10_000).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(entries = n, "removed audit entries past audit.retention"),
+            Err(e) => tracing::warn!(error = %e, "pruning the audit log failed; will retry"),
+        }
         broker.flush_refusals(false).await;
+        broker.rate_limits().prune();
     }
 }
 

@@ -165,6 +165,8 @@ pub async fn start(
     if cfg.http_listen.is_some() && !cfg.http_tls {
         tracing::warn!(issuer = ?cfg.jwt_issuer, "the HTTP listener serves plain HTTP, so OIDC discovery is reachable at the https issuer only through a TLS-terminating proxy; set http_tls = true to serve it directly");
     }
+    // Every listener's connections within a budget that fits the descriptor limit.
+    let budgets = crate::conns::Budgets::new(&cfg.limits, crate::conns::raise_fd_limit());
     let sealer = Arc::new(Sealer::new(&master));
     drop(master);
     let store = crate::store::open(
@@ -250,6 +252,9 @@ pub async fn start(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(crate::telemetry::RequestLayer)
+        .layer(crate::api::limit::RateLimitLayer(
+            broker.rate_limits().clone(),
+        ))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
@@ -263,6 +268,7 @@ pub async fn start(
         Arc::new(tls_config),
         broker.clone(),
         cfg.limits.handshake_timeout,
+        budgets.grpc.clone(),
         cancel.clone(),
     );
     let c = cancel.clone();
@@ -285,6 +291,9 @@ pub async fn start(
             .timeout(cfg.limits.request_timeout)
             .max_concurrent_streams(cfg.limits.max_concurrent_streams)
             .layer(crate::telemetry::RequestLayer)
+            .layer(crate::api::limit::RateLimitLayer(
+                broker.rate_limits().clone(),
+            ))
             .add_service(health_service)
             .add_service(
                 sigil_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(
@@ -296,7 +305,7 @@ pub async fn start(
                 BrokerServer::new(WorkloadApi::new(broker.clone()))
                     .max_decoding_message_size(limit),
             );
-        let incoming = crate::api::unix::incoming(listener, cancel.clone());
+        let incoming = crate::api::unix::incoming(listener, budgets.unix.clone(), cancel.clone());
         let c = cancel.clone();
         tracing::info!(socket = %path.display(), "serving the Workload API on the Unix socket");
         tasks.push(tokio::spawn(async move {
@@ -340,10 +349,17 @@ pub async fn start(
             None
         };
         let app = crate::http::router(broker.clone());
+        let guards = crate::http::Guards {
+            budget: budgets.http.clone(),
+            rate: broker.rate_limits().clone(),
+            header_timeout: cfg.limits.http_header_timeout,
+            grace: cfg.limits.shutdown_grace,
+        };
         tasks.push(tokio::spawn(crate::http::serve(
             l,
             app,
             tls,
+            guards,
             cancel.clone(),
         )));
     }

@@ -26,6 +26,7 @@ pub struct SdkError {
     message: String,
     gate: Option<String>,
     request_id: Option<String>,
+    retry_after: Option<std::time::Duration>,
 }
 
 impl SdkError {
@@ -37,7 +38,13 @@ impl SdkError {
             message: message.into(),
             gate: None,
             request_id: None,
+            retry_after: None,
         }
+    }
+
+    /// How long the broker asked the caller to wait before trying again (a rate limit).
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        self.retry_after
     }
 
     /// What to do about it.
@@ -152,6 +159,9 @@ impl From<tonic::Status> for SdkError {
             code: Some(code),
             gate: meta("sigil-gate"),
             request_id: meta("sigil-request-id"),
+            retry_after: meta("sigil-retry-after-ms")
+                .and_then(|v| v.parse().ok())
+                .map(std::time::Duration::from_millis),
             message,
         }
     }

@@ -575,8 +575,10 @@ async fn renew_loop(shared: Arc<Shared>, cancel: CancellationToken) {
                 }
                 Err(e) => {
                     failures += 1;
+                    // Never sooner than the broker asked (a rate limit says when).
                     let retry_in =
-                        backoff(failures, shared.cfg.backoff_initial, shared.cfg.backoff_max);
+                        backoff(failures, shared.cfg.backoff_initial, shared.cfg.backoff_max)
+                            .max(e.retry_after().unwrap_or_default());
                     x509_at = tokio::time::Instant::now() + retry_in;
                     tracing::warn!(error = %e, ?retry_in, "SVID renewal failed; keeping the current one while it is valid");
                     if let Ok(mut l) = shared.last_error.lock() {

@@ -75,11 +75,19 @@ pub(crate) async fn run(cmd: AuditCmd) -> Result<()> {
                 sigil_broker::seal::Sealer::new(&sigil_broker::server::load_master_key(&cfg)?);
             let store = cfg.store();
             sigil_broker::store::check_master_key(&store, &sealer)?;
-            let entries = sigil_broker::store::read_audit_offline(&store)?;
-            match sigil_broker::audit::verify_chain(&sealer, entries) {
-                sigil_broker::audit::ChainReport::Intact { entries } => {
-                    println!("audit log intact: {entries} entries")
-                }
+            let (checkpoint, entries) = sigil_broker::store::read_audit_offline(&store)?;
+            let report =
+                sigil_broker::audit::verify_chain_from(&sealer, checkpoint.as_ref(), entries);
+            match report {
+                sigil_broker::audit::ChainReport::Intact { entries } => match &checkpoint {
+                    None => println!("audit log intact: {entries} entries"),
+                    Some(c) => println!(
+                        "audit log intact: entries {} to {entries} (entries up to {} were removed by retention at {}; the checkpoint verifies)",
+                        c.seq + 1,
+                        c.seq,
+                        sigil_broker::clock::rfc3339(c.time / 1_000_000_000)
+                    ),
+                },
                 sigil_broker::audit::ChainReport::Broken { seq, reason } => {
                     bail!("audit log is broken at entry {seq}: {reason}")
                 }

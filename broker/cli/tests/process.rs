@@ -758,3 +758,152 @@ fn a_wrong_master_key_or_a_damaged_store_changes_nothing_in_any_start_path() {
     let (p, _) = serve(tmp.path(), &data);
     drop(p);
 }
+
+/// More idle connections to the HTTP listener than it may hold, on a broker started with a
+/// small open-file limit: the listener refuses the excess, and gRPC issuance carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http_connections_beyond_the_cap_do_not_stop_issuance() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let out = sigil(
+        &[
+            "init",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--trust-domain",
+            "example.org",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ],
+        tmp.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut child = Command::new("sh")
+        .args([
+            "-c",
+            &format!(
+                "ulimit -n 256 && exec {SIGIL} serve --data-dir {}",
+                data.display()
+            ),
+        ])
+        .env_remove("SIGIL_MASTER_KEY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut url = String::new();
+    let mut http = String::new();
+    while url.is_empty() || http.is_empty() {
+        let l = lines.next().expect("sigil printed its addresses").unwrap();
+        if let Some(u) = l.strip_prefix("sigil broker listening on ") {
+            url = u.to_owned();
+        }
+        if let Some(h) = l.strip_prefix("sigil http listening on https://") {
+            http = h.to_owned();
+        }
+    }
+    let http: std::net::SocketAddr = http.parse().unwrap();
+    // Hold 300 idle connections (more than the process has descriptors for).
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        if let Ok(s) = std::net::TcpStream::connect(http) {
+            idle.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Issuance is unaffected.
+    let bundle = std::fs::read(data.join("bundle.pem")).unwrap();
+    let mut adm = admin(&data, &url);
+    let id = "spiffe://example.org/svc/app";
+    adm.create_identity(pb::CreateIdentityRequest {
+        spiffe_id: id.into(),
+        owner: "team".into(),
+        purpose: "fd test".into(),
+        entitlements: Some(pb::Entitlements {
+            kinds: vec!["x509".into(), "jwt".into()],
+            max_ttl_seconds: 3600,
+            audiences: vec!["db".into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let token = adm
+        .create_join_token(pb::CreateJoinTokenRequest {
+            id_or_spiffe_id: id.into(),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let w = WorkloadClient::new(ClientConfig::new(url.clone(), bundle.clone())).unwrap();
+    let started = std::time::Instant::now();
+    let c = tokio::time::timeout(
+        Duration::from_secs(5),
+        w.attest(
+            Evidence::JoinToken(token.into()),
+            SvidOptions::default(),
+            &[sigil_sdk::JwtRequest::audience("db")],
+        ),
+    )
+    .await
+    .expect("issuance answered")
+    .expect("issued");
+    assert_eq!(c.jwts.len(), 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    // Once they are gone, the HTTP listener serves again, and counted what it refused.
+    drop(idle);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let m = https_get(http, "/metrics", &bundle).await;
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("sigil_connections_refused_total")
+                && l.contains("listener=\"http\"")),
+        "{m}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// `GET path` over TLS (server name `localhost`, verified with `bundle`); the whole response.
+async fn https_get(addr: std::net::SocketAddr, path: &str, bundle: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in sigil_pki::certs_from_pem(bundle).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    tls.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    String::from_utf8_lossy(&out).into_owned()
+}

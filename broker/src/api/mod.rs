@@ -14,6 +14,7 @@ use crate::broker::RequestContext;
 use crate::error::BrokerError;
 
 pub mod admin;
+pub mod limit;
 pub mod spiffe;
 pub mod tls;
 pub mod unix;
@@ -26,12 +27,24 @@ pub mod workload;
 pub struct Conn<S, I> {
     inner: S,
     info: I,
+    /// Its slot in the listener's connection budget, freed when the connection ends.
+    _slot: Option<crate::conns::ConnGuard>,
 }
 
 impl<S, I> Conn<S, I> {
     /// Wraps `inner`, accepted from a peer described by `info`.
     pub fn new(inner: S, info: I) -> Self {
-        Conn { inner, info }
+        Conn {
+            inner,
+            info,
+            _slot: None,
+        }
+    }
+
+    /// Holds `slot` for as long as the connection lives.
+    pub fn with_slot(mut self, slot: crate::conns::ConnGuard) -> Self {
+        self._slot = Some(slot);
+        self
     }
 }
 

@@ -103,11 +103,15 @@ pub fn server_config(
 
 /// Accepts TCP connections and runs TLS handshakes concurrently (a slow client never holds up
 /// others), yielding finished connections to the gRPC server until `cancel` fires.
+///
+/// Every connection takes a slot of `budget` (per source address and in total) before its
+/// handshake; one over budget is closed at once.
 pub fn spawn_acceptor(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     broker: Arc<Broker>,
     handshake_timeout: Duration,
+    budget: Arc<crate::conns::ConnLimit>,
     cancel: CancellationToken,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, io::Error>> {
     let (tx, rx) = mpsc::channel(1024);
@@ -121,11 +125,16 @@ pub fn spawn_acceptor(
             let (tcp, remote) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    // Out of file descriptors and the like: back off instead of spinning, and
+                    // say so once per interval, not per attempt.
+                    budget.log_once(|| format!("accept failed: {e}"));
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
+            };
+            let Ok(slot) = budget.admit(&remote.ip().to_string()) else {
+                drop(tcp);
+                continue;
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
@@ -155,7 +164,9 @@ pub fn spawn_acceptor(
                     })
                     .map(Arc::new);
                 let _ = tx
-                    .send(Ok(TlsConn::new(stream, ConnInfo { remote, peer })))
+                    .send(Ok(
+                        TlsConn::new(stream, ConnInfo { remote, peer }).with_slot(slot)
+                    ))
                     .await;
             });
         }

@@ -40,8 +40,12 @@ pub fn bind(path: &Path, mode: u32) -> io::Result<UnixListener> {
 }
 
 /// Accepted connections with their peer credentials, until `cancel`.
+///
+/// Every connection takes a slot of `budget` (per uid and in total); one over budget is
+/// closed at once.
 pub fn incoming(
     listener: UnixListener,
+    budget: std::sync::Arc<crate::conns::ConnLimit>,
     cancel: tokio_util::sync::CancellationToken,
 ) -> impl tokio_stream::Stream<Item = io::Result<UnixConn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -55,7 +59,13 @@ pub fn incoming(
                 Ok((s, _)) => {
                     match s.peer_cred() {
                         // What the peer is now; every call checks it still is (exec, pid reuse).
-                        Ok(c) => UnixConn::new(s, UnixPeer::observe(c.uid(), c.gid(), c.pid())),
+                        Ok(c) => match budget.admit(&c.uid().to_string()) {
+                            Ok(slot) => {
+                                UnixConn::new(s, UnixPeer::observe(c.uid(), c.gid(), c.pid()))
+                                    .with_slot(slot)
+                            }
+                            Err(_) => continue,
+                        },
                         Err(e) => {
                             tracing::warn!(error = %e, "no peer credentials on a Unix connection");
                             continue;
@@ -63,7 +73,7 @@ pub fn incoming(
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept on the Unix socket failed");
+                    budget.log_once(|| format!("accept on the Unix socket failed: {e}"));
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }

@@ -117,9 +117,10 @@ pub fn check_master_key(cfg: &StoreConfig, sealer: &Sealer) -> Result<(), StoreE
     }
 }
 
-/// Every audit entry, read straight from the store without a running broker and without
-/// writing to it (for `sigil audit verify --offline`, also on a store a crash left behind).
-pub fn read_audit_offline(cfg: &StoreConfig) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+/// Every kept audit entry and the retention checkpoint they start after, read straight from
+/// the store without a running broker and without writing to it (for `sigil audit verify
+/// --offline`, also on a store a crash left behind).
+pub fn read_audit_offline(cfg: &StoreConfig) -> Result<audit::KeptChain, StoreError> {
     match cfg {
         StoreConfig::Redb { path } => sigil_store_redb::read_audit_file(path),
     }

@@ -202,6 +202,56 @@ impl ChainHead {
     }
 }
 
+/// Where the kept part of the chain starts once older entries were removed (retention): the
+/// last removed entry's sequence number and hash, when it was removed, and a MAC under the
+/// chain's key — so the checkpoint cannot be moved or forged without the master key, and
+/// verification proves the remaining chain intact from a known point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The last removed entry.
+    pub seq: u64,
+    /// Its chain hash (the next entry's `prev_hash`).
+    pub hash: String,
+    /// Unix nanoseconds when the entries were removed.
+    pub time: i64,
+    /// HMAC of the above under the audit key.
+    pub mac: String,
+}
+
+impl Checkpoint {
+    /// A checkpoint after the entry `seq` with chain hash `hash`.
+    pub fn new(sealer: &Sealer, seq: u64, hash: String, time: i64) -> Self {
+        let mac = checkpoint_mac(sealer, seq, &hash, time);
+        Checkpoint {
+            seq,
+            hash,
+            time,
+            mac,
+        }
+    }
+
+    /// Whether the MAC is this key's.
+    pub fn verify(&self, sealer: &Sealer) -> bool {
+        checkpoint_mac(sealer, self.seq, &self.hash, self.time) == self.mac
+    }
+
+    /// The chain position it stands for.
+    pub fn head(&self) -> ChainHead {
+        ChainHead {
+            seq: self.seq,
+            hash: self.hash.clone(),
+        }
+    }
+}
+
+fn checkpoint_mac(sealer: &Sealer, seq: u64, hash: &str, time: i64) -> String {
+    let data = format!("sigil/audit/checkpoint/v1\0{seq}\0{hash}\0{time}");
+    sigil_pki::ids::to_hex(&sealer.audit_mac(data.as_bytes()))
+}
+
+/// The kept audit entries (sequence number, stored JSON) and the checkpoint they start after.
+pub type KeptChain = (Option<Checkpoint>, Vec<(u64, Vec<u8>)>);
+
 /// The result of walking the chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChainReport {
@@ -224,7 +274,31 @@ pub fn verify_chain<I>(sealer: &Sealer, entries: I) -> ChainReport
 where
     I: IntoIterator<Item = (u64, Vec<u8>)>,
 {
-    let mut head = ChainHead::default();
+    verify_chain_from(sealer, None, entries)
+}
+
+/// Walks stored entries in key order from `checkpoint` (where retention left the chain; none:
+/// from the start) and reports the first break. A checkpoint that does not verify under the key
+/// is itself the break.
+pub fn verify_chain_from<I>(
+    sealer: &Sealer,
+    checkpoint: Option<&Checkpoint>,
+    entries: I,
+) -> ChainReport
+where
+    I: IntoIterator<Item = (u64, Vec<u8>)>,
+{
+    let mut head = match checkpoint {
+        None => ChainHead::default(),
+        Some(c) if c.verify(sealer) => c.head(),
+        Some(c) => {
+            return ChainReport::Broken {
+                seq: c.seq + 1,
+                reason: "the retention checkpoint does not verify with this key (forged or moved)"
+                    .into(),
+            };
+        }
+    };
     for (key, bytes) in entries {
         let expected = head.seq + 1;
         if key != expected {
@@ -264,6 +338,14 @@ where
         head.hash = entry.hash;
     }
     ChainReport::Intact { entries: head.seq }
+}
+
+/// How many entries a report of [`verify_chain_from`] covers, given where it started.
+pub fn kept(report: &ChainReport, checkpoint: Option<&Checkpoint>) -> u64 {
+    match report {
+        ChainReport::Intact { entries } => entries - checkpoint.map_or(0, |c| c.seq),
+        ChainReport::Broken { .. } => 0,
+    }
 }
 
 #[cfg(test)]

@@ -56,6 +56,8 @@ pub struct Needs {
     pub join_tokens: BTreeSet<String>,
     /// Identities whose usage the batch's ledger records change.
     pub usage: BTreeSet<String>,
+    /// Audit entries a retention checkpoint is placed on.
+    pub audit: BTreeSet<u64>,
 }
 
 /// What [`Txn::load`] found.
@@ -71,6 +73,8 @@ pub struct Loaded {
     pub join_tokens: HashMap<String, JoinTokenRecord>,
     /// Identity id → usage.
     pub usage: HashMap<String, UsageRecord>,
+    /// Audit sequence → that entry's chain hash.
+    pub audit_hashes: HashMap<u64, String>,
     /// The audit chain after its last entry.
     pub head: ChainHead,
 }
@@ -117,6 +121,8 @@ pub enum Write<'a> {
         /// Its usage now.
         usage: UsageRecord,
     },
+    /// Removes the audit entries up to `checkpoint.seq` and stores the checkpoint.
+    PruneAudit(&'a crate::audit::Checkpoint),
     /// Appends an audit entry (already chained).
     AppendAudit {
         /// Its sequence number.

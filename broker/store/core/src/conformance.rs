@@ -15,7 +15,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use sigil_pki::ids;
 
-use crate::audit::{AuditDraft, ChainReport, Decision, verify_chain};
+use crate::audit::{
+    AuditDraft, AuditEntry, ChainReport, Checkpoint, Decision, verify_chain, verify_chain_from,
+};
 use crate::model::{
     ApprovalRecord, CredentialKind, Entitlements, IdentityRecord, IdentityStatus, JoinTokenRecord,
     KeyKind, KeyRecord, KeyState, LedgerRecord, OwnerRecord, RevocationRecord,
@@ -56,6 +58,7 @@ pub async fn run(h: &dyn Harness) {
     reopening_keeps_acknowledged_changes_and_nothing_of_failed_ones(h).await;
     another_schema_or_key_is_refused(h).await;
     many_writers_one_order(h).await;
+    retention_leaves_a_checkpoint_the_chain_verifies_from(h).await;
 }
 
 const NOW: i64 = 1_900_000_000;
@@ -965,5 +968,97 @@ async fn many_writers_one_order(h: &dyn Harness) {
     );
     assert_eq!(store.ledger_len().await.ok(), Some(151), "{C}: ledger rows");
     chain_is_intact(&*store, &sealer, 152, C).await;
+    store.close().await;
+}
+
+async fn retention_leaves_a_checkpoint_the_chain_verifies_from(h: &dyn Harness) {
+    const C: &str = "retention_leaves_a_checkpoint_the_chain_verifies_from";
+    let (store, sealer) = fresh(h, C).await;
+    for i in 0..10 {
+        store
+            .commit(Change::audit_only(vec![draft("deny", &format!("t{i}"))]))
+            .await
+            .unwrap_or_else(|e| panic!("{C}: {e}"));
+    }
+    let sixth = store.audit_entries(6, 1).await.unwrap_or_default();
+    let sixth: AuditEntry =
+        serde_json::from_slice(&sixth[0].1).unwrap_or_else(|e| panic!("{C}: {e}"));
+    // A checkpoint that is not on the chain is refused.
+    let forged = Checkpoint::new(&sealer, 6, "00".repeat(32), NOW);
+    let e = store
+        .commit(Change {
+            ops: vec![Op::PruneAudit { checkpoint: forged }],
+            audit: vec![draft("audit.prune", "6")],
+        })
+        .await;
+    assert!(
+        matches!(e, Err(StoreError::Conflict(Conflict::AuditCheckpoint(6)))),
+        "{C}: {e:?}"
+    );
+    let cp = Checkpoint::new(&sealer, 6, sixth.hash.clone(), NOW);
+    store
+        .commit(Change {
+            ops: vec![Op::PruneAudit {
+                checkpoint: cp.clone(),
+            }],
+            audit: vec![draft("audit.prune", "6")],
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{C}: prune: {e}"));
+    let kept = store.audit_entries(1, 100).await.unwrap_or_default();
+    assert_eq!(
+        kept.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        (7..=11).collect::<Vec<u64>>(),
+        "{C}: entries up to the checkpoint are gone"
+    );
+    let stored = store.audit_checkpoint().await.ok().flatten();
+    assert_eq!(stored.as_ref(), Some(&cp), "{C}: the checkpoint is stored");
+    assert_eq!(
+        verify_chain_from(&sealer, stored.as_ref(), kept.clone()),
+        ChainReport::Intact { entries: 11 },
+        "{C}: the kept chain verifies from the checkpoint"
+    );
+    assert!(
+        matches!(
+            verify_chain(&sealer, kept.clone()),
+            ChainReport::Broken { .. }
+        ),
+        "{C}: and not without it"
+    );
+    // Moving the checkpoint or forging its hash is caught.
+    let mut moved = cp.clone();
+    moved.seq = 5;
+    assert!(
+        matches!(
+            verify_chain_from(&sealer, Some(&moved), kept.clone()),
+            ChainReport::Broken { .. }
+        ),
+        "{C}: a moved checkpoint"
+    );
+    assert_eq!(
+        store.audit_head().await.ok(),
+        Some(11),
+        "{C}: the head stays"
+    );
+    store.close().await;
+    let store = h
+        .open(C, sealer.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{C}: reopen: {e}"));
+    let c = store
+        .commit(Change::audit_only(vec![draft("deny", "after")]))
+        .await
+        .unwrap_or_else(|e| panic!("{C}: {e}"));
+    assert_eq!(
+        c.audit_seqs,
+        vec![12],
+        "{C}: the chain continues after reopening"
+    );
+    let kept = store.audit_entries(1, 100).await.unwrap_or_default();
+    assert_eq!(
+        verify_chain_from(&sealer, Some(&cp), kept),
+        ChainReport::Intact { entries: 12 },
+        "{C}"
+    );
     store.close().await;
 }

@@ -100,6 +100,13 @@ pub enum Op {
     PutOwner(OwnerRecord),
     /// Adds or replaces an approval.
     PutApproval(ApprovalRecord),
+    /// Removes the audit entries up to and including `checkpoint.seq` (retention), leaving
+    /// `checkpoint` as where the kept chain starts. Fails unless the entry at `checkpoint.seq`
+    /// exists, is not the newest, and has that hash.
+    PruneAudit {
+        /// Where the kept chain starts.
+        checkpoint: crate::audit::Checkpoint,
+    },
     /// Drops at most `limit` ledger records of credentials issued before `issued_before`
     /// (Unix seconds), oldest first (garbage collection of long-expired credentials).
     PruneLedger {
@@ -171,6 +178,9 @@ pub enum Conflict {
     /// Used join token.
     #[error("join token was already used")]
     JoinTokenUsed,
+    /// An audit checkpoint that does not sit on the stored chain.
+    #[error("audit checkpoint at entry {0} does not match the stored chain")]
+    AuditCheckpoint(u64),
 }
 
 /// Why a store operation failed.
@@ -287,4 +297,7 @@ pub trait StoreReads: Send + Sync + fmt::Debug + 'static {
         from_seq: u64,
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+
+    /// Where the kept audit chain starts, once retention removed older entries.
+    async fn audit_checkpoint(&self) -> Result<Option<crate::audit::Checkpoint>, StoreError>;
 }

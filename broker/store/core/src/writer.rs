@@ -180,6 +180,9 @@ fn needs_of(jobs: &[Job]) -> Needs {
             Op::AppendLedger(r) if !r.identity_id.is_empty() => {
                 n.usage.insert(r.identity_id.clone());
             }
+            Op::PruneAudit { checkpoint } => {
+                n.audit.insert(checkpoint.seq);
+            }
             _ => {}
         }
     }
@@ -259,6 +262,16 @@ impl View {
                     }
                     Some(_) => {}
                 },
+                Op::PruneAudit { checkpoint } => {
+                    let on_chain = self
+                        .loaded
+                        .audit_hashes
+                        .get(&checkpoint.seq)
+                        .is_some_and(|h| *h == checkpoint.hash);
+                    if !on_chain || checkpoint.seq >= self.loaded.head.seq {
+                        return Err(Conflict::AuditCheckpoint(checkpoint.seq));
+                    }
+                }
                 Op::PutJoinToken(_)
                 | Op::PutKey(_)
                 | Op::AppendLedger(_)
@@ -454,6 +467,7 @@ fn write_of(op: &Op, extra: Extra) -> Option<Write<'_>> {
             issued_before: *issued_before,
             limit: *limit,
         },
+        Op::PruneAudit { checkpoint } => Write::PruneAudit(checkpoint),
     })
 }
 
@@ -562,5 +576,8 @@ impl<B: Backend> StoreReads for GroupCommit<B> {
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         self.backend.audit_entries(from_seq, limit).await
+    }
+    async fn audit_checkpoint(&self) -> Result<Option<crate::audit::Checkpoint>, StoreError> {
+        self.backend.audit_checkpoint().await
     }
 }

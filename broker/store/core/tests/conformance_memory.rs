@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use sigil_store_core::audit::{AuditEntry, ChainHead};
+use sigil_store_core::audit::{AuditEntry, ChainHead, Checkpoint};
 use sigil_store_core::backend::{Backend, Loaded, Needs, Txn, Write};
 use sigil_store_core::conformance::{Harness, run};
 use sigil_store_core::model::{
@@ -33,6 +33,7 @@ struct Data {
     approvals: BTreeMap<String, ApprovalRecord>,
     usage: BTreeMap<String, UsageRecord>,
     audit: BTreeMap<u64, Vec<u8>>,
+    checkpoint: Option<Checkpoint>,
 }
 
 #[derive(Debug)]
@@ -95,6 +96,15 @@ impl Txn for MemTxn<'_> {
                 .usage
                 .iter()
                 .filter_map(|i| d.usage.get(i).map(|u| (i.clone(), u.clone())))
+                .collect(),
+            audit_hashes: needs
+                .audit
+                .iter()
+                .filter_map(|s| {
+                    d.audit
+                        .get(s)
+                        .map(|b| (*s, serde_json::from_slice::<AuditEntry>(b).unwrap().hash))
+                })
                 .collect(),
             head,
         })
@@ -162,6 +172,10 @@ impl Txn for MemTxn<'_> {
                     let mut u = usage.clone();
                     u.identity_id = identity_id.clone();
                     d.usage.insert(identity_id.clone(), u);
+                }
+                Write::PruneAudit(c) => {
+                    d.audit.retain(|s, _| *s > c.seq);
+                    d.checkpoint = Some((*c).clone());
                 }
                 Write::AppendAudit { seq, bytes, .. } => {
                     d.audit.insert(*seq, bytes.clone());
@@ -276,6 +290,9 @@ impl StoreReads for Memory {
             .next_back()
             .copied()
             .unwrap_or(0))
+    }
+    async fn audit_checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
+        Ok(self.data.lock().unwrap().checkpoint.clone())
     }
     async fn audit_entries(
         &self,

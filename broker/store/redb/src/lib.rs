@@ -50,6 +50,7 @@ const REVOCATIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("revocat
 
 const META_INFO: &str = "store_meta";
 const META_KEY_CHECK: &str = "key_check";
+const META_CHECKPOINT: &str = "audit_checkpoint";
 const KEY_CHECK_PLAINTEXT: &[u8] = b"sigil master key check v1";
 
 /// Makes the store's disk writes fail while on: for testing that issuance fails closed, and for
@@ -656,6 +657,16 @@ impl Txn for RedbTxn<'_> {
                 }
             }
         }
+        if !needs.audit.is_empty() {
+            let t = self.txn.open_table(AUDIT).map_err(unavailable)?;
+            for seq in &needs.audit {
+                if let Some(v) = t.get(*seq).map_err(unavailable)? {
+                    let e: sigil_store_core::audit::AuditEntry = serde_json::from_slice(v.value())
+                        .map_err(|e| corrupt(&format!("audit/{seq}"), e))?;
+                    out.audit_hashes.insert(*seq, e.hash);
+                }
+            }
+        }
         if !needs.usage.is_empty() {
             let t = self.txn.open_table(USAGE).map_err(unavailable)?;
             for id in &needs.usage {
@@ -769,6 +780,21 @@ impl Txn for RedbTxn<'_> {
                 } => {
                     usage
                         .insert(identity_id.as_str(), to_json(u).as_slice())
+                        .map_err(unavailable)?;
+                }
+                Write::PruneAudit(c) => {
+                    let doomed: Vec<u64> = audit
+                        .range(..=c.seq)
+                        .map_err(unavailable)?
+                        .map(|item| item.map(|(k, _)| k.value()))
+                        .collect::<Result<_, _>>()
+                        .map_err(unavailable)?;
+                    for k in doomed {
+                        audit.remove(k).map_err(unavailable)?;
+                    }
+                    txn.open_table(META)
+                        .map_err(unavailable)?
+                        .insert(META_CHECKPOINT, to_json(c).as_slice())
                         .map_err(unavailable)?;
                 }
                 Write::AppendAudit { seq, hash, bytes } => {
@@ -1014,6 +1040,23 @@ impl StoreReads for RedbBackend {
         })
         .await
     }
+
+    async fn audit_checkpoint(
+        &self,
+    ) -> Result<Option<sigil_store_core::audit::Checkpoint>, StoreError> {
+        self.read(|db| {
+            let r = db.begin_read().map_err(unavailable)?;
+            let m = r.open_table(META).map_err(unavailable)?;
+            match m.get(META_CHECKPOINT).map_err(unavailable)? {
+                Some(v) => Ok(Some(
+                    serde_json::from_slice(v.value())
+                        .map_err(|e| corrupt("meta/audit_checkpoint", e))?,
+                )),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
 }
 
 /// Single-row durable commits per second in a scratch database under `dir` (one fsync each):
@@ -1042,8 +1085,17 @@ pub fn durable_commit_rate(dir: &Path, commits: u32) -> Result<f64, StoreError> 
 /// Reads every audit entry of a store file directly, without a running broker and without
 /// writing to it, even when a crash left it needing recovery. For `sigil audit verify` on a
 /// stopped broker's data dir (or a copy of it).
-pub fn read_audit_file(path: &Path) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+pub fn read_audit_file(path: &Path) -> Result<sigil_store_core::audit::KeptChain, StoreError> {
     let db = open_view(path)?;
+    let checkpoint = {
+        let r = db.begin_read().map_err(unavailable)?;
+        let m = r.open_table(META).map_err(unavailable)?;
+        m.get(META_CHECKPOINT)
+            .map_err(unavailable)?
+            .map(|v| serde_json::from_slice(v.value()))
+            .transpose()
+            .map_err(|e| corrupt("meta/audit_checkpoint", e))?
+    };
     let r = db.begin_read().map_err(unavailable)?;
     let t = r.open_table(AUDIT).map_err(unavailable)?;
     let mut out = Vec::new();
@@ -1051,15 +1103,14 @@ pub fn read_audit_file(path: &Path) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let (k, v) = item.map_err(unavailable)?;
         out.push((k.value(), v.value().to_vec()));
     }
-    Ok(out)
+    Ok((checkpoint, out))
 }
 
 /// Tools for tests that rewrite or damage a stopped store's file.
 #[cfg(feature = "testing")]
 pub mod testing {
-    use std::path::Path;
-
     use std::collections::BTreeMap;
+    use std::path::Path;
 
     use super::{AUDIT, META, META_INFO, StoreError, StoreMeta, corrupt, to_json, unavailable};
     use redb::{Database, ReadableDatabase as _, ReadableTable as _};

@@ -1,0 +1,380 @@
+//! Staying up under abuse, as an attacker on loopback would try it: requests whose work grows
+//! with an attacker-chosen size, refusals that would grow the audit log with attacker-chosen
+//! bytes, bursts from one source, and audit retention that must still prove the chain intact.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use sigil_broker::clock::{Clock as _, ManualClock, SystemClock};
+use sigil_broker::config::{OidcIssuer, OidcPreset};
+use sigil_proto::v1 as pb;
+use sigil_sdk::JwtRequest;
+use sigil_tests::{TestBroker, raw};
+use tonic::Code;
+
+const APP: &str = "spiffe://example.org/svc/app";
+
+/// A FetchBundle and a JWT-SVID mint from a well-behaved client, each timed.
+async fn served_within(b: &TestBroker, w: &sigil_sdk::WorkloadClient, limit: Duration) {
+    let t = Instant::now();
+    b.workload().fetch_bundle().await.expect("bundle");
+    let bundle = t.elapsed();
+    let t = Instant::now();
+    w.fetch_jwt_svid(&JwtRequest::audience("db"))
+        .await
+        .expect("mint");
+    let mint = t.elapsed();
+    assert!(
+        bundle < limit && mint < limit,
+        "a normal client waited {bundle:?} for a bundle and {mint:?} for a JWT-SVID"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchange_with_thousands_of_repeated_audiences_is_refused_before_any_work() {
+    let b = TestBroker::start().await;
+    b.identity("svc/app", |_| {}).await;
+    let (w, creds) = b.attested(APP, &["db"]).await;
+    let subject = creds.jwts[0].token.expose_secret().to_owned();
+    let attack = |n: usize| {
+        let (url, bundle, svid, subject) = (
+            b.url.clone(),
+            b.bundle_pem.clone(),
+            creds.svid.clone(),
+            subject.clone(),
+        );
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let e = raw::mtls(&url, &bundle, &svid)
+                .exchange_jwt_svid(pb::ExchangeJwtSvidRequest {
+                    subject_token: subject,
+                    audiences: vec!["db".into(); n],
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
+            (e, started.elapsed())
+        })
+    };
+    let attackers = [attack(9000), attack(9000)];
+    served_within(&b, &w, Duration::from_secs(1)).await;
+    for a in attackers {
+        let (e, took) = a.await.unwrap();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(
+            e.message().contains("audiences") && e.message().contains("at most 16 entries"),
+            "{e:?}"
+        );
+        assert!(took < Duration::from_secs(2), "refused in {took:?}");
+    }
+    // Duplicates under the limit are folded, not minted into the token.
+    let e = raw::mtls(&b.url, &b.bundle_pem, &creds.svid)
+        .mint_jwt_svid(pb::MintJwtSvidRequest {
+            request: Some(pb::JwtRequest {
+                audiences: vec!["db".into(); 5],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(e.svid.unwrap().audiences, vec!["db".to_owned()]);
+}
+
+/// An OIDC issuer with no keys: every token is refused, which is all an attacker needs.
+fn with_an_oidc_issuer(dir: &std::path::Path) -> impl FnOnce(&mut sigil_broker::config::Config) {
+    let jwks = dir.join("jwks.json");
+    std::fs::write(&jwks, r#"{"keys":[]}"#).unwrap();
+    move |c| {
+        c.oidc = vec![OidcIssuer {
+            name: "idp".into(),
+            preset: OidcPreset::Generic,
+            issuer: "https://idp.example".into(),
+            audiences: vec!["sigil".into()],
+            jwks_file: Some(jwks),
+            jwks_url: None,
+            ca_file: None,
+            algorithms: vec!["RS256".into()],
+            clock_skew: Duration::from_secs(60),
+            jwks_cache: Duration::from_secs(300),
+            jwks_min_refresh: Duration::from_secs(30),
+        }]
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_attestations_with_huge_claims_do_not_grow_the_audit_log() {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    let tmp = tempfile::tempdir().unwrap();
+    let b =
+        TestBroker::start_configured(Arc::new(SystemClock), with_an_oidc_issuer(tmp.path())).await;
+    b.identity("svc/app", |_| {}).await;
+    let (w, _) = b.attested(APP, &["db"]).await;
+    let huge = "i".repeat(12 * 1024);
+    let token = format!(
+        "{}.{}.{}",
+        B64.encode(r#"{"alg":"RS256","kid":"k"}"#),
+        B64.encode(format!(
+            r#"{{"iss":"https://{huge}","sub":"x","aud":"sigil","exp":4000000000}}"#
+        )),
+        B64.encode([0u8; 256])
+    );
+    let before = b.audit().await;
+    let bytes_before: usize = before.iter().map(|e| e.to_string().len()).sum();
+    let mut refused = 0;
+    let mut limited = 0;
+    let flood = async {
+        for _ in 0..300 {
+            let e = raw::anon(&b.url, &b.bundle_pem)
+                .attest(pb::AttestRequest {
+                    evidence: Some(pb::Evidence {
+                        kind: Some(pb::evidence::Kind::Oidc(pb::OidcEvidence {
+                            token: token.clone(),
+                        })),
+                    }),
+                    csr: vec![1],
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
+            match e.code() {
+                Code::Unauthenticated | Code::InvalidArgument => refused += 1,
+                Code::ResourceExhausted => limited += 1,
+                other => panic!("{other:?}: {e:?}"),
+            }
+        }
+    };
+    let (_, ()) = tokio::join!(flood, async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        served_within(&b, &w, Duration::from_secs(1)).await;
+    });
+    assert_eq!(refused + limited, 300);
+    let after = b.audit().await;
+    let new = &after[before.len()..];
+    let grown: usize = after.iter().map(|e| e.to_string().len()).sum::<usize>() - bytes_before;
+    // The normal client's mint (one entry), and the refusals folded into one entry per interval.
+    assert!(new.len() <= 4, "{} new entries: {new:#?}", new.len());
+    assert!(grown < 8 * 1024, "the audit log grew by {grown} bytes");
+    assert!(!after.iter().any(|e| e.to_string().contains(&huge[..1024])));
+}
+
+/// A Broker-API client whose connections come from `source` (another loopback address).
+async fn anon_from(
+    b: &TestBroker,
+    source: std::net::IpAddr,
+) -> pb::broker_client::BrokerClient<tonic::transport::Channel> {
+    let addr = b.running().grpc_addr;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in sigil_pki::certs_from_pem(&b.bundle_pem).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let cfg = Arc::new(cfg);
+    let ch = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let cfg = cfg.clone();
+            async move {
+                let s = tokio::net::TcpSocket::new_v4()?;
+                s.bind((source, 0).into())?;
+                let tcp = s.connect(addr).await?;
+                let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+                let tls = tokio_rustls::TlsConnector::from(cfg)
+                    .connect(name, tcp)
+                    .await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await
+        .unwrap();
+    pb::broker_client::BrokerClient::new(ch)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_from_one_source_is_rate_limited_and_others_are_not() {
+    let b = TestBroker::start_configured(Arc::new(SystemClock), |c| {
+        c.limits.unauthenticated_per_second = 5;
+        c.limits.unauthenticated_burst = 10;
+        c.limits.authenticated_per_second = 5;
+        c.limits.authenticated_burst = 10;
+        c.limits.http_per_second = 5;
+        c.limits.http_burst = 10;
+    })
+    .await;
+    b.identity("svc/app", |_| {}).await;
+    b.identity("svc/other", |_| {}).await;
+    let (a, _) = b.attested(APP, &["db"]).await;
+    let (other, _) = b.attested("spiffe://example.org/svc/other", &["db"]).await;
+    // Let the address's bucket refill after those attestations.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut noisy = raw::anon(&b.url, &b.bundle_pem);
+    let mut limited = None;
+    for _ in 0..40 {
+        if let Err(e) = noisy.fetch_bundle(pb::FetchBundleRequest {}).await {
+            limited = Some(e);
+            break;
+        }
+    }
+    let e = limited.expect("a burst of 40 from one address is limited");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("limits.unauthenticated_per_second"),
+        "{e:?}"
+    );
+    let retry: u64 = e
+        .metadata()
+        .get("sigil-retry-after-ms")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=1000).contains(&retry), "{retry}");
+    // Another source address is served normally.
+    anon_from(&b, "127.0.0.2".parse().unwrap())
+        .await
+        .fetch_bundle(pb::FetchBundleRequest {})
+        .await
+        .expect("another address has its own bucket");
+
+    // Per identity: one identity's burst does not touch another's.
+    let mut hit = None;
+    for _ in 0..40 {
+        if let Err(e) = a.fetch_jwt_svid(&JwtRequest::audience("db")).await {
+            hit = Some(e);
+            break;
+        }
+    }
+    let e = hit.expect("a burst of 40 from one identity is limited");
+    assert_eq!(e.code(), Some(Code::ResourceExhausted), "{e}");
+    assert!(e.retry_after().is_some(), "the SDK sees the retry hint");
+    other
+        .fetch_jwt_svid(&JwtRequest::audience("db"))
+        .await
+        .expect("another identity is served");
+
+    // HTTP: 429 with Retry-After; health checks are never limited.
+    let mut saw_429 = false;
+    for _ in 0..40 {
+        if b.http_get("/bundle").await.0 == 429 {
+            saw_429 = true;
+            break;
+        }
+    }
+    assert!(
+        saw_429,
+        "a burst of HTTP requests from one address is limited"
+    );
+    for _ in 0..20 {
+        assert_eq!(b.http_get("/healthz").await.0, 200);
+    }
+    // Counted in /metrics.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, metrics) = b.http_get("/metrics").await;
+    for class in ["unauthenticated", "authenticated", "http"] {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("sigil_rate_limited_total") && l.contains(class)),
+            "{class}: {metrics}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_retention_leaves_a_checkpoint_and_tampering_after_it_is_still_named() {
+    use clap::Parser as _;
+    // Behind real time, so certificates minted on it still verify when it is moved on.
+    let clock = Arc::new(ManualClock::new(
+        SystemTime::now() - Duration::from_secs(600),
+    ));
+    let export = tempfile::tempdir().unwrap();
+    let dir = export.path().to_owned();
+    let mut b = TestBroker::start_configured(clock.clone(), move |c| {
+        c.audit.retention = Duration::from_secs(60);
+        c.audit.export_dir = Some(dir);
+    })
+    .await;
+    b.identity("svc/app", |_| {}).await;
+    b.join_token(APP).await;
+    let old = b.audit().await.len();
+    // Two minutes later, more happens; then the old entries are past retention.
+    clock.advance(Duration::from_secs(120));
+    b.identity("svc/new", |_| {}).await;
+    let removed = b.broker().prune_audit(10_000).await.unwrap();
+    assert_eq!(
+        removed as usize, old,
+        "exactly the entries older than the retention"
+    );
+    let kept = b.audit().await;
+    assert_eq!(kept[0]["seq"], old as u64 + 1);
+    assert_eq!(kept.last().unwrap()["action"], "audit.prune");
+    // They were exported first, as JSON lines, byte for byte.
+    let files: Vec<_> = std::fs::read_dir(export.path())
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(files.len(), 1);
+    let lines = std::fs::read_to_string(files[0].path()).unwrap();
+    assert_eq!(lines.lines().count(), old);
+    // The kept chain verifies, online and offline, from the checkpoint.
+    let v = b
+        .admin()
+        .verify_audit(pb::VerifyAuditRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(v.intact, "{}", v.reason);
+    b.stop().await;
+    let copy = b.dir.path().join("copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in sigil_broker::store::StoreConfig::in_data_dir(&b.data).files() {
+        std::fs::copy(&f, copy.join(f.file_name().unwrap())).unwrap();
+    }
+    for f in ["sigil.toml", "bundle.pem"] {
+        std::fs::copy(b.data.join(f), copy.join(f)).unwrap();
+    }
+    b.master.write_new_file(&copy.join("master.key")).unwrap();
+    let verify = |dir: std::path::PathBuf| async move {
+        sigil_cli::run(sigil_cli::Cli::parse_from([
+            "sigil",
+            "audit",
+            "verify",
+            "--offline",
+            "--data-dir",
+            dir.to_str().unwrap(),
+        ]))
+        .await
+        .map_err(|e| format!("{e:#}"))
+    };
+    verify(copy.clone())
+        .await
+        .expect("the kept chain verifies offline");
+    // Editing the first entry after the checkpoint is named.
+    let first = old as u64 + 1;
+    sigil_broker::store::testing::edit_audit(
+        &sigil_broker::store::StoreConfig::in_data_dir(&copy),
+        |t| {
+            let e = String::from_utf8(t[&first].clone())
+                .unwrap()
+                .replace("svc/new", "svc/evil");
+            t.insert(first, e.into_bytes());
+        },
+    )
+    .unwrap();
+    let e = verify(copy).await.unwrap_err();
+    assert!(
+        e.contains(&format!("broken at entry {first}")) && e.contains("edited"),
+        "{e}"
+    );
+    let _ = clock.unix();
+}
