@@ -12,8 +12,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use prost::Message as _;
 use sigil_broker::config::{OidcIssuer, OidcPreset};
 
+/// A fuzz target: any bytes in, no panic out.
+pub type Target = fn(&[u8]);
+
 /// Every target, by name.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("spiffe_id", spiffe_id),
     ("csr", csr),
     ("jwt", jwt),
@@ -40,7 +43,8 @@ pub fn spiffe_id(data: &[u8]) {
     let td: sigil_pki::TrustDomain = "example.org".parse().expect("td");
     let _ = sigil_broker::registry::check_spiffe_id(s, &td);
     let _ = s.parse::<sigil_broker::model::Selector>();
-    let _ = sigil_broker::registry::check_selectors(&s.lines().map(str::to_owned).collect::<Vec<_>>());
+    let _ =
+        sigil_broker::registry::check_selectors(&s.lines().map(str::to_owned).collect::<Vec<_>>());
 }
 
 /// A PKCS#10 request as `Attest` and `MintX509Svid` receive it.
@@ -80,19 +84,34 @@ pub fn jwt(data: &[u8]) {
     let (h, p) = data.split_at(split);
     // `KID` in the header stands for the trusted key's id (which differs per run).
     let h = String::from_utf8_lossy(h).replace("KID", signer.kid());
-    let mut t = format!("{}.{}", b64.encode(h), b64.encode(p.get(1..).unwrap_or(&[])));
+    let mut t = format!(
+        "{}.{}",
+        b64.encode(h),
+        b64.encode(p.get(1..).unwrap_or(&[]))
+    );
     let sig = signer.key().sign_es256(t.as_bytes()).expect("sign");
     t.push('.');
     t.push_str(&b64.encode(sig));
     if let Ok(v) = sigil_pki::jwt::verify(&t, keys, &opts) {
-        assert!(v.claims.aud.iter().any(|a| a == "db"), "accepted another audience");
-        assert!(v.claims.exp + 30 > 1_800_000_000, "accepted an expired token");
+        assert!(
+            v.claims.aud.iter().any(|a| a == "db"),
+            "accepted another audience"
+        );
+        assert!(
+            v.claims.exp + 30 > 1_800_000_000,
+            "accepted an expired token"
+        );
     }
 }
 
-fn oidc_verifier() -> &'static (tokio::runtime::Runtime, sigil_broker::attest::oidc::OidcVerifier) {
-    static V: OnceLock<(tokio::runtime::Runtime, sigil_broker::attest::oidc::OidcVerifier)> =
-        OnceLock::new();
+fn oidc_verifier() -> &'static (
+    tokio::runtime::Runtime,
+    sigil_broker::attest::oidc::OidcVerifier,
+) {
+    static V: OnceLock<(
+        tokio::runtime::Runtime,
+        sigil_broker::attest::oidc::OidcVerifier,
+    )> = OnceLock::new();
     V.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("sigil-fuzz-oidc-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
@@ -287,6 +306,9 @@ pub fn audit_chain(data: &[u8]) {
     if let sigil_broker::audit::ChainReport::Intact { entries } =
         sigil_broker::audit::verify_chain(sealer, entries)
     {
-        assert!(n == 0 || entries == 0, "a forged chain of {entries} verified");
+        assert!(
+            n == 0 || entries == 0,
+            "a forged chain of {entries} verified"
+        );
     }
 }

@@ -73,8 +73,16 @@ fn write_seeds() {
         b.encode([7u8; 64])
     );
     put("oidc", "k8s", oidc.as_bytes());
-    put("config", "example", include_bytes!("../../deploy/sigil.toml"));
-    put("config", "minimal", b"listen = \"127.0.0.1:9000\"\n[limits]\nmax_audiences = 4\n");
+    put(
+        "config",
+        "example",
+        include_bytes!("../../deploy/sigil.toml"),
+    );
+    put(
+        "config",
+        "minimal",
+        b"listen = \"127.0.0.1:9000\"\n[limits]\nmax_audiences = 4\n",
+    );
     let attest = pb::AttestRequest {
         evidence: Some(pb::Evidence {
             kind: Some(pb::evidence::Kind::JoinToken(pb::JoinTokenEvidence {
@@ -107,7 +115,11 @@ fn write_seeds() {
     let mut m = vec![0u8];
     m.extend(serde_json::to_vec(&rec).unwrap());
     put("records", "identity", &m);
-    put("records", "checkpoint", b"\x08{\"seq\":6,\"hash\":\"00\",\"time\":1,\"mac\":\"00\"}");
+    put(
+        "records",
+        "checkpoint",
+        b"\x08{\"seq\":6,\"hash\":\"00\",\"time\":1,\"mac\":\"00\"}",
+    );
     put("audit_chain", "two", b"{\"seq\":1,\"time\":0,\"actor\":\"op\",\"action\":\"a\",\"target\":\"t\",\"decision\":\"allow\",\"reason\":\"r\",\"request_id\":\"q\",\"prev_hash\":\"0000000000000000000000000000000000000000000000000000000000000000\",\"hash\":\"00\"}\n{}");
 }
 
