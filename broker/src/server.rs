@@ -44,12 +44,12 @@ pub enum StartError {
     #[error(transparent)]
     Keys(#[from] KeyError),
     /// A listener.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {cause}")]
     Listen {
         /// The address.
         addr: SocketAddr,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (part of the message, not a separate `source`, so it is said once).
+        cause: std::io::Error,
     },
     /// Anything else.
     #[error("{0}")]
@@ -117,11 +117,25 @@ impl RunningBroker {
         self.http_addr.map(|a| format!("{scheme}://{a}"))
     }
 
-    /// Stops accepting, lets in-flight requests finish, flushes the store.
+    /// Stops accepting, gives in-flight requests `limits.shutdown_grace` to finish, then
+    /// closes what is left (connections that stay open, idle streams), flushes the store.
     pub async fn shutdown(self) {
         self.cancel.cancel();
-        for t in self.tasks {
-            let _ = t.await;
+        let grace = self.broker.config().limits.shutdown_grace;
+        let deadline = tokio::time::Instant::now() + grace;
+        let mut late = 0;
+        for mut t in self.tasks {
+            if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
+                t.abort();
+                late += 1;
+            }
+        }
+        if late > 0 {
+            tracing::warn!(
+                ?grace,
+                late,
+                "listeners still had open connections after the shutdown grace period; closed them"
+            );
         }
         self.broker.flush_refusals(true).await;
         self.broker.store().close().await;
@@ -139,22 +153,22 @@ pub async fn start(
     // Listeners first: the issuer names the HTTP port, and a port in use is better said now.
     let listener = TcpListener::bind(cfg.listen)
         .await
-        .map_err(|source| StartError::Listen {
+        .map_err(|cause| StartError::Listen {
             addr: cfg.listen,
-            source,
+            cause,
         })?;
-    let grpc_addr = listener.local_addr().map_err(|source| StartError::Listen {
+    let grpc_addr = listener.local_addr().map_err(|cause| StartError::Listen {
         addr: cfg.listen,
-        source,
+        cause,
     })?;
     let http_listener = match cfg.http_listen {
         Some(addr) => {
             let l = TcpListener::bind(addr)
                 .await
-                .map_err(|source| StartError::Listen { addr, source })?;
+                .map_err(|cause| StartError::Listen { addr, cause })?;
             let bound = l
                 .local_addr()
-                .map_err(|source| StartError::Listen { addr, source })?;
+                .map_err(|cause| StartError::Listen { addr, cause })?;
             Some((l, bound))
         }
         None => None,
@@ -305,7 +319,12 @@ pub async fn start(
                 BrokerServer::new(WorkloadApi::new(broker.clone()))
                     .max_decoding_message_size(limit),
             );
-        let incoming = crate::api::unix::incoming(listener, budgets.unix.clone(), cancel.clone());
+        let incoming = crate::api::unix::incoming(
+            listener,
+            budgets.unix.clone(),
+            cfg.limits.handshake_timeout,
+            cancel.clone(),
+        );
         let c = cancel.clone();
         tracing::info!(socket = %path.display(), "serving the Workload API on the Unix socket");
         tasks.push(tokio::spawn(async move {

@@ -2,6 +2,7 @@
 //! operator [`admin::AdminApi`]. [`status`] is the one place a [`BrokerError`] becomes a
 //! `tonic::Status`.
 
+use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -29,6 +30,10 @@ pub struct Conn<S, I> {
     info: I,
     /// Its slot in the listener's connection budget, freed when the connection ends.
     _slot: Option<crate::conns::ConnGuard>,
+    /// Until the peer sends its first bytes (the HTTP/2 preface): when it fires, the
+    /// connection is closed, so a client that connects and stays silent holds no slot (and
+    /// does not hold up shutdown) for longer than this.
+    first_read: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S, I> Conn<S, I> {
@@ -38,7 +43,14 @@ impl<S, I> Conn<S, I> {
             inner,
             info,
             _slot: None,
+            first_read: None,
         }
+    }
+
+    /// Closes the connection if the peer has sent nothing `within` from now.
+    pub fn with_first_read_deadline(mut self, within: Duration) -> Self {
+        self.first_read = Some(Box::pin(tokio::time::sleep(within)));
+        self
     }
 
     /// Holds `slot` for as long as the connection lives.
@@ -61,7 +73,22 @@ impl<S: AsyncRead + Unpin, I: Unpin> AsyncRead for Conn<S, I> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Some(deadline) = self.first_read.as_mut() {
+            match &polled {
+                Poll::Ready(Ok(())) if buf.filled().len() > before => self.first_read = None,
+                Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
+                    metrics::counter!("sigil_silent_connections_closed_total").increment(1);
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the peer sent nothing after connecting",
+                    )));
+                }
+                _ => {}
+            }
+        }
+        polled
     }
 }
 

@@ -164,9 +164,9 @@ pub fn spawn_acceptor(
                     })
                     .map(Arc::new);
                 let _ = tx
-                    .send(Ok(
-                        TlsConn::new(stream, ConnInfo { remote, peer }).with_slot(slot)
-                    ))
+                    .send(Ok(TlsConn::new(stream, ConnInfo { remote, peer })
+                        .with_slot(slot)
+                        .with_first_read_deadline(handshake_timeout)))
                     .await;
             });
         }

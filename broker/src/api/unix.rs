@@ -42,10 +42,11 @@ pub fn bind(path: &Path, mode: u32) -> io::Result<UnixListener> {
 /// Accepted connections with their peer credentials, until `cancel`.
 ///
 /// Every connection takes a slot of `budget` (per uid and in total); one over budget is
-/// closed at once.
+/// closed at once, and so is one that sends nothing within `first_read`.
 pub fn incoming(
     listener: UnixListener,
     budget: std::sync::Arc<crate::conns::ConnLimit>,
+    first_read: std::time::Duration,
     cancel: tokio_util::sync::CancellationToken,
 ) -> impl tokio_stream::Stream<Item = io::Result<UnixConn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -63,6 +64,7 @@ pub fn incoming(
                             Ok(slot) => {
                                 UnixConn::new(s, UnixPeer::observe(c.uid(), c.gid(), c.pid()))
                                     .with_slot(slot)
+                                    .with_first_read_deadline(first_read)
                             }
                             Err(_) => continue,
                         },
