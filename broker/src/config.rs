@@ -23,12 +23,12 @@ pub const ADMIN_DIR: &str = "admin";
 #[non_exhaustive]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}: {cause}")]
     Io {
         /// The file.
         path: String,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (part of the message, not a separate `source`, so it is said once).
+        cause: std::io::Error,
     },
     /// The file is not valid TOML for this schema.
     #[error("{path}: {message}")]
@@ -639,10 +639,10 @@ impl Config {
         let mut cfg = match std::fs::read_to_string(&path) {
             Ok(text) => Self::parse(&text, &path.display().to_string())?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
-            Err(source) => {
+            Err(cause) => {
                 return Err(ConfigError::Io {
                     path: path.display().to_string(),
-                    source,
+                    cause,
                 });
             }
         };

@@ -30,12 +30,12 @@ const NONCE_LEN: usize = 12;
 #[non_exhaustive]
 pub enum SealError {
     /// The key file could not be read or written.
-    #[error("master key file {path}: {source}")]
+    #[error("master key file {path}: {cause}")]
     Io {
         /// The file.
         path: String,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (part of the message, not a separate `source`, so it is said once).
+        cause: std::io::Error,
     },
     /// The key file can be read by group or others.
     #[error(
@@ -105,9 +105,9 @@ impl MasterKey {
 
     /// Loads a key file, refusing one that group or others can read.
     pub fn load_file(path: &Path) -> Result<Self, SealError> {
-        let io = |source| SealError::Io {
+        let io = |cause| SealError::Io {
             path: path.display().to_string(),
-            source,
+            cause,
         };
         let meta = fs::metadata(path).map_err(io)?;
         let mode = meta.permissions().mode() & 0o777;
@@ -123,9 +123,9 @@ impl MasterKey {
 
     /// Writes the key to a new file created with mode 0600. Refuses to overwrite.
     pub fn write_new_file(&self, path: &Path) -> Result<(), SealError> {
-        let io = |source| SealError::Io {
+        let io = |cause| SealError::Io {
             path: path.display().to_string(),
-            source,
+            cause,
         };
         let mut f = fs::OpenOptions::new()
             .write(true)
@@ -136,7 +136,13 @@ impl MasterKey {
         let text = SecretString::new(B64.encode(self.0.expose_secret()));
         f.write_all(text.expose_secret().as_bytes()).map_err(io)?;
         f.write_all(b"\n").map_err(io)?;
-        f.sync_all().map_err(io)
+        f.sync_all().map_err(io)?;
+        // The new directory entry too: a crash right after must not lose the key.
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)
     }
 
     /// The key as base64, for `SIGIL_MASTER_KEY`.
