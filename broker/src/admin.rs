@@ -490,28 +490,31 @@ pub struct AuditQuery {
 
 impl Broker {
     /// Walks the kept audit chain with the broker's key, from the retention checkpoint (if
-    /// older entries were removed).
+    /// older entries were removed) to at least its anchored end, page by page in bounded
+    /// memory while commits go on.
     pub async fn verify_audit(&self) -> Result<crate::audit::ChainReport, BrokerError> {
         const PAGE: usize = 10_000;
+        // The anchor first: the chain read after it must reach it (and may go past it, as
+        // commits go on meanwhile).
+        let anchor = self.store.audit_anchor().await?;
         let checkpoint = self.store.audit_checkpoint().await?;
-        let mut all = Vec::new();
+        let mut v =
+            crate::audit::ChainVerifier::new(&self.sealer, checkpoint.as_ref(), anchor.as_ref());
         let mut from = checkpoint.as_ref().map_or(1, |c| c.seq + 1);
-        loop {
+        'pages: loop {
             let page = self.store.audit_entries(from, PAGE).await?;
             let n = page.len();
-            if let Some((last, _)) = page.last() {
-                from = last + 1;
+            for (seq, bytes) in page {
+                from = seq + 1;
+                if !v.feed(seq, &bytes) {
+                    break 'pages;
+                }
             }
-            all.extend(page);
             if n < PAGE {
                 break;
             }
         }
-        Ok(crate::audit::verify_chain_from(
-            &self.sealer,
-            checkpoint.as_ref(),
-            all,
-        ))
+        Ok(v.finish(crate::audit::End::AtLeast))
     }
 
     /// Removes audit entries older than `audit.retention` (at most `limit` per call), exporting

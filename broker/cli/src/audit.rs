@@ -75,12 +75,18 @@ pub(crate) async fn run(cmd: AuditCmd) -> Result<()> {
                 sigil_broker::seal::Sealer::new(&sigil_broker::server::load_master_key(&cfg)?);
             let store = cfg.store();
             sigil_broker::store::check_master_key(&store, &sealer)?;
-            let (checkpoint, entries) = sigil_broker::store::read_audit_offline(&store)?;
-            let report =
-                sigil_broker::audit::verify_chain_from(&sealer, checkpoint.as_ref(), entries);
+            let inspection = sigil_broker::store::check_offline(&store)?;
+            if inspection.unclean {
+                println!(
+                    "note: the store was not closed cleanly (a crash or kill -9); redb's crash recovery ran on an in-memory view of it, and the file was not changed (`sigil serve` recovers it for real)"
+                );
+            }
+            let chain = sigil_broker::store::read_audit_offline(&store)?;
+            let report = sigil_broker::audit::verify_stored(&sealer, &chain);
+            let checkpoint = chain.checkpoint;
             match report {
                 sigil_broker::audit::ChainReport::Intact { entries } => match &checkpoint {
-                    None => println!("audit log intact: {entries} entries"),
+                    None => println!("audit log intact: {entries} entries, ending at its anchor"),
                     Some(c) => println!(
                         "audit log intact: entries {} to {entries} (entries up to {} were removed by retention at {}; the checkpoint verifies)",
                         c.seq + 1,

@@ -5,9 +5,8 @@
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,122 +16,8 @@ use sigil_sdk::transport::{self, BrokerTarget, ClientCertSlot};
 use sigil_sdk::{ClientConfig, Evidence, SvidOptions, WorkloadClient};
 use tonic::transport::Channel;
 
-const SIGIL: &str = env!("CARGO_BIN_EXE_sigil");
-
-/// A child process whose stdout lines arrive on a channel.
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Proc {
-    fn spawn(args: &[&str], cwd: &Path, envs: &[(&str, &str)]) -> Proc {
-        let mut child = Command::new(SIGIL)
-            .args(args)
-            .current_dir(cwd)
-            .envs(envs.iter().copied())
-            .env_remove("SIGIL_MASTER_KEY")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn sigil");
-        let out = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc { child, lines }
-    }
-
-    /// The first line containing `needle`, within 30 s.
-    fn wait_for(&self, needle: &str) -> String {
-        loop {
-            match self.lines.recv_timeout(Duration::from_secs(30)) {
-                Ok(l) if l.contains(needle) => return l,
-                Ok(_) => continue,
-                Err(e) => panic!("no line containing {needle:?} from sigil: {e}"),
-            }
-        }
-    }
-
-    fn sigterm(&mut self) -> std::process::ExitStatus {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok);
-        for _ in 0..200 {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                return s;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("sigil did not exit within 10s of SIGTERM");
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn sigil(args: &[&str], cwd: &Path) -> std::process::Output {
-    Command::new(SIGIL)
-        .args(args)
-        .current_dir(cwd)
-        .env_remove("SIGIL_MASTER_KEY")
-        .output()
-        .expect("run sigil")
-}
-
-fn init(dir: &Path) -> PathBuf {
-    let data = dir.join("data");
-    let out = sigil(
-        &[
-            "init",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--trust-domain",
-            "example.org",
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "off",
-        ],
-        dir,
-    );
-    assert!(
-        out.status.success(),
-        "init: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    data
-}
-
-fn serve(dir: &Path, data: &Path) -> (Proc, String) {
-    let p = Proc::spawn(&["serve", "--data-dir", data.to_str().unwrap()], dir, &[]);
-    let line = p.wait_for("sigil broker listening on ");
-    let url = line.rsplit(' ').next().unwrap().to_owned();
-    (p, url)
-}
-
-fn admin(data: &Path, url: &str) -> sigil_proto::v1::admin_client::AdminClient<Channel> {
-    let r = |p: &str| std::fs::read(data.join(p)).unwrap();
-    sigil_sdk::connect_admin(
-        url,
-        &r("bundle.pem"),
-        &r("admin/admin.crt"),
-        &r("admin/admin.key"),
-    )
-    .unwrap()
-}
+mod common;
+use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_dash_nine_under_load_loses_no_issued_credential() {
@@ -620,33 +505,6 @@ fn sigil_bench_runs_embedded_and_prints_the_documented_json() {
     );
 }
 
-/// The files of the embedded store in data dir `d`: the database, then its key-check file.
-fn files_of(d: &Path) -> Vec<PathBuf> {
-    sigil_broker::store::StoreConfig::in_data_dir(d).files()
-}
-
-/// sha256 of every file under `dir`, by relative path.
-fn digests(dir: &Path) -> std::collections::BTreeMap<String, String> {
-    let mut out = std::collections::BTreeMap::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                let bytes = std::fs::read(&p).unwrap();
-                let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes);
-                out.insert(
-                    p.strip_prefix(dir).unwrap().display().to_string(),
-                    sigil_pki::ids::to_hex(d.as_ref()),
-                );
-            }
-        }
-    }
-    out
-}
-
 /// A wrong, garbage or mismatched key, or a damaged store, is refused by every command that
 /// opens a store — and not one byte of the data dir changes, even for a store a `kill -9` left
 /// needing crash recovery (whose recovery would rewrite it).
@@ -876,34 +734,4 @@ async fn idle_http_connections_beyond_the_cap_do_not_stop_issuance() {
     );
     let _ = child.kill();
     let _ = child.wait();
-}
-
-/// `GET path` over TLS (server name `localhost`, verified with `bundle`); the whole response.
-async fn https_get(addr: std::net::SocketAddr, path: &str, bundle: &[u8]) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut roots = rustls::RootCertStore::empty();
-    for c in sigil_pki::certs_from_pem(bundle).unwrap() {
-        roots.add(c).unwrap();
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, tcp)
-        .await
-        .unwrap();
-    tls.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = Vec::new();
-    let _ = tls.read_to_end(&mut out).await;
-    String::from_utf8_lossy(&out).into_owned()
 }

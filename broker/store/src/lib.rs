@@ -117,14 +117,25 @@ pub fn check_master_key(cfg: &StoreConfig, sealer: &Sealer) -> Result<(), StoreE
     }
 }
 
-/// Every kept audit entry and the retention checkpoint they start after, read straight from
-/// the store without a running broker and without writing to it (for `sigil audit verify
-/// --offline`, also on a store a crash left behind).
-pub fn read_audit_offline(cfg: &StoreConfig) -> Result<audit::KeptChain, StoreError> {
+/// Every kept audit entry, the retention checkpoint they start after and the anchor of their
+/// end, read straight from the store without a running broker and without writing to it (for
+/// `sigil audit verify --offline`, also on a store a crash left behind). A damaged file is an
+/// error saying so.
+pub fn read_audit_offline(cfg: &StoreConfig) -> Result<audit::StoredChain, StoreError> {
     match cfg {
         StoreConfig::Redb { path } => sigil_store_redb::read_audit_file(path),
     }
 }
+
+/// Checks a stopped store's files without writing to them (what `serve` checks at start):
+/// redb's page checksums, and every record when it was not closed cleanly.
+pub fn check_offline(cfg: &StoreConfig) -> Result<Inspection, StoreError> {
+    match cfg {
+        StoreConfig::Redb { path } => sigil_store_redb::check_file(path),
+    }
+}
+
+pub use sigil_store_redb::Inspection;
 
 /// Durable single-row commits per second of the embedded store's medium, measured in a
 /// scratch database under `dir`: the floor every issuance pays (`sigil bench --baseline`).
@@ -147,6 +158,15 @@ pub mod testing {
     ) -> Result<(), StoreError> {
         match cfg {
             StoreConfig::Redb { path } => sigil_store_redb::testing::edit_audit(path, f),
+        }
+    }
+
+    /// Deletes the last `audit` entries and `ledger` rows of the stopped store.
+    pub fn truncate_tail(cfg: &StoreConfig, audit: usize, ledger: usize) -> Result<(), StoreError> {
+        match cfg {
+            StoreConfig::Redb { path } => {
+                sigil_store_redb::testing::truncate_tail(path, audit, ledger)
+            }
         }
     }
 }

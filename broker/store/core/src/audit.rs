@@ -249,8 +249,54 @@ fn checkpoint_mac(sealer: &Sealer, seq: u64, hash: &str, time: i64) -> String {
     sigil_pki::ids::to_hex(&sealer.audit_mac(data.as_bytes()))
 }
 
-/// The kept audit entries (sequence number, stored JSON) and the checkpoint they start after.
-pub type KeptChain = (Option<Checkpoint>, Vec<(u64, Vec<u8>)>);
+/// The chain's end as of the last commit, kept apart from the entries (in the store's metadata,
+/// written in the same transaction as every batch of entries) under its own MAC: removing
+/// entries from the end of the chain leaves the anchor pointing past what is left, and the
+/// anchor cannot be moved back without the master key. (It can be put back to a value it once
+/// had, together with the file as it was then: a rollback of the whole store needs a witness
+/// outside it — see docs/SECURITY.md.)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Anchor {
+    /// The last entry's sequence number.
+    pub seq: u64,
+    /// Its chain hash.
+    pub hash: String,
+    /// HMAC of the above under the audit key, in a domain of its own.
+    pub mac: String,
+}
+
+impl Anchor {
+    /// The anchor of the chain ending at `head`.
+    pub fn new(sealer: &Sealer, head: &ChainHead) -> Self {
+        Anchor {
+            seq: head.seq,
+            hash: head.hash.clone(),
+            mac: anchor_mac(sealer, head.seq, &head.hash),
+        }
+    }
+
+    /// Whether the MAC is this key's.
+    pub fn verify(&self, sealer: &Sealer) -> bool {
+        anchor_mac(sealer, self.seq, &self.hash) == self.mac
+    }
+}
+
+fn anchor_mac(sealer: &Sealer, seq: u64, hash: &str) -> String {
+    let data = format!("sigil/audit/anchor/v1\0{seq}\0{hash}");
+    sigil_pki::ids::to_hex(&sealer.audit_mac(data.as_bytes()))
+}
+
+/// What a store holds of its audit chain: where retention left it, its anchored end, and the
+/// kept entries (sequence number, stored JSON).
+#[derive(Debug, Clone, Default)]
+pub struct StoredChain {
+    /// Where the kept entries start (after retention), if any were removed.
+    pub checkpoint: Option<Checkpoint>,
+    /// The anchored end.
+    pub anchor: Option<Anchor>,
+    /// The kept entries in key order.
+    pub entries: Vec<(u64, Vec<u8>)>,
+}
 
 /// The result of walking the chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -269,7 +315,8 @@ pub enum ChainReport {
     },
 }
 
-/// Walks stored entries in key order and reports the first break.
+/// Walks stored entries in key order and reports the first break. Checks the links and MACs
+/// only: [`verify_stored`] also checks the chain's ends.
 pub fn verify_chain<I>(sealer: &Sealer, entries: I) -> ChainReport
 where
     I: IntoIterator<Item = (u64, Vec<u8>)>,
@@ -279,7 +326,7 @@ where
 
 /// Walks stored entries in key order from `checkpoint` (where retention left the chain; none:
 /// from the start) and reports the first break. A checkpoint that does not verify under the key
-/// is itself the break.
+/// is itself the break. Does not check the chain's end: see [`verify_stored`].
 pub fn verify_chain_from<I>(
     sealer: &Sealer,
     checkpoint: Option<&Checkpoint>,
@@ -288,56 +335,196 @@ pub fn verify_chain_from<I>(
 where
     I: IntoIterator<Item = (u64, Vec<u8>)>,
 {
-    let mut head = match checkpoint {
-        None => ChainHead::default(),
-        Some(c) if c.verify(sealer) => c.head(),
-        Some(c) => {
-            return ChainReport::Broken {
-                seq: c.seq + 1,
-                reason: "the retention checkpoint does not verify with this key (forged or moved)"
-                    .into(),
-            };
+    let mut v = ChainVerifier::new(sealer, checkpoint, None);
+    for (k, b) in entries {
+        if !v.feed(k, &b) {
+            break;
         }
-    };
-    for (key, bytes) in entries {
-        let expected = head.seq + 1;
-        if key != expected {
-            return ChainReport::Broken {
-                seq: expected,
-                reason: format!("entry {expected} is missing (next stored entry is {key})"),
-            };
+    }
+    v.finish(End::Unchecked)
+}
+
+/// Verifies a whole stored chain read in one snapshot: links and MACs from the checkpoint, and
+/// that it ends exactly where its anchor says — so entries removed from the end are found.
+pub fn verify_stored(sealer: &Sealer, chain: &StoredChain) -> ChainReport {
+    let mut v = ChainVerifier::new(sealer, chain.checkpoint.as_ref(), chain.anchor.as_ref());
+    for (k, b) in &chain.entries {
+        if !v.feed(*k, b) {
+            break;
         }
-        let entry: AuditEntry = match serde_json::from_slice(&bytes) {
-            Ok(e) => e,
-            Err(e) => {
-                return ChainReport::Broken {
-                    seq: key,
-                    reason: format!("entry is not valid JSON: {e}"),
-                };
-            }
+    }
+    v.finish(End::Exact)
+}
+
+/// How [`ChainVerifier::finish`] checks the chain's end against the anchor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Not at all (the anchor was not read).
+    Unchecked,
+    /// The chain ends exactly at the anchor (entries and anchor read in one snapshot).
+    Exact,
+    /// The chain reaches the anchor and may go past it (the anchor was read first, and the
+    /// chain read page by page while commits went on).
+    AtLeast,
+}
+
+/// Walks a chain entry by entry, in bounded memory: for verifying a large chain page by page.
+pub struct ChainVerifier<'a> {
+    sealer: &'a Sealer,
+    head: ChainHead,
+    anchor: Option<Anchor>,
+    /// Whether the walk started from a checkpoint (entries were removed before it).
+    from_checkpoint: bool,
+    /// The anchored entry's hash as found on the walk.
+    anchored_hash: Option<String>,
+    broken: Option<(u64, String)>,
+}
+
+impl std::fmt::Debug for ChainVerifier<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChainVerifier")
+            .field("head", &self.head)
+            .field("broken", &self.broken)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> ChainVerifier<'a> {
+    /// Starts after `checkpoint` (or at the beginning), checking the end against `anchor`.
+    pub fn new(
+        sealer: &'a Sealer,
+        checkpoint: Option<&Checkpoint>,
+        anchor: Option<&Anchor>,
+    ) -> Self {
+        let mut v = ChainVerifier {
+            sealer,
+            head: ChainHead::default(),
+            anchor: anchor.cloned(),
+            from_checkpoint: checkpoint.is_some(),
+            anchored_hash: None,
+            broken: None,
         };
+        match checkpoint {
+            None => {}
+            Some(c) if c.verify(sealer) => v.head = c.head(),
+            Some(c) => {
+                v.broken = Some((
+                    c.seq + 1,
+                    "the retention checkpoint does not verify with this key (forged or moved)"
+                        .into(),
+                ))
+            }
+        }
+        if let Some(a) = anchor
+            && !a.verify(sealer)
+            && v.broken.is_none()
+        {
+            v.broken = Some((
+                a.seq,
+                "the anchor of the chain's end does not verify with this key (forged or moved)"
+                    .into(),
+            ));
+        }
+        v
+    }
+
+    /// The next stored entry; `false` once the chain is broken (the report says where), so
+    /// the caller can stop reading.
+    pub fn feed(&mut self, key: u64, bytes: &[u8]) -> bool {
+        if self.broken.is_some() {
+            return false;
+        }
+        match self.check(key, bytes) {
+            Ok(()) => true,
+            Err(b) => {
+                self.broken = Some(b);
+                false
+            }
+        }
+    }
+
+    fn check(&mut self, key: u64, bytes: &[u8]) -> Result<(), (u64, String)> {
+        let expected = self.head.seq + 1;
+        if key != expected {
+            return Err((
+                expected,
+                format!("entry {expected} is missing (next stored entry is {key})"),
+            ));
+        }
+        let entry: AuditEntry = serde_json::from_slice(bytes)
+            .map_err(|e| (key, format!("entry is not valid JSON: {e}")))?;
         if entry.seq != key {
-            return ChainReport::Broken {
-                seq: key,
-                reason: format!(
+            return Err((
+                key,
+                format!(
                     "entry stored at {key} says it is {}; entries were reordered",
                     entry.seq
                 ),
-            };
+            ));
         }
-        if entry.prev_hash != head.hash {
-            return ChainReport::Broken { seq: key, reason: "link to the previous entry is broken (an entry before it was removed, replaced or reordered)".into() };
+        if entry.prev_hash != self.head.hash {
+            return Err((key, "link to the previous entry is broken (an entry before it was removed, replaced or reordered)".into()));
         }
-        if entry_mac(sealer, &entry) != entry.hash {
-            return ChainReport::Broken {
-                seq: key,
-                reason: "entry content does not match its hash (edited)".into(),
-            };
+        if entry_mac(self.sealer, &entry) != entry.hash {
+            return Err((key, "entry content does not match its hash (edited)".into()));
         }
-        head.seq = entry.seq;
-        head.hash = entry.hash;
+        if self.anchor.as_ref().is_some_and(|a| a.seq == key) {
+            self.anchored_hash = Some(entry.hash.clone());
+        }
+        self.head.seq = entry.seq;
+        self.head.hash = entry.hash;
+        Ok(())
     }
-    ChainReport::Intact { entries: head.seq }
+
+    /// The report: the first break, or — checking the end as `end` says — intact.
+    pub fn finish(self, end: End) -> ChainReport {
+        if let Some((seq, reason)) = self.broken {
+            return ChainReport::Broken { seq, reason };
+        }
+        let last = self.head.seq;
+        let Some(anchor) = self.anchor.filter(|_| end != End::Unchecked) else {
+            if end != End::Unchecked && (last > 0 || self.from_checkpoint) {
+                return ChainReport::Broken {
+                    seq: last + 1,
+                    reason: format!(
+                        "the anchor of the chain's end is missing (removed?), so entries after {last} may have been removed too"
+                    ),
+                };
+            }
+            return ChainReport::Intact { entries: last };
+        };
+        if anchor.seq > last {
+            return ChainReport::Broken {
+                seq: last + 1,
+                reason: format!(
+                    "the chain ends at entry {last} but its end was anchored at entry {}: entries {} to {} were removed",
+                    anchor.seq,
+                    last + 1,
+                    anchor.seq
+                ),
+            };
+        }
+        if end == End::Exact && anchor.seq < last {
+            return ChainReport::Broken {
+                seq: anchor.seq + 1,
+                reason: format!(
+                    "the chain goes on past its anchor (entry {}): the anchor was put back to an older value",
+                    anchor.seq
+                ),
+            };
+        }
+        match self.anchored_hash {
+            Some(h) if h == anchor.hash => ChainReport::Intact { entries: last },
+            // An empty chain is anchored at 0 with the empty hash.
+            None if anchor.seq == 0 && last == 0 && anchor.hash == ChainHead::default().hash => {
+                ChainReport::Intact { entries: 0 }
+            }
+            _ => ChainReport::Broken {
+                seq: anchor.seq,
+                reason: "the entry at the anchored end is not the one that was anchored (the anchor was put back to an older value, or is older than the retention checkpoint)".into(),
+            },
+        }
+    }
 }
 
 /// How many entries a report of [`verify_chain_from`] covers, given where it started.
@@ -447,5 +634,83 @@ mod tests {
             verify_chain(&other, good),
             ChainReport::Broken { seq: 1, .. }
         ));
+    }
+
+    #[test]
+    fn the_anchor_finds_a_cut_end_a_rolled_back_anchor_and_a_forged_one() {
+        let s = Sealer::new(&MasterKey::generate());
+        let entries = chain(&s, 8);
+        let head_at = |n: usize| {
+            let e: AuditEntry = serde_json::from_slice(&entries[n - 1].1).unwrap();
+            ChainHead {
+                seq: e.seq,
+                hash: e.hash,
+            }
+        };
+        let whole = StoredChain {
+            checkpoint: None,
+            anchor: Some(Anchor::new(&s, &head_at(8))),
+            entries: entries.clone(),
+        };
+        assert_eq!(
+            verify_stored(&s, &whole),
+            ChainReport::Intact { entries: 8 }
+        );
+
+        // The last three removed: the chain itself is fine, the anchor says it was longer.
+        let mut cut = whole.clone();
+        cut.entries.truncate(5);
+        match verify_stored(&s, &cut) {
+            ChainReport::Broken { seq: 6, reason } => {
+                assert!(reason.contains("entries 6 to 8 were removed"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            verify_chain(&s, cut.entries.clone()),
+            ChainReport::Intact { entries: 5 },
+            "without the anchor the cut is invisible"
+        );
+        // ... and the anchor removed with them.
+        let mut no_anchor = cut.clone();
+        no_anchor.anchor = None;
+        assert!(matches!(
+            verify_stored(&s, &no_anchor),
+            ChainReport::Broken { seq: 6, .. }
+        ));
+        // ... or moved back to where the cut left the chain: needs the key.
+        let mut moved = cut.clone();
+        let mut forged = Anchor::new(&s, &head_at(5));
+        forged.mac = whole.anchor.as_ref().unwrap().mac.clone();
+        moved.anchor = Some(forged);
+        assert!(matches!(
+            verify_stored(&s, &moved),
+            ChainReport::Broken { .. }
+        ));
+        let other = Sealer::new(&MasterKey::generate());
+        moved.anchor = Some(Anchor::new(&other, &head_at(5)));
+        assert!(matches!(
+            verify_stored(&s, &moved),
+            ChainReport::Broken { .. }
+        ));
+        // An anchor put back to an older value (kept from before) with the chain intact after
+        // it: the chain goes past its anchor, which a consistent snapshot never shows.
+        let mut old = whole.clone();
+        old.anchor = Some(Anchor::new(&s, &head_at(6)));
+        assert!(matches!(
+            verify_stored(&s, &old),
+            ChainReport::Broken { seq: 7, .. }
+        ));
+        // Read page by page while commits go on, going past the anchor is fine.
+        let mut v = ChainVerifier::new(&s, None, old.anchor.as_ref());
+        for (k, b) in &entries {
+            assert!(v.feed(*k, b));
+        }
+        assert_eq!(v.finish(End::AtLeast), ChainReport::Intact { entries: 8 });
+        // An empty store has nothing to anchor.
+        assert_eq!(
+            verify_stored(&s, &StoredChain::default()),
+            ChainReport::Intact { entries: 0 }
+        );
     }
 }

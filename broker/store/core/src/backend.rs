@@ -27,6 +27,20 @@ pub trait Backend: StoreReads {
 
     /// Releases the backend's resources once the writer has stopped (called once).
     fn shut_down(&self);
+
+    /// Brings the backend back after a batch failed for a storage reason (redb refuses every
+    /// operation after one write error until the file is reopened; a database client
+    /// reconnects), and proves it can commit again. Returns the audit chain's head as now
+    /// committed — the failed batch may or may not have become durable, and the writer goes on
+    /// from what is. The writer retries this with backoff until it succeeds.
+    ///
+    /// The default runs an empty transaction and reads the head.
+    async fn recover(&self) -> Result<ChainHead, StoreError> {
+        let mut txn = self.begin().await?;
+        let head = txn.load(&Needs::default()).await?.head;
+        txn.commit().await?;
+        Ok(head)
+    }
 }
 
 /// The transaction of one batch.
@@ -123,6 +137,9 @@ pub enum Write<'a> {
     },
     /// Removes the audit entries up to `checkpoint.seq` and stores the checkpoint.
     PruneAudit(&'a crate::audit::Checkpoint),
+    /// Replaces the anchor of the audit chain's end (once per batch that appends entries,
+    /// after them).
+    PutAnchor(crate::audit::Anchor),
     /// Appends an audit entry (already chained).
     AppendAudit {
         /// Its sequence number.

@@ -16,7 +16,8 @@ use async_trait::async_trait;
 use sigil_pki::ids;
 
 use crate::audit::{
-    AuditDraft, AuditEntry, ChainReport, Checkpoint, Decision, verify_chain, verify_chain_from,
+    AuditDraft, AuditEntry, ChainReport, Checkpoint, Decision, StoredChain, verify_chain,
+    verify_chain_from, verify_stored,
 };
 use crate::model::{
     ApprovalRecord, CredentialKind, Entitlements, IdentityRecord, IdentityStatus, JoinTokenRecord,
@@ -56,6 +57,7 @@ pub async fn run(h: &dyn Harness) {
     the_audit_chain_is_one_chain(h).await;
     the_observer_hears_first_in_commit_order(h).await;
     reopening_keeps_acknowledged_changes_and_nothing_of_failed_ones(h).await;
+    a_failed_write_recovers_by_itself(h).await;
     another_schema_or_key_is_refused(h).await;
     many_writers_one_order(h).await;
     retention_leaves_a_checkpoint_the_chain_verifies_from(h).await;
@@ -215,11 +217,33 @@ async fn chain_is_intact(store: &dyn Store, sealer: &Sealer, entries: u64, check
         .audit_entries(1, usize::MAX)
         .await
         .unwrap_or_else(|e| panic!("{check}: audit entries: {e}"));
+    let stored = StoredChain {
+        checkpoint: store.audit_checkpoint().await.unwrap_or(None),
+        anchor: store.audit_anchor().await.unwrap_or(None),
+        entries: all,
+    };
+    if entries > 0 {
+        let anchor = stored.anchor.as_ref();
+        assert_eq!(
+            anchor.map(|a| a.seq),
+            Some(entries),
+            "{check}: the anchor is at the chain's end"
+        );
+    }
     assert_eq!(
-        verify_chain(sealer, all),
+        verify_stored(sealer, &stored),
         ChainReport::Intact { entries },
-        "{check}: the audit chain"
+        "{check}: the audit chain, its checkpoint and its anchor"
     );
+    // Removing the last entry is found through the anchor.
+    if stored.entries.len() > 1 {
+        let mut cut = stored.clone();
+        cut.entries.pop();
+        assert!(
+            matches!(verify_stored(sealer, &cut), ChainReport::Broken { seq, .. } if seq == entries),
+            "{check}: a removed last entry is found"
+        );
+    }
     assert_eq!(
         store.audit_head().await.ok(),
         Some(entries),
@@ -885,6 +909,82 @@ async fn reopening_keeps_acknowledged_changes_and_nothing_of_failed_ones(h: &dyn
         .await
         .unwrap_or_else(|e| panic!("{C}: commit after reopen: {e}"));
     assert_eq!(c.audit_seqs, vec![2], "{C}: the chain continues");
+    chain_is_intact(&*store, &sealer, 2, C).await;
+    store.close().await;
+}
+
+/// After a failed write the writer recovers the backend by itself once the cause goes away:
+/// no reopen, no restart; meanwhile every change is refused at once.
+async fn a_failed_write_recovers_by_itself(h: &dyn Harness) {
+    const C: &str = "a_failed_write_recovers_by_itself";
+    let (store, sealer) = fresh(h, C).await;
+    store
+        .commit(change(
+            vec![Op::CreateIdentity(identity("id-a", "a"))],
+            "create",
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("{C}: {e}"));
+    h.fail_writes(C, true);
+    let failed = store
+        .commit(change(
+            vec![Op::CreateIdentity(identity("id-b", "b"))],
+            "create",
+        ))
+        .await;
+    assert!(
+        matches!(failed, Err(StoreError::Unavailable(_))),
+        "{C}: {failed:?}"
+    );
+    // While it cannot recover, changes are refused (promptly: they do not wait for it).
+    let started = std::time::Instant::now();
+    let refused = store
+        .commit(change(
+            vec![Op::CreateIdentity(identity("id-c", "c"))],
+            "create",
+        ))
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::Unavailable(_))),
+        "{C}: refused while recovering: {refused:?}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{C}: a change waiting for recovery is refused, not held"
+    );
+    assert!(store.health().is_err(), "{C}: not healthy while failing");
+    h.fail_writes(C, false);
+    // Recovery backs off to at most a few seconds between attempts.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while store.health().is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{C}: the store recovered within 30 s: {:?}",
+            store.health()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let c = store
+        .commit(change(
+            vec![Op::CreateIdentity(identity("id-b", "b"))],
+            "create",
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("{C}: commit after recovering: {e}"));
+    assert_eq!(c.audit_seqs, vec![2], "{C}: the chain continues");
+    let mut ids: Vec<String> = store
+        .identities()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        vec!["id-a", "id-b"],
+        "{C}: nothing of the refused ones"
+    );
     chain_is_intact(&*store, &sealer, 2, C).await;
     store.close().await;
 }

@@ -190,8 +190,9 @@ pub enum StoreError {
     /// A precondition failed; nothing was written.
     #[error(transparent)]
     Conflict(#[from] Conflict),
-    /// The change could not be made durable; nothing was written. Fail closed.
-    #[error("the store could not commit: {0}")]
+    /// The store cannot read or commit now (a write failed, the disk is full, the database is
+    /// unreachable); a change that got this was not written. Fail closed.
+    #[error("the store is unavailable: {0}")]
     Unavailable(String),
     /// Too many changes are waiting for the store: this one was refused at once, unwritten.
     #[error("the store is overloaded: {0}")]
@@ -300,4 +301,7 @@ pub trait StoreReads: Send + Sync + fmt::Debug + 'static {
 
     /// Where the kept audit chain starts, once retention removed older entries.
     async fn audit_checkpoint(&self) -> Result<Option<crate::audit::Checkpoint>, StoreError>;
+
+    /// The anchor of the audit chain's end (none before the first entry).
+    async fn audit_anchor(&self) -> Result<Option<crate::audit::Anchor>, StoreError>;
 }

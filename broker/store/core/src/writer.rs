@@ -103,6 +103,19 @@ async fn writer_loop<B: Backend>(
     failure: &Mutex<Option<String>>,
     observer: &Observer,
 ) {
+    // A chain whose end does not match its anchor was cut (or rolled back) while the broker
+    // was down. Appending to it would overwrite the anchor and bury the evidence: refuse every
+    // change instead, and say why (readiness fails; `audit verify` shows the details).
+    if let Err(why) = check_anchor(backend, sealer).await {
+        tracing::error!(error = %why, "refusing every change to this store");
+        if let Ok(mut f) = failure.lock() {
+            *f = Some(why.clone());
+        }
+        while let Some(j) = rx.recv().await {
+            let _ = j.reply.send(Err(StoreError::Unavailable(why.clone())));
+        }
+        return;
+    }
     let mut jobs: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.recv().await {
         jobs.push(first);
@@ -120,41 +133,164 @@ async fn writer_loop<B: Backend>(
                     f.take();
                 }
                 // In-memory views catch up before anyone hears the commit succeeded.
-                let obs = observer
-                    .read()
-                    .ok()
-                    .and_then(|o| o.as_ref().and_then(Weak::upgrade));
-                if let Some(obs) = obs {
-                    let ops: Vec<&Op> = jobs
-                        .iter()
-                        .zip(&results)
-                        .filter(|(_, r)| r.is_ok())
-                        .flat_map(|(j, _)| j.change.ops.iter())
-                        .collect();
-                    if !ops.is_empty() {
-                        obs.committed(&ops);
-                    }
-                }
+                let ops: Vec<&Op> = jobs
+                    .iter()
+                    .zip(&results)
+                    .filter(|(_, r)| r.is_ok())
+                    .flat_map(|(j, _)| j.change.ops.iter())
+                    .collect();
+                notify(observer, &ops);
                 for (job, result) in jobs.drain(..).zip(results) {
                     let _ = job.reply.send(result.map_err(StoreError::from));
                 }
             }
-            Err(e) => {
-                if let Ok(mut f) = failure.lock() {
-                    *f = Some(e.to_string());
-                }
+            Err(failed) => {
+                let e = failed.error;
+                set_failure(failure, &e);
                 tracing::error!(error = %e, batch_size, "store commit failed; every change in the batch was refused");
-                let reason = match &e {
-                    StoreError::Unavailable(r) => r.clone(),
-                    other => other.to_string(),
-                };
+                metrics::counter!("sigil_store_commit_failures_total").increment(1);
+                let reason = reason_of(&e);
+                // What the batch would have made durable, in case it did after all (the error
+                // can come after the data reached the disk, e.g. from the last fsync).
+                let maybe: Vec<Op> = failed
+                    .accepted
+                    .iter()
+                    .flat_map(|&i| jobs[i].change.ops.iter().cloned())
+                    .collect();
                 for job in jobs.drain(..) {
                     let _ = job.reply.send(Err(StoreError::Unavailable(reason.clone())));
                 }
+                metrics::histogram!("sigil_store_commit_batch_size").record(batch_size as f64);
+                let Some(head) = recover(backend, &mut rx, failure, reason).await else {
+                    return;
+                };
+                // The callers were told it failed; if it was durable after all, the views must
+                // still follow the store (an identity revoked is revoked).
+                if let Some(end) = failed.end
+                    && head == end
+                {
+                    tracing::warn!(
+                        seq = end.seq,
+                        "the failed batch turned out durable; applying it to the in-memory views"
+                    );
+                    let ops: Vec<&Op> = maybe.iter().collect();
+                    notify(observer, &ops);
+                }
+                if let Ok(mut f) = failure.lock() {
+                    f.take();
+                }
+                tracing::info!(
+                    audit_head = head.seq,
+                    "the store recovered; committing again"
+                );
+                continue;
             }
         }
         metrics::histogram!("sigil_store_commit_batch_size").record(batch_size as f64);
         metrics::histogram!("sigil_store_commit_seconds").record(started.elapsed().as_secs_f64());
+    }
+}
+
+/// `Err(why)` unless the stored chain ends exactly where its anchor says.
+async fn check_anchor<B: Backend>(backend: &B, sealer: &Sealer) -> Result<(), String> {
+    let read = |e: StoreError| format!("could not check the audit chain's anchor: {e}");
+    let anchor = backend.audit_anchor().await.map_err(read)?;
+    let seq = backend.audit_head().await.map_err(read)?;
+    let restore = "Issuance is refused so that the evidence is not overwritten: run `sigil audit verify --offline`, and restore the data dir from a backup";
+    let hash = if seq == 0 {
+        ChainHead::default().hash
+    } else {
+        let last = backend.audit_entries(seq, 1).await.map_err(read)?;
+        let bytes = last.first().map(|(_, b)| b.as_slice()).unwrap_or_default();
+        serde_json::from_slice::<crate::audit::AuditEntry>(bytes)
+            .map_err(|e| format!("the last audit entry ({seq}) does not decode: {e}"))?
+            .hash
+    };
+    match anchor {
+        None if seq == 0 => Ok(()),
+        None => Err(format!(
+            "the audit chain (ending at entry {seq}) has no anchor of its end: it was removed. {restore}"
+        )),
+        Some(a) if !a.verify(sealer) => Err(format!(
+            "the anchor of the audit chain's end does not verify with this master key (forged). {restore}"
+        )),
+        Some(a) if a.seq != seq || a.hash != hash => Err(format!(
+            "the audit chain ends at entry {seq} but its end was anchored at entry {}: entries were removed from its end, or the store was put back to an older copy. {restore}",
+            a.seq
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+fn notify(observer: &Observer, ops: &[&Op]) {
+    if ops.is_empty() {
+        return;
+    }
+    let obs = observer
+        .read()
+        .ok()
+        .and_then(|o| o.as_ref().and_then(Weak::upgrade));
+    if let Some(obs) = obs {
+        obs.committed(ops);
+    }
+}
+
+fn set_failure(failure: &Mutex<Option<String>>, e: &StoreError) {
+    if let Ok(mut f) = failure.lock() {
+        *f = Some(e.to_string());
+    }
+}
+
+fn reason_of(e: &StoreError) -> String {
+    match e {
+        StoreError::Unavailable(r) => r.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// First wait before recovering, and the most between attempts.
+const RECOVER_FIRST: std::time::Duration = std::time::Duration::from_millis(50);
+const RECOVER_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Recovers the backend after a failed batch, with backoff, refusing at once every change
+/// that arrives meanwhile (the store is not ready, and `health` says why). Returns the chain
+/// head as committed, or `None` if the store was closed meanwhile.
+async fn recover<B: Backend>(
+    backend: &B,
+    rx: &mut mpsc::Receiver<Job>,
+    failure: &Mutex<Option<String>>,
+    mut reason: String,
+) -> Option<ChainHead> {
+    let mut delay = RECOVER_FIRST;
+    let mut attempts: u64 = 0;
+    loop {
+        let wait = tokio::time::sleep(delay);
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                _ = &mut wait => break,
+                job = rx.recv() => match job {
+                    Some(j) => {
+                        let _ = j.reply.send(Err(StoreError::Unavailable(format!(
+                            "recovering from a failed commit: {reason}"
+                        ))));
+                    }
+                    None => return None,
+                },
+            }
+        }
+        attempts += 1;
+        metrics::counter!("sigil_store_recovery_attempts_total").increment(1);
+        match backend.recover().await {
+            Ok(head) => return Some(head),
+            Err(e) => {
+                set_failure(failure, &e);
+                reason = reason_of(&e);
+                // Once per attempt, and attempts back off: at most one line every few seconds.
+                tracing::warn!(error = %e, attempts, "the store has not recovered yet; retrying");
+                delay = (delay * 2).min(RECOVER_MAX);
+            }
+        }
     }
 }
 
@@ -364,11 +500,31 @@ struct Accepted {
     audit: Vec<(u64, String, Vec<u8>)>,
 }
 
+/// A batch that did not commit.
+struct Failed {
+    error: StoreError,
+    /// The chain head the batch would have ended at, had it committed (`None`: it failed
+    /// before writing, so it cannot have).
+    end: Option<ChainHead>,
+    /// The jobs whose changes it would have applied.
+    accepted: Vec<usize>,
+}
+
+impl From<StoreError> for Failed {
+    fn from(error: StoreError) -> Self {
+        Failed {
+            error,
+            end: None,
+            accepted: Vec::new(),
+        }
+    }
+}
+
 async fn apply_batch<B: Backend>(
     backend: &B,
     sealer: &Sealer,
     jobs: &mut [Job],
-) -> Result<Vec<Result<Committed, Conflict>>, StoreError> {
+) -> Result<Vec<Result<Committed, Conflict>>, Failed> {
     let needs = needs_of(jobs);
     let mut txn = backend.begin().await?;
     let loaded = txn.load(&needs).await?;
@@ -428,8 +584,26 @@ async fn apply_batch<B: Backend>(
             });
         }
     }
-    txn.write(&writes).await?;
-    txn.commit().await?;
+    if head != view.loaded.head {
+        writes.push(Write::PutAnchor(crate::audit::Anchor::new(sealer, &head)));
+    }
+    let moved = head != view.loaded.head;
+    let failed = |error| Failed {
+        error,
+        end: moved.then(|| head.clone()),
+        accepted: decided
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| d.is_ok())
+            .map(|(i, _)| i)
+            .collect(),
+    };
+    if let Err(e) = txn.write(&writes).await {
+        return Err(failed(e));
+    }
+    if let Err(e) = txn.commit().await {
+        return Err(failed(e));
+    }
     Ok(results)
 }
 
@@ -579,5 +753,8 @@ impl<B: Backend> StoreReads for GroupCommit<B> {
     }
     async fn audit_checkpoint(&self) -> Result<Option<crate::audit::Checkpoint>, StoreError> {
         self.backend.audit_checkpoint().await
+    }
+    async fn audit_anchor(&self) -> Result<Option<crate::audit::Anchor>, StoreError> {
+        self.backend.audit_anchor().await
     }
 }

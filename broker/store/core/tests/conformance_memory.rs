@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use sigil_store_core::audit::{AuditEntry, ChainHead, Checkpoint};
+use sigil_store_core::audit::{Anchor, AuditEntry, ChainHead, Checkpoint};
 use sigil_store_core::backend::{Backend, Loaded, Needs, Txn, Write};
 use sigil_store_core::conformance::{Harness, run};
 use sigil_store_core::model::{
@@ -34,6 +34,7 @@ struct Data {
     usage: BTreeMap<String, UsageRecord>,
     audit: BTreeMap<u64, Vec<u8>>,
     checkpoint: Option<Checkpoint>,
+    anchor: Option<Anchor>,
 }
 
 #[derive(Debug)]
@@ -180,6 +181,9 @@ impl Txn for MemTxn<'_> {
                 Write::AppendAudit { seq, bytes, .. } => {
                     d.audit.insert(*seq, bytes.clone());
                 }
+                Write::PutAnchor(a) => {
+                    d.anchor = Some(a.clone());
+                }
                 _ => panic!("a write the memory backend does not know"),
             }
         }
@@ -293,6 +297,9 @@ impl StoreReads for Memory {
     }
     async fn audit_checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
         Ok(self.data.lock().unwrap().checkpoint.clone())
+    }
+    async fn audit_anchor(&self) -> Result<Option<Anchor>, StoreError> {
+        Ok(self.data.lock().unwrap().anchor.clone())
     }
     async fn audit_entries(
         &self,

@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use redb::backends::FileBackend;
 use redb::{
     BackendError, Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata,
-    StorageBackend, TableDefinition, WriteTransaction,
+    StorageBackend, TableDefinition, TableHandle as _, WriteTransaction,
 };
 use sigil_store_core::audit::ChainHead;
 use sigil_store_core::backend::{Backend, Loaded, Needs, Txn, Write};
@@ -51,13 +51,15 @@ const REVOCATIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("revocat
 const META_INFO: &str = "store_meta";
 const META_KEY_CHECK: &str = "key_check";
 const META_CHECKPOINT: &str = "audit_checkpoint";
+const META_ANCHOR: &str = "audit_anchor";
 const KEY_CHECK_PLAINTEXT: &[u8] = b"sigil master key check v1";
 
 /// Makes the store's disk writes fail while on: for testing that issuance fails closed, and for
 /// chaos drills. Off unless flipped.
 ///
-/// After a failed write redb refuses every later operation until the database is reopened, so
-/// a broker that hit a disk error keeps refusing (and `/readyz` reports it) until restarted.
+/// After a failed write redb refuses every later operation until the database is reopened; the
+/// writer then recovers ([`Backend::recover`]: reopen through the same switch, prove a commit)
+/// with backoff, so turning the switch off brings issuance back without a restart.
 #[cfg(feature = "faults")]
 #[derive(Debug, Clone, Default)]
 pub struct FaultSwitch(Arc<AtomicBool>);
@@ -289,10 +291,173 @@ impl StorageBackend for ScratchBackend {
 
 /// Opens `path` as a database whose writes never reach the file (see [`ScratchBackend`]).
 fn open_view(path: &Path) -> Result<Database, StoreError> {
+    open_view_noting_repair(path).map(|(db, _)| db)
+}
+
+/// [`open_view`], and whether redb had to repair the file to open it (it was not closed
+/// cleanly: a crash, a kill, a full disk).
+fn open_view_noting_repair(path: &Path) -> Result<(Database, bool), StoreError> {
     let backend = ScratchBackend::open(path)?;
-    Database::builder()
+    let repaired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = repaired.clone();
+    let db = Database::builder()
+        .set_repair_callback(move |_| flag.store(true, std::sync::atomic::Ordering::Relaxed))
         .create_with_backend(backend)
-        .map_err(|e| open_error(path, e))
+        .map_err(|e| open_error(path, e))?;
+    Ok((db, repaired.load(std::sync::atomic::Ordering::Relaxed)))
+}
+
+/// Name of the threads that look into a store file (see [`guarded`]).
+const CHECK_THREAD: &str = "sigil-store-check";
+
+/// Runs `f` — which reads a store file that may be damaged — on a thread of its own, so that a
+/// panic inside redb on a damaged file becomes an error naming the file, not a crash (and is
+/// not printed as one).
+fn guarded<T: Send>(
+    path: &Path,
+    f: impl FnOnce() -> Result<T, StoreError> + Send,
+) -> Result<T, StoreError> {
+    static QUIET: std::sync::Once = std::sync::Once::new();
+    QUIET.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if std::thread::current().name() == Some(CHECK_THREAD) {
+                tracing::debug!(panic = %info, "redb panicked reading a damaged store file");
+            } else {
+                previous(info);
+            }
+        }));
+    });
+    std::thread::scope(|scope| {
+        let joined = std::thread::Builder::new()
+            .name(CHECK_THREAD.into())
+            .spawn_scoped(scope, f)
+            .map_err(|e| StoreError::Open(format!("{}: {e}", path.display())))?
+            .join();
+        match joined {
+            Ok(r) => r,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("no message");
+                Err(StoreError::Corrupt(format!(
+                    "{} is damaged: redb could not read it ({what}); nothing was written to it. Restore it from a backup (`sigil restore`)",
+                    path.display()
+                )))
+            }
+        }
+    })
+}
+
+/// What looking into a store file found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inspection {
+    /// It was not closed cleanly (a crash): opening it will run redb's crash recovery.
+    pub unclean: bool,
+}
+
+/// Checks the store file at `path` without writing to it: redb's integrity check (every page
+/// checksum) always, and when the file was not closed cleanly, also that every record decodes.
+/// A damaged file is an error saying what is wrong (and, for a record, which table and key);
+/// redb panicking on a damaged file is such an error too, not a crash.
+pub fn check_file(path: &Path) -> Result<Inspection, StoreError> {
+    guarded(path, || {
+        let (mut db, unclean) = open_view_noting_repair(path)?;
+        integrity(path, &mut db)?;
+        if unclean {
+            decode_all(&db)?;
+        }
+        Ok(Inspection { unclean })
+    })
+}
+
+fn integrity(path: &Path, db: &mut Database) -> Result<(), StoreError> {
+    match db.check_integrity() {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(StoreError::Corrupt(format!(
+            "{} failed redb's integrity check: pages whose checksums do not match were found (the file was changed outside sigil, or the disk returned bad data); nothing was written to it. Restore it from a backup (`sigil restore`)",
+            path.display()
+        ))),
+        Err(e) => Err(StoreError::Corrupt(format!(
+            "{} failed redb's integrity check: {e}; nothing was written to it. Restore it from a backup (`sigil restore`)",
+            path.display()
+        ))),
+    }
+}
+
+/// Decodes every record of every table; the first that does not names its table and key.
+fn decode_all(db: &Database) -> Result<(), StoreError> {
+    fn strs<T: serde::de::DeserializeOwned>(
+        r: &redb::ReadTransaction,
+        t: TableDefinition<&str, &[u8]>,
+    ) -> Result<(), StoreError> {
+        let table = r.open_table(t).map_err(|e| corrupt(t.name(), e))?;
+        for item in table.iter().map_err(|e| corrupt(t.name(), e))? {
+            let (k, v) = item.map_err(|e| corrupt(t.name(), e))?;
+            serde_json::from_slice::<T>(v.value())
+                .map_err(|e| corrupt(&format!("{}[{}]", t.name(), k.value()), e))?;
+        }
+        Ok(())
+    }
+    fn bytes<T: serde::de::DeserializeOwned>(
+        r: &redb::ReadTransaction,
+        t: TableDefinition<&[u8], &[u8]>,
+    ) -> Result<(), StoreError> {
+        let table = r.open_table(t).map_err(|e| corrupt(t.name(), e))?;
+        for item in table.iter().map_err(|e| corrupt(t.name(), e))? {
+            let (k, v) = item.map_err(|e| corrupt(t.name(), e))?;
+            serde_json::from_slice::<T>(v.value()).map_err(|e| {
+                corrupt(
+                    &format!(
+                        "{}[{}]",
+                        t.name(),
+                        k.value()
+                            .iter()
+                            .map(|b| format!("{b:02x}"))
+                            .collect::<String>()
+                    ),
+                    e,
+                )
+            })?;
+        }
+        Ok(())
+    }
+    let r = db.begin_read().map_err(|e| corrupt("file", e))?;
+    strs::<IdentityRecord>(&r, IDENTITIES)?;
+    strs::<JoinTokenRecord>(&r, JOIN_TOKENS)?;
+    strs::<KeyRecord>(&r, KEYS)?;
+    strs::<UsageRecord>(&r, USAGE)?;
+    strs::<OwnerRecord>(&r, OWNERS)?;
+    strs::<ApprovalRecord>(&r, APPROVALS)?;
+    bytes::<LedgerRecord>(&r, LEDGER)?;
+    bytes::<RevocationRecord>(&r, REVOCATIONS)?;
+    let audit = r.open_table(AUDIT).map_err(|e| corrupt("audit", e))?;
+    for item in audit.iter().map_err(|e| corrupt("audit", e))? {
+        let (k, v) = item.map_err(|e| corrupt("audit", e))?;
+        serde_json::from_slice::<sigil_store_core::audit::AuditEntry>(v.value())
+            .map_err(|e| corrupt(&format!("audit[{}]", k.value()), e))?;
+    }
+    let spiffe = r
+        .open_table(SPIFFE_INDEX)
+        .map_err(|e| corrupt("identities_by_spiffe_id", e))?;
+    for item in spiffe
+        .iter()
+        .map_err(|e| corrupt("identities_by_spiffe_id", e))?
+    {
+        item.map_err(|e| corrupt("identities_by_spiffe_id", e))?;
+    }
+    let revisions = r
+        .open_table(IDENTITY_REVISIONS)
+        .map_err(|e| corrupt("identity_revisions", e))?;
+    for item in revisions
+        .iter()
+        .map_err(|e| corrupt("identity_revisions", e))?
+    {
+        item.map_err(|e| corrupt("identity_revisions", e))?;
+    }
+    Ok(())
 }
 
 fn open_io(path: &Path, e: std::io::Error) -> StoreError {
@@ -301,11 +466,15 @@ fn open_io(path: &Path, e: std::io::Error) -> StoreError {
 
 /// The redb backend.
 pub struct RedbBackend {
-    /// `None` once shut down, so the file is released even while others still hold the store.
+    /// `None` once shut down (so the file is released even while others still hold the store),
+    /// and while it is reopened after a failed write.
     db: ArcSwapOption<Database>,
     path: PathBuf,
     /// The audit chain after the last committed entry (this process is the only writer).
     head: std::sync::Mutex<ChainHead>,
+    closed: std::sync::atomic::AtomicBool,
+    /// Where writes go through, when built with write-failure injection.
+    faults: Faults,
 }
 
 impl std::fmt::Debug for RedbBackend {
@@ -317,7 +486,85 @@ impl std::fmt::Debug for RedbBackend {
 }
 
 /// Write-failure injection, when built with it.
-struct Faults(#[cfg(feature = "faults")] FaultSwitch);
+#[derive(Clone, Default)]
+struct Faults(#[cfg(feature = "faults")] Option<FaultSwitch>);
+
+/// Opens the real file (through the fault switch, if any). A panic inside redb is an error.
+fn open_db(path: &Path, faults: &Faults) -> Result<Database, StoreError> {
+    #[cfg(feature = "faults")]
+    if let Some(switch) = faults.0.clone() {
+        return guarded(path, || {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(|e| open_io(path, e))?;
+            let inner = FileBackend::new(file).map_err(|e| open_error(path, e))?;
+            Database::builder()
+                .create_with_backend(FaultyBackend {
+                    inner,
+                    faults: switch,
+                })
+                .map_err(|e| open_error(path, e))
+        });
+    }
+    let _ = faults;
+    guarded(path, || {
+        Database::builder()
+            .open(path)
+            .map_err(|e| open_error(path, e))
+    })
+}
+
+/// The audit chain's head as stored.
+fn read_head(db: &Database) -> Result<ChainHead, StoreError> {
+    let r = db.begin_read().map_err(opening)?;
+    let a = r.open_table(AUDIT).map_err(|e| corrupt("audit table", e))?;
+    Ok(match a.last().map_err(opening)? {
+        Some((k, v)) => {
+            let e: sigil_store_core::audit::AuditEntry = serde_json::from_slice(v.value())
+                .map_err(|e| corrupt(&format!("audit[{}]", k.value()), e))?;
+            ChainHead {
+                seq: k.value(),
+                hash: e.hash,
+            }
+        }
+        None => ChainHead::default(),
+    })
+}
+
+fn opening(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Open(e.to_string())
+}
+
+/// Writes `bytes` to `path` durably: a temporary file, fsync, rename, fsync of the directory.
+fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let tmp = {
+        let mut t = path.as_os_str().to_owned();
+        t.push(".tmp");
+        PathBuf::from(t)
+    };
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    sync_dir(path)
+}
+
+/// Makes the directory entry of `path` durable.
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => std::fs::File::open(d)?.sync_all(),
+        _ => std::fs::File::open(".")?.sync_all(),
+    }
+}
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
@@ -370,27 +617,29 @@ pub fn check_master_key(path: &Path, sealer: &Sealer) -> Result<(), StoreError> 
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(unavailable(e)),
     }
-    let db = open_view(path)?;
-    let (meta, check) = read_meta(&db)?;
-    check_schema(path, &meta)?;
-    if sealer.open("meta", META_KEY_CHECK, &check).is_err() {
-        return Err(wrong_key(path));
-    }
-    Ok(())
+    guarded(path, || {
+        let db = open_view(path)?;
+        let (meta, check) = read_meta(&db)?;
+        check_schema(path, &meta)?;
+        if sealer.open("meta", META_KEY_CHECK, &check).is_err() {
+            return Err(wrong_key(path));
+        }
+        Ok(())
+    })
 }
 
 /// The store's facts and its sealed key check.
 fn read_meta(db: &Database) -> Result<(StoreMeta, Vec<u8>), StoreError> {
-    let r = db.begin_read().map_err(unavailable)?;
+    let r = db.begin_read().map_err(opening)?;
     let m = r.open_table(META).map_err(|e| corrupt("meta table", e))?;
     let info = m
         .get(META_INFO)
-        .map_err(unavailable)?
+        .map_err(opening)?
         .map(|g| g.value().to_vec())
         .ok_or_else(|| corrupt("meta", "store_meta is missing"))?;
     let check = m
         .get(META_KEY_CHECK)
-        .map_err(unavailable)?
+        .map_err(opening)?
         .map(|g| g.value().to_vec())
         .ok_or_else(|| corrupt("meta", "key_check is missing"))?;
     let meta = serde_json::from_slice(&info).map_err(|e| corrupt("store_meta", e))?;
@@ -435,7 +684,10 @@ impl RedbBackend {
             )));
         }
         let check = sealer.seal("meta", META_KEY_CHECK, KEY_CHECK_PLAINTEXT);
-        std::fs::write(key_check_path(path), &check).map_err(unavailable)?;
+        // Durable before anything refers to it: a crash right after `init` must not leave an
+        // empty key check that reads as a wrong key.
+        write_durable(&key_check_path(path), &check)
+            .map_err(|e| StoreError::Open(format!("{}: {e}", key_check_path(path).display())))?;
         let db = Database::builder()
             .create(path)
             .map_err(|e| open_error(path, e))?;
@@ -462,13 +714,19 @@ impl RedbBackend {
             txn.open_table(APPROVALS).map_err(unavailable)?;
         }
         txn.commit().map_err(unavailable)?;
-        Ok(Self::start(db, path, ChainHead::default()))
+        sync_dir(path).map_err(|e| StoreError::Open(format!("{}: {e}", path.display())))?;
+        Ok(Self::start(
+            db,
+            path,
+            ChainHead::default(),
+            Faults::default(),
+        ))
     }
 
     /// Opens an existing store, checking the schema version and that `sealer`'s master key is
     /// the one the store was created with. On any refusal the file is left as it was.
     pub fn open(path: &Path, sealer: &Sealer) -> Result<Self, StoreError> {
-        Self::open_inner(path, sealer, None)
+        Self::open_inner(path, sealer, Faults::default())
     }
 
     /// [`RedbBackend::open`], with writes going through `faults` when given.
@@ -478,14 +736,10 @@ impl RedbBackend {
         sealer: &Sealer,
         faults: Option<FaultSwitch>,
     ) -> Result<Self, StoreError> {
-        Self::open_inner(path, sealer, faults.map(Faults))
+        Self::open_inner(path, sealer, Faults(faults))
     }
 
-    fn open_inner(
-        path: &Path,
-        sealer: &Sealer,
-        faults: Option<Faults>,
-    ) -> Result<Self, StoreError> {
+    fn open_inner(path: &Path, sealer: &Sealer, faults: Faults) -> Result<Self, StoreError> {
         if !path.exists() {
             return Err(StoreError::Incompatible(format!(
                 "{} does not exist (run `sigil init` first)",
@@ -493,57 +747,30 @@ impl RedbBackend {
             )));
         }
         check_master_key(path, sealer)?;
-        let db = match faults {
-            #[cfg(not(feature = "faults"))]
-            None | Some(Faults()) => Database::builder()
-                .open(path)
-                .map_err(|e| open_error(path, e))?,
-            #[cfg(feature = "faults")]
-            None => Database::builder()
-                .open(path)
-                .map_err(|e| open_error(path, e))?,
-            #[cfg(feature = "faults")]
-            Some(Faults(faults)) => {
-                let file = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(path)
-                    .map_err(unavailable)?;
-                let inner = FileBackend::new(file).map_err(|e| open_error(path, e))?;
-                Database::builder()
-                    .create_with_backend(FaultyBackend { inner, faults })
-                    .map_err(|e| open_error(path, e))?
-            }
-        };
+        // Before the file is opened for writing (which runs crash recovery on it): a damaged
+        // file is refused unchanged.
+        let inspection = check_file(path)?;
+        if inspection.unclean {
+            tracing::warn!(path = %path.display(), "the store was not closed cleanly; its integrity was checked in full and redb's crash recovery runs now");
+        }
+        let db = open_db(path, &faults)?;
         // Checked again on the open database: the file may have changed since.
         let (meta, check) = read_meta(&db)?;
         check_schema(path, &meta)?;
         if sealer.open("meta", META_KEY_CHECK, &check).is_err() {
             return Err(wrong_key(path));
         }
-        let head = {
-            let r = db.begin_read().map_err(unavailable)?;
-            let a = r.open_table(AUDIT).map_err(|e| corrupt("audit table", e))?;
-            match a.last().map_err(unavailable)? {
-                Some((k, v)) => {
-                    let e: sigil_store_core::audit::AuditEntry = serde_json::from_slice(v.value())
-                        .map_err(|e| corrupt("last audit entry", e))?;
-                    ChainHead {
-                        seq: k.value(),
-                        hash: e.hash,
-                    }
-                }
-                None => ChainHead::default(),
-            }
-        };
-        Ok(Self::start(db, path, head))
+        let head = read_head(&db)?;
+        Ok(Self::start(db, path, head, faults))
     }
 
-    fn start(db: Database, path: &Path, head: ChainHead) -> Self {
+    fn start(db: Database, path: &Path, head: ChainHead, faults: Faults) -> Self {
         RedbBackend {
             db: ArcSwapOption::new(Some(Arc::new(db))),
             path: path.to_owned(),
             head: std::sync::Mutex::new(head),
+            closed: std::sync::atomic::AtomicBool::new(false),
+            faults,
         }
     }
 
@@ -571,10 +798,25 @@ impl RedbBackend {
         T: Send + 'static,
         F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
     {
-        let db = self.db.load_full().ok_or(StoreError::Closed)?;
+        let db = self.handle()?;
         tokio::task::spawn_blocking(move || f(&db))
             .await
             .map_err(|e| unavailable(format!("read task: {e}")))?
+    }
+}
+
+impl RedbBackend {
+    /// The open database, or why there is none.
+    fn handle(&self) -> Result<Arc<Database>, StoreError> {
+        match self.db.load_full() {
+            Some(db) => Ok(db),
+            None if self.closed.load(std::sync::atomic::Ordering::SeqCst) => {
+                Err(StoreError::Closed)
+            }
+            None => Err(StoreError::Unavailable(
+                "the store is being reopened after a failed write".into(),
+            )),
+        }
     }
 }
 
@@ -589,7 +831,7 @@ struct RedbTxn<'a> {
 #[async_trait(?Send)]
 impl Backend for RedbBackend {
     async fn begin(&self) -> Result<Box<dyn Txn + '_>, StoreError> {
-        let db = self.db.load_full().ok_or(StoreError::Closed)?;
+        let db = self.handle()?;
         let mut txn = db.begin_write().map_err(unavailable)?;
         txn.set_durability(Durability::Immediate)
             .map_err(unavailable)?;
@@ -602,7 +844,53 @@ impl Backend for RedbBackend {
 
     fn shut_down(&self) {
         // Release the file now, whoever still holds this backend.
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
         self.db.store(None);
+    }
+
+    async fn recover(&self) -> Result<ChainHead, StoreError> {
+        // redb refuses everything after a failed write until the file is reopened. Readers
+        // that hold the old handle finish first (their reads are short): the file lock is
+        // released only when the last one lets go.
+        if let Some(mut old) = self.db.swap(None) {
+            let started = std::time::Instant::now();
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(db) => {
+                        drop(db);
+                        break;
+                    }
+                    Err(still) if started.elapsed() < std::time::Duration::from_secs(5) => {
+                        old = still;
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                    }
+                    Err(still) => {
+                        self.db.store(Some(still));
+                        return Err(StoreError::Unavailable(
+                            "reads still hold the failed store open".into(),
+                        ));
+                    }
+                }
+            }
+        }
+        // Reopening runs redb's crash recovery, which writes: it fails while the disk is full
+        // and succeeds once there is room again.
+        let db = open_db(&self.path, &self.faults).map_err(|e| match e {
+            StoreError::Open(r) => StoreError::Unavailable(format!("reopening: {r}")),
+            other => other,
+        })?;
+        let head = read_head(&db).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        // Prove a durable commit works before saying the store is back.
+        let mut probe = db.begin_write().map_err(unavailable)?;
+        probe
+            .set_durability(Durability::Immediate)
+            .map_err(unavailable)?;
+        probe.commit().map_err(unavailable)?;
+        if let Ok(mut h) = self.head.lock() {
+            *h = head.clone();
+        }
+        self.db.store(Some(Arc::new(db)));
+        Ok(head)
     }
 }
 
@@ -795,6 +1083,12 @@ impl Txn for RedbTxn<'_> {
                     txn.open_table(META)
                         .map_err(unavailable)?
                         .insert(META_CHECKPOINT, to_json(c).as_slice())
+                        .map_err(unavailable)?;
+                }
+                Write::PutAnchor(a) => {
+                    txn.open_table(META)
+                        .map_err(unavailable)?
+                        .insert(META_ANCHOR, to_json(a).as_slice())
                         .map_err(unavailable)?;
                 }
                 Write::AppendAudit { seq, hash, bytes } => {
@@ -1057,6 +1351,15 @@ impl StoreReads for RedbBackend {
         })
         .await
     }
+
+    async fn audit_anchor(&self) -> Result<Option<sigil_store_core::audit::Anchor>, StoreError> {
+        self.read(|db| {
+            let r = db.begin_read().map_err(unavailable)?;
+            let m = r.open_table(META).map_err(unavailable)?;
+            read_anchor(&m)
+        })
+        .await
+    }
 }
 
 /// Single-row durable commits per second in a scratch database under `dir` (one fsync each):
@@ -1085,25 +1388,43 @@ pub fn durable_commit_rate(dir: &Path, commits: u32) -> Result<f64, StoreError> 
 /// Reads every audit entry of a store file directly, without a running broker and without
 /// writing to it, even when a crash left it needing recovery. For `sigil audit verify` on a
 /// stopped broker's data dir (or a copy of it).
-pub fn read_audit_file(path: &Path) -> Result<sigil_store_core::audit::KeptChain, StoreError> {
-    let db = open_view(path)?;
-    let checkpoint = {
-        let r = db.begin_read().map_err(unavailable)?;
-        let m = r.open_table(META).map_err(unavailable)?;
-        m.get(META_CHECKPOINT)
-            .map_err(unavailable)?
+pub fn read_audit_file(path: &Path) -> Result<sigil_store_core::audit::StoredChain, StoreError> {
+    guarded(path, || {
+        let (mut db, _) = open_view_noting_repair(path)?;
+        // A damaged file is said to be damaged, not misread as a broken chain.
+        integrity(path, &mut db)?;
+        let r = db.begin_read().map_err(opening)?;
+        let m = r.open_table(META).map_err(|e| corrupt("meta", e))?;
+        let checkpoint = m
+            .get(META_CHECKPOINT)
+            .map_err(opening)?
             .map(|v| serde_json::from_slice(v.value()))
             .transpose()
-            .map_err(|e| corrupt("meta/audit_checkpoint", e))?
-    };
-    let r = db.begin_read().map_err(unavailable)?;
-    let t = r.open_table(AUDIT).map_err(unavailable)?;
-    let mut out = Vec::new();
-    for item in t.iter().map_err(unavailable)? {
-        let (k, v) = item.map_err(unavailable)?;
-        out.push((k.value(), v.value().to_vec()));
+            .map_err(|e| corrupt("meta/audit_checkpoint", e))?;
+        let anchor = read_anchor(&m)?;
+        let t = r.open_table(AUDIT).map_err(|e| corrupt("audit", e))?;
+        let mut entries = Vec::new();
+        for item in t.iter().map_err(opening)? {
+            let (k, v) = item.map_err(opening)?;
+            entries.push((k.value(), v.value().to_vec()));
+        }
+        Ok(sigil_store_core::audit::StoredChain {
+            checkpoint,
+            anchor,
+            entries,
+        })
+    })
+}
+
+fn read_anchor(
+    m: &redb::ReadOnlyTable<&str, &[u8]>,
+) -> Result<Option<sigil_store_core::audit::Anchor>, StoreError> {
+    match m.get(META_ANCHOR).map_err(unavailable)? {
+        Some(v) => Ok(Some(
+            serde_json::from_slice(v.value()).map_err(|e| corrupt("meta/audit_anchor", e))?,
+        )),
+        None => Ok(None),
     }
-    Ok((checkpoint, out))
 }
 
 /// Tools for tests that rewrite or damage a stopped store's file.
@@ -1138,6 +1459,25 @@ pub mod testing {
             }
             for (k, v) in &entries {
                 t.insert(*k, v.as_slice()).map_err(unavailable)?;
+            }
+        }
+        w.commit().map_err(unavailable)
+    }
+
+    /// Deletes the last `audit` entries and the last `ledger` rows of the stopped store at
+    /// `path`, as someone with write access to the file (but not the master key) could, to
+    /// hide the most recent issuances.
+    pub fn truncate_tail(path: &Path, audit: usize, ledger: usize) -> Result<(), StoreError> {
+        let db = Database::open(path).map_err(unavailable)?;
+        let w = db.begin_write().map_err(unavailable)?;
+        {
+            let mut t = w.open_table(AUDIT).map_err(unavailable)?;
+            for _ in 0..audit {
+                t.pop_last().map_err(unavailable)?;
+            }
+            let mut l = w.open_table(super::LEDGER).map_err(unavailable)?;
+            for _ in 0..ledger {
+                l.pop_last().map_err(unavailable)?;
             }
         }
         w.commit().map_err(unavailable)
