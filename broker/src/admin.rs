@@ -493,28 +493,7 @@ impl Broker {
     /// older entries were removed) to at least its anchored end, page by page in bounded
     /// memory while commits go on.
     pub async fn verify_audit(&self) -> Result<crate::audit::ChainReport, BrokerError> {
-        const PAGE: usize = 10_000;
-        // The anchor first: the chain read after it must reach it (and may go past it, as
-        // commits go on meanwhile).
-        let anchor = self.store.audit_anchor().await?;
-        let checkpoint = self.store.audit_checkpoint().await?;
-        let mut v =
-            crate::audit::ChainVerifier::new(&self.sealer, checkpoint.as_ref(), anchor.as_ref());
-        let mut from = checkpoint.as_ref().map_or(1, |c| c.seq + 1);
-        'pages: loop {
-            let page = self.store.audit_entries(from, PAGE).await?;
-            let n = page.len();
-            for (seq, bytes) in page {
-                from = seq + 1;
-                if !v.feed(seq, &bytes) {
-                    break 'pages;
-                }
-            }
-            if n < PAGE {
-                break;
-            }
-        }
-        Ok(v.finish(crate::audit::End::AtLeast))
+        Ok(crate::audit::verify_store(&*self.store, &self.sealer).await?)
     }
 
     /// Removes audit entries older than `audit.retention` (at most `limit` per call), exporting
@@ -588,5 +567,121 @@ impl Broker {
             })
             .await?;
         Ok(n)
+    }
+}
+
+/// Bytes per chunk of a streamed backup.
+const BACKUP_CHUNK: usize = 64 * 1024;
+
+/// Chunks of a backup on their way to the caller, in order; an error ends the stream.
+pub type BackupStream = tokio::sync::mpsc::Receiver<Result<Vec<u8>, BrokerError>>;
+
+impl Broker {
+    /// A backup of the whole store (see `sigil_store::dump`): one consistent snapshot read while
+    /// the broker keeps serving, streamed in chunks as the caller takes them (a slow caller
+    /// slows the copy; one that goes away ends it). The request is audited before the
+    /// snapshot is taken, so the backup holds its own audit entry; if that entry cannot be
+    /// written, there is no backup.
+    pub async fn backup(&self, ctx: &RequestContext) -> Result<BackupStream, BrokerError> {
+        let op = self.authorize_admin(ctx, "store.backup", "store").await?;
+        let draft = AuditDraft::new(
+            self.now_nanos(),
+            op.actor(),
+            "store.backup",
+            "store",
+            Decision::Allow,
+            "backup of the whole store",
+            &ctx.request_id,
+        )
+        .with("source", ctx.source());
+        self.store.commit(Change::audit_only(vec![draft])).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let (chunks, from_export) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let store = self.store.clone();
+        let failed = tx.clone();
+        // The export runs on a thread of its own (a backend may read synchronously), writing
+        // into a bounded channel a second thread forwards to the caller's stream.
+        let spawned = std::thread::Builder::new()
+            .name("sigil-backup".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = failed.blocking_send(Err(BrokerError::Internal(format!(
+                            "backup runtime: {e}"
+                        ))));
+                        return;
+                    }
+                };
+                let sink = ChunkSink {
+                    buf: Vec::with_capacity(BACKUP_CHUNK),
+                    to: chunks,
+                };
+                let forward = std::thread::spawn(move || {
+                    for c in from_export {
+                        if tx.blocking_send(Ok(c)).is_err() {
+                            // The caller went away: dropping the receiver fails the export.
+                            break;
+                        }
+                    }
+                });
+                let result = rt.block_on(store.export(Box::new(sink)));
+                let _ = forward.join();
+                match result {
+                    Ok(summary) => tracing::info!(
+                        ledger = summary.ledger,
+                        audit_head = summary.audit_head,
+                        "backup streamed"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "backup failed");
+                        let _ = failed.blocking_send(Err(e.into()));
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            return Err(BrokerError::Internal(format!("backup thread: {e}")));
+        }
+        Ok(rx)
+    }
+}
+
+/// A `Write` that hands the backup on in chunks, blocking while the caller is behind.
+struct ChunkSink {
+    buf: Vec<u8>,
+    to: std::sync::mpsc::SyncSender<Vec<u8>>,
+}
+
+impl ChunkSink {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let full = std::mem::replace(&mut self.buf, Vec::with_capacity(BACKUP_CHUNK));
+        self.to.send(full).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the caller stopped reading the backup",
+            )
+        })
+    }
+}
+
+impl std::io::Write for ChunkSink {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let room = BACKUP_CHUNK - self.buf.len();
+        let n = data.len().min(room);
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == BACKUP_CHUNK {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
     }
 }

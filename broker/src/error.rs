@@ -81,6 +81,9 @@ impl From<StoreError> for BrokerError {
             StoreError::Overloaded(_) => BrokerError::Unavailable(
                 "the broker is overloaded and refused this before doing anything; retry shortly with backoff".into(),
             ),
+            StoreError::Tampered(why) => BrokerError::Unavailable(format!(
+                "the broker refuses every change to its store: {why}"
+            )),
             StoreError::Unavailable(_) | StoreError::Open(_) | StoreError::Closed => BrokerError::Unavailable(
                 "the broker could not record this durably, so nothing was issued or changed; retry shortly".into(),
             ),

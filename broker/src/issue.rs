@@ -718,7 +718,11 @@ impl Broker {
     }
 
     fn commit_failed(&self, e: StoreError, action: &str) -> BrokerError {
-        tracing::error!(error = %e, action, "could not commit; refusing to issue (fail closed)");
+        // Every request fails alike while the store cannot commit: one line per 5 s.
+        static LOG: crate::telemetry::LogEvery = crate::telemetry::LogEvery::new(5);
+        if let Some(suppressed) = LOG.due() {
+            tracing::error!(error = %e, action, suppressed, "could not commit; refusing to issue (fail closed)");
+        }
         metrics::counter!("sigil_commit_failures_total").increment(1);
         BrokerError::from(e)
     }

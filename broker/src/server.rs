@@ -521,13 +521,23 @@ async fn server_cert(
     )
     .with("serial", serial_hex)
     .with("expires_at", unix_secs(leaf.not_after));
-    broker
+    match broker
         .store()
         .commit(Change {
             ops: vec![Op::AppendLedger(ledger)],
             audit: vec![audit],
         })
-        .await?;
+        .await
+    {
+        Ok(_) => {}
+        // A store whose audit chain was cut refuses every change; the broker still starts,
+        // not ready and issuing nothing, so operators can read what is there (`audit verify`
+        // names the cut). Its own serving certificate is the one thing not on record.
+        Err(crate::store::StoreError::Tampered(why)) => {
+            tracing::error!(%why, "serving read-only: nothing will be issued or changed until the store is restored");
+        }
+        Err(e) => return Err(e.into()),
+    }
     let pkcs8 = key.to_pkcs8().map_err(|e| other(e.to_string()))?;
     tls::certified_key(
         vec![leaf.der, ring.intermediate.cert().clone()],

@@ -320,3 +320,49 @@ impl LiveCredentials {
         g.by_expiry.values().sum::<u64>() + pending
     }
 }
+
+/// At most one log line per period for a condition that may repeat on every request (a store
+/// that cannot commit fails each of thousands of requests a second): [`LogEvery::due`] says
+/// when to log, and how many were not logged since.
+#[derive(Debug)]
+pub struct LogEvery {
+    period_secs: u64,
+    /// Unix seconds of the last line, plus one (0: never).
+    last: std::sync::atomic::AtomicU64,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl LogEvery {
+    /// One line per `period_secs`.
+    pub const fn new(period_secs: u64) -> Self {
+        LogEvery {
+            period_secs,
+            last: std::sync::atomic::AtomicU64::new(0),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)` when a line is due now (`n` occurrences went unlogged since the last one);
+    /// `None` when this one is only counted.
+    pub fn due(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            + 1;
+        let last = self.last.load(Relaxed);
+        if last != 0 && now < last + self.period_secs {
+            self.suppressed.fetch_add(1, Relaxed);
+            return None;
+        }
+        if self
+            .last
+            .compare_exchange(last, now, Relaxed, Relaxed)
+            .is_err()
+        {
+            self.suppressed.fetch_add(1, Relaxed);
+            return None;
+        }
+        Some(self.suppressed.swap(0, Relaxed))
+    }
+}

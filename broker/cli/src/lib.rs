@@ -17,6 +17,7 @@
 //! - `report`: `sigil report`.
 //! - `credential`: `sigil credential ...`.
 //! - `audit`: `sigil audit ...`.
+//! - `backup`: `sigil backup` and `sigil restore`.
 //! - `approve`: `sigil approve` and `sigil approvals ...`.
 //! - `policy`: `sigil policy ...`.
 //! - `operator`: `sigil operator ...` and `sigil whoami`.
@@ -31,6 +32,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod approve;
 mod audit;
+mod backup;
 mod bench;
 mod conn;
 mod credential;
@@ -120,6 +122,11 @@ pub enum Command {
     /// Read and check the audit log (operator).
     #[command(subcommand)]
     Audit(audit::AuditCmd),
+    /// Write a consistent backup of the whole store while the broker serves (or, with
+    /// --offline, of a stopped one) (operator, role admin).
+    Backup(backup::BackupArgs),
+    /// Make a new data dir from a backup (needs the master key of the store it came from).
+    Restore(backup::RestoreArgs),
     /// Approve an approval-gated scope for an identity, for a limited time (operator).
     Approve(approve::ApproveArgs),
     /// List or end approvals (operator).
@@ -159,6 +166,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Rotate(a) => keys::rotate(a).await,
         Command::Keys(c) => keys::keys(c).await,
         Command::Audit(c) => audit::run(c).await,
+        Command::Backup(a) => backup::backup(a).await,
+        Command::Restore(a) => backup::restore(a).await,
         Command::Approve(a) => approve::approve(a).await,
         Command::Approvals(c) => approve::approvals(c).await,
         Command::Policy(c) => policy::run(c).await,

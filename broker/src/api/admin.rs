@@ -596,6 +596,30 @@ impl pb::admin_server::Admin for AdminApi {
         }))
     }
 
+    type BackupStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::BackupChunk, Status>> + Send>>;
+
+    async fn backup(
+        &self,
+        req: Request<pb::BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        let ctx = context(&req);
+        let rx = self
+            .broker
+            .backup(&ctx)
+            .await
+            .map_err(|e| status(e, &ctx))?;
+        let out = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            move |chunk| {
+                chunk
+                    .map(|data| pb::BackupChunk { data })
+                    .map_err(|e| status(e, &ctx))
+            },
+        );
+        Ok(Response::new(Box::pin(out)))
+    }
+
     async fn verify_audit(
         &self,
         req: Request<pb::VerifyAuditRequest>,

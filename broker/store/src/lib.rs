@@ -137,6 +137,30 @@ pub fn check_offline(cfg: &StoreConfig) -> Result<Inspection, StoreError> {
 
 pub use sigil_store_redb::Inspection;
 
+/// Writes a backup ([`dump`]) of a stopped store without writing to it (also one a crash left
+/// behind). A running broker's store is backed up through the broker instead.
+pub fn export_offline(
+    cfg: &StoreConfig,
+    out: Box<dyn std::io::Write + Send>,
+) -> Result<dump::Summary, StoreError> {
+    match cfg {
+        StoreConfig::Redb { path } => sigil_store_redb::export_file(path, out),
+    }
+}
+
+/// Makes a new store from the backup file `backup` (checked in full first: complete,
+/// unaltered, made under `sealer`'s master key, its audit chain intact to its anchor; then
+/// written in one transaction). Refuses a store that exists; leaves nothing behind on failure.
+pub fn restore(
+    cfg: &StoreConfig,
+    sealer: &Sealer,
+    backup: &std::path::Path,
+) -> Result<dump::Summary, StoreError> {
+    match cfg {
+        StoreConfig::Redb { path } => sigil_store_redb::restore_file(path, sealer, backup),
+    }
+}
+
 /// Durable single-row commits per second of the embedded store's medium, measured in a
 /// scratch database under `dir`: the floor every issuance pays (`sigil bench --baseline`).
 pub fn durable_commit_rate(dir: &std::path::Path, commits: u32) -> Result<f64, StoreError> {

@@ -356,6 +356,34 @@ pub fn verify_stored(sealer: &Sealer, chain: &StoredChain) -> ChainReport {
     v.finish(End::Exact)
 }
 
+/// Walks the kept audit chain of a live store with `sealer`'s key, from the retention
+/// checkpoint to at least its anchored end, page by page in bounded memory while commits go
+/// on (the anchor is read first, so the chain read after it must reach it).
+pub async fn verify_store(
+    store: &dyn crate::StoreReads,
+    sealer: &Sealer,
+) -> Result<ChainReport, crate::StoreError> {
+    const PAGE: usize = 10_000;
+    let anchor = store.audit_anchor().await?;
+    let checkpoint = store.audit_checkpoint().await?;
+    let mut v = ChainVerifier::new(sealer, checkpoint.as_ref(), anchor.as_ref());
+    let mut from = checkpoint.as_ref().map_or(1, |c| c.seq + 1);
+    'pages: loop {
+        let page = store.audit_entries(from, PAGE).await?;
+        let n = page.len();
+        for (seq, bytes) in page {
+            from = seq + 1;
+            if !v.feed(seq, &bytes) {
+                break 'pages;
+            }
+        }
+        if n < PAGE {
+            break;
+        }
+    }
+    Ok(v.finish(End::AtLeast))
+}
+
 /// How [`ChainVerifier::finish`] checks the chain's end against the anchor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum End {

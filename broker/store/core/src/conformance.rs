@@ -47,6 +47,15 @@ pub trait Harness: Send + Sync {
 
     /// Rewrites the stored schema version of the closed store called `name`.
     async fn set_schema_version(&self, name: &str, version: u64);
+
+    /// Makes a new store called `name` from the backup file `backup` (see [`crate::dump`]);
+    /// a refused backup leaves no store behind.
+    async fn restore(
+        &self,
+        name: &str,
+        sealer: Arc<Sealer>,
+        backup: &std::path::Path,
+    ) -> Result<Arc<dyn Store>, StoreError>;
 }
 
 /// Runs every check against `h`, panicking with the check's name on the first failure.
@@ -61,6 +70,7 @@ pub async fn run(h: &dyn Harness) {
     another_schema_or_key_is_refused(h).await;
     many_writers_one_order(h).await;
     retention_leaves_a_checkpoint_the_chain_verifies_from(h).await;
+    a_backup_restores_the_same_state_and_refuses_a_bad_one(h).await;
 }
 
 const NOW: i64 = 1_900_000_000;
@@ -1161,4 +1171,217 @@ async fn retention_leaves_a_checkpoint_the_chain_verifies_from(h: &dyn Harness) 
         "{C}"
     );
     store.close().await;
+}
+
+/// Everything the reads return, as one comparable value.
+async fn everything(store: &dyn Store, check: &str) -> serde_json::Value {
+    fn sorted<T: serde::Serialize>(mut v: Vec<T>, key: impl Fn(&T) -> String) -> serde_json::Value {
+        v.sort_by_key(|x| key(x));
+        serde_json::to_value(v).unwrap_or_default()
+    }
+    let fail = |what: &str, e: StoreError| -> ! { panic!("{check}: {what}: {e}") };
+    let audit: Vec<(u64, String)> = store
+        .audit_entries(1, usize::MAX)
+        .await
+        .unwrap_or_else(|e| fail("audit", e))
+        .into_iter()
+        .map(|(s, b)| (s, String::from_utf8_lossy(&b).into_owned()))
+        .collect();
+    serde_json::json!({
+        "meta": store.meta().await.unwrap_or_else(|e| fail("meta", e)),
+        "identities": sorted(store.identities().await.unwrap_or_else(|e| fail("identities", e)), |r| r.id.clone()),
+        "join_tokens": sorted(store.join_tokens().await.unwrap_or_else(|e| fail("tokens", e)), |r| r.hash.clone()),
+        "keys": sorted(store.keys().await.unwrap_or_else(|e| fail("keys", e)), |r| r.id.clone()),
+        "ledger": store.ledger_since(0, None).await.unwrap_or_else(|e| fail("ledger", e)),
+        "ledger_len": store.ledger_len().await.unwrap_or_else(|e| fail("ledger_len", e)),
+        "revocations": sorted(store.revocations().await.unwrap_or_else(|e| fail("revocations", e)), |r| r.credential_id.clone()),
+        "usage": sorted(store.usage().await.unwrap_or_else(|e| fail("usage", e)), |r| r.identity_id.clone()),
+        "owners": sorted(store.owners().await.unwrap_or_else(|e| fail("owners", e)), |r| r.name.clone()),
+        "approvals": sorted(store.approvals().await.unwrap_or_else(|e| fail("approvals", e)), |r| r.id.clone()),
+        "audit": audit,
+        "audit_head": store.audit_head().await.unwrap_or_else(|e| fail("audit_head", e)),
+        "checkpoint": store.audit_checkpoint().await.unwrap_or_else(|e| fail("checkpoint", e)),
+        "anchor": store.audit_anchor().await.unwrap_or_else(|e| fail("anchor", e)),
+    })
+}
+
+/// A file of its own for a backup (the suite runs without a temp-dir crate).
+fn backup_path(check: &str, what: &str) -> std::path::PathBuf {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    std::env::temp_dir().join(format!(
+        "sigil-conformance-{}-{nanos}-{check}-{what}.backup",
+        std::process::id()
+    ))
+}
+
+/// A backup (taken while commits go on) restores into a new store of the same backend with
+/// exactly the same state — records, audit chain with its hashes, checkpoint and anchor — and
+/// the restored chain goes on. A truncated, edited, cut or foreign backup is refused and
+/// leaves no store behind.
+async fn a_backup_restores_the_same_state_and_refuses_a_bad_one(h: &dyn Harness) {
+    const C: &str = "a_backup_restores_the_same_state_and_refuses_a_bad_one";
+    let (store, sealer) = fresh(h, C).await;
+    let a = identity("id-a", "a");
+    let x = ledger(CredentialKind::X509, "id-a", NOW);
+    let j = ledger(CredentialKind::Jwt, "id-a", NOW + 1);
+    for ops in [
+        vec![
+            Op::CreateIdentity(a.clone()),
+            Op::CreateIdentity(identity("id-b", "b")),
+        ],
+        vec![
+            Op::PutJoinToken(join_token("h1", "id-b", NOW + 600)),
+            Op::PutKey(key("k1", KeyState::Current)),
+            Op::PutOwner(OwnerRecord {
+                name: "alice".into(),
+                deactivated_at: Some(NOW),
+                changed_by: "op".into(),
+                reason: "left".into(),
+            }),
+            Op::PutApproval(ApprovalRecord {
+                id: "apr-1".into(),
+                identity_id: "id-b".into(),
+                scopes: ["admin".to_owned()].into(),
+                created_at: NOW,
+                expires_at: NOW + 60,
+                approved_by: "op".into(),
+                reason: "INC-1".into(),
+                revoked_at: None,
+                expiry_audited: false,
+            }),
+        ],
+        vec![Op::AppendLedger(x.clone()), Op::AppendLedger(j.clone())],
+        vec![Op::PutRevocation(revocation(&x))],
+    ] {
+        store
+            .commit(change(ops, "setup"))
+            .await
+            .unwrap_or_else(|e| panic!("{C}: {e}"));
+    }
+    // Retention removed the first entries: the backup keeps the checkpoint.
+    let second: AuditEntry =
+        serde_json::from_slice(&store.audit_entries(2, 1).await.unwrap_or_default()[0].1)
+            .unwrap_or_else(|e| panic!("{C}: {e}"));
+    store
+        .commit(Change {
+            ops: vec![Op::PruneAudit {
+                checkpoint: Checkpoint::new(&sealer, 2, second.hash, NOW),
+            }],
+            audit: vec![draft("audit.prune", "2")],
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{C}: prune: {e}"));
+
+    // Taken while 40 changes commit: a consistent snapshot, whatever point it lands on.
+    let path = backup_path(C, "good");
+    let writers: Vec<_> = (0..40)
+        .map(|i| {
+            let s = store.clone();
+            tokio::spawn(async move {
+                s.commit(Change::audit_only(vec![draft("deny", &format!("w{i}"))]))
+                    .await
+            })
+        })
+        .collect();
+    let file = std::fs::File::create(&path).unwrap_or_else(|e| panic!("{C}: {e}"));
+    let summary = store
+        .export(Box::new(std::io::BufWriter::new(file)))
+        .await
+        .unwrap_or_else(|e| panic!("{C}: export: {e}"));
+    for w in writers {
+        let _ = w.await;
+    }
+    assert_eq!(
+        (
+            summary.identities,
+            summary.ledger,
+            summary.revocations,
+            summary.keys
+        ),
+        (2, 2, 1, 1),
+        "{C}: what the backup says it holds"
+    );
+    let restored = h
+        .restore(&format!("{C}-restored"), sealer.clone(), &path)
+        .await
+        .unwrap_or_else(|e| panic!("{C}: restore: {e}"));
+    // The restored store is the store as it was when the backup was read: the chain up to
+    // the backup's head.
+    let mut want = everything(&*store, C).await;
+    let head = summary.audit_head;
+    if let Some(entries) = want["audit"].as_array_mut() {
+        entries.retain(|e| e[0].as_u64().is_some_and(|s| s <= head));
+    }
+    want["audit_head"] = head.into();
+    let got = everything(&*restored, C).await;
+    want["anchor"] = got["anchor"].clone();
+    assert_eq!(
+        got, want,
+        "{C}: the restored store holds what was backed up"
+    );
+    assert_eq!(
+        got["anchor"]["seq"].as_u64(),
+        Some(head),
+        "{C}: anchored at the backup's head"
+    );
+    chain_is_intact(&*restored, &sealer, head, C).await;
+    let c = restored
+        .commit(Change::audit_only(vec![draft("deny", "after")]))
+        .await
+        .unwrap_or_else(|e| panic!("{C}: commit after restore: {e}"));
+    assert_eq!(c.audit_seqs, vec![head + 1], "{C}: the chain goes on");
+    restored.close().await;
+    store.close().await;
+
+    // Bad backups: refused, and no store is left behind.
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{C}: {e}"));
+    let lines: Vec<&str> = text.lines().collect();
+    let retrail = |body: &[&str], records: usize| -> String {
+        let mut out = String::new();
+        for l in body {
+            out.push_str(l);
+            out.push('\n');
+        }
+        let sha = ids::to_hex(
+            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, out.as_bytes()).as_ref(),
+        );
+        out.push_str(&format!(
+            "{{\"end\":{{\"records\":{records},\"sha256\":\"{sha}\"}}}}\n"
+        ));
+        out
+    };
+    let n = lines.len();
+    let edited = text.replacen("\"leaked\"", "\"lEaked\"", 1);
+    let cases: Vec<(&str, String, Arc<Sealer>)> = vec![
+        (
+            "truncated",
+            lines[..n - 1].join("\n") + "\n",
+            sealer.clone(),
+        ),
+        ("edited", edited, sealer.clone()),
+        // The last audit entry removed and the trailer made to match (it needs no key):
+        // the anchor says the chain was longer.
+        ("cut", retrail(&lines[..n - 2], n - 3), sealer.clone()),
+        ("foreign key", text.clone(), self::sealer()),
+        ("empty", String::new(), sealer.clone()),
+    ];
+    for (what, body, key) in cases {
+        let p = backup_path(C, what);
+        std::fs::write(&p, body).unwrap_or_else(|e| panic!("{C}: {e}"));
+        let name = format!("{C}-{}", what.replace(' ', "-"));
+        let r = h.restore(&name, key.clone(), &p).await;
+        assert!(
+            matches!(r, Err(StoreError::Incompatible(_))),
+            "{C}: a {what} backup is refused: {:?}",
+            r.map(|_| ())
+        );
+        assert!(
+            h.open(&name, key).await.is_err(),
+            "{C}: a refused {what} backup leaves no store"
+        );
+        let _ = std::fs::remove_file(&p);
+    }
+    let _ = std::fs::remove_file(&path);
 }

@@ -13,6 +13,7 @@
 //! - [`backend`]: what a backend implements — a transaction that loads the rows a batch needs
 //!   and writes what the batch decided ([`backend::Txn`]), and the reads ([`StoreReads`]).
 //! - [`seal`]: the master key, sealing of secrets at rest, and the audit chain's key.
+//! - [`dump`]: backups — one consistent snapshot as a file any backend restores from.
 //! - [`conformance`]: the one test suite every backend passes.
 //!
 //! Backends live in their own crates (`sigil-store-redb`, ...); `sigil-store` opens one from a
@@ -28,6 +29,7 @@ use sigil_pki::TrustDomain;
 pub mod audit;
 pub mod backend;
 pub mod conformance;
+pub mod dump;
 pub mod model;
 pub mod seal;
 mod writer;
@@ -194,6 +196,11 @@ pub enum StoreError {
     /// unreachable); a change that got this was not written. Fail closed.
     #[error("the store is unavailable: {0}")]
     Unavailable(String),
+    /// The store refuses every change because its audit chain does not end where its anchor
+    /// says (entries were cut from its end, or the file was put back to an older copy):
+    /// appending would bury the evidence. Reads still work, so operators can look.
+    #[error("the store refuses changes: {0}")]
+    Tampered(String),
     /// Too many changes are waiting for the store: this one was refused at once, unwritten.
     #[error("the store is overloaded: {0}")]
     Overloaded(String),
@@ -304,4 +311,11 @@ pub trait StoreReads: Send + Sync + fmt::Debug + 'static {
 
     /// The anchor of the audit chain's end (none before the first entry).
     async fn audit_anchor(&self) -> Result<Option<crate::audit::Anchor>, StoreError>;
+
+    /// Writes every record of one consistent snapshot to `out` as a backup ([`dump`]), while
+    /// commits go on.
+    async fn export(
+        &self,
+        out: Box<dyn std::io::Write + Send>,
+    ) -> Result<dump::Summary, StoreError>;
 }

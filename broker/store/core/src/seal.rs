@@ -151,6 +151,17 @@ impl MasterKey {
     }
 }
 
+/// The slot and text of the key check (see [`Sealer::key_check`]).
+const KEY_CHECK_TABLE: &str = "meta";
+const KEY_CHECK_ID: &str = "key_check";
+/// Stores made before the audit chain's end was anchored.
+const KEY_CHECK_V1: &[u8] = b"sigil master key check v1";
+/// Stores whose audit chain's end is anchored: a missing anchor means it was removed. (An
+/// attacker without the key cannot turn this back into v1.)
+const KEY_CHECK_V2: &[u8] = b"sigil master key check v2: audit end anchored";
+/// The shortest key check: a shorter one was torn, whatever the key.
+pub const KEY_CHECK_LEN: usize = 2 + NONCE_LEN + KEY_CHECK_V1.len() + 16;
+
 /// Seals and opens secrets, and keys the audit chain. Built from a [`MasterKey`].
 pub struct Sealer {
     aead: Aes256Gcm,
@@ -245,6 +256,26 @@ impl Sealer {
             )
             .map_err(|_| fail())?;
         Ok(SecretBytes::new(pt))
+    }
+
+    /// A new key check: a known text sealed under this key, kept in every store (and backup)
+    /// so that a wrong master key is refused before anything is opened for writing.
+    pub fn key_check(&self) -> Vec<u8> {
+        self.seal(KEY_CHECK_TABLE, KEY_CHECK_ID, KEY_CHECK_V2)
+    }
+
+    /// Whether `check` was made by [`Sealer::key_check`] (of this or an earlier release)
+    /// under this key.
+    pub fn opens_key_check(&self, check: &[u8]) -> bool {
+        self.open(KEY_CHECK_TABLE, KEY_CHECK_ID, check)
+            .is_ok_and(|pt| [KEY_CHECK_V1, KEY_CHECK_V2].contains(&pt.expose_secret()))
+    }
+
+    /// Whether `check` (opened with this key) says the store anchors its audit chain's end;
+    /// `false` for stores made before anchoring, which get their first anchor when opened.
+    pub fn key_check_anchored(&self, check: &[u8]) -> bool {
+        self.open(KEY_CHECK_TABLE, KEY_CHECK_ID, check)
+            .is_ok_and(|pt| pt.expose_secret() == KEY_CHECK_V2)
     }
 
     /// HMAC-SHA256 of `data` under the audit-chain key.

@@ -112,7 +112,7 @@ async fn writer_loop<B: Backend>(
             *f = Some(why.clone());
         }
         while let Some(j) = rx.recv().await {
-            let _ = j.reply.send(Err(StoreError::Unavailable(why.clone())));
+            let _ = j.reply.send(Err(StoreError::Tampered(why.clone())));
         }
         return;
     }
@@ -756,5 +756,11 @@ impl<B: Backend> StoreReads for GroupCommit<B> {
     }
     async fn audit_anchor(&self) -> Result<Option<crate::audit::Anchor>, StoreError> {
         self.backend.audit_anchor().await
+    }
+    async fn export(
+        &self,
+        out: Box<dyn std::io::Write + Send>,
+    ) -> Result<crate::dump::Summary, StoreError> {
+        self.backend.export(out).await
     }
 }

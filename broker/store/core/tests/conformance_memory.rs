@@ -301,6 +301,52 @@ impl StoreReads for Memory {
     async fn audit_anchor(&self) -> Result<Option<Anchor>, StoreError> {
         Ok(self.data.lock().unwrap().anchor.clone())
     }
+    async fn export(
+        &self,
+        out: Box<dyn std::io::Write + Send>,
+    ) -> Result<sigil_store_core::dump::Summary, StoreError> {
+        use sigil_store_core::dump::{DumpWriter, Record};
+        // The snapshot: a copy taken under the lock.
+        let d = self.data.lock().unwrap().clone();
+        let mut w = DumpWriter::new(
+            out,
+            d.meta.clone().unwrap(),
+            &d.key_check,
+            d.checkpoint.clone(),
+            d.anchor.clone(),
+        )?;
+        for r in d.identities.into_values() {
+            w.record(Record::Identity(r))?;
+        }
+        for r in d.tokens.into_values() {
+            w.record(Record::JoinToken(r))?;
+        }
+        for r in d.keys.into_values() {
+            w.record(Record::Key(r))?;
+        }
+        for r in d.ledger.into_values() {
+            w.record(Record::Ledger(r))?;
+        }
+        for r in d.revocations.into_values() {
+            w.record(Record::Revocation(r))?;
+        }
+        for r in d.usage.into_values() {
+            w.record(Record::Usage(r))?;
+        }
+        for r in d.owners.into_values() {
+            w.record(Record::Owner(r))?;
+        }
+        for r in d.approvals.into_values() {
+            w.record(Record::Approval(r))?;
+        }
+        for (seq, b) in d.audit {
+            w.record(Record::Audit {
+                seq,
+                entry: String::from_utf8(b).unwrap(),
+            })?;
+        }
+        w.finish()
+    }
     async fn audit_entries(
         &self,
         from: u64,
@@ -329,7 +375,9 @@ struct MemoryHarness {
 
 impl MemoryHarness {
     fn start(&self, name: &str, sealer: Arc<Sealer>) -> Result<Arc<dyn Store>, StoreError> {
-        let (data, failing) = self.stores.lock().unwrap()[name].clone();
+        let Some((data, failing)) = self.stores.lock().unwrap().get(name).cloned() else {
+            return Err(StoreError::Incompatible(format!("{name} does not exist")));
+        };
         {
             let d = data.lock().unwrap();
             let meta = d.meta.clone().unwrap();
@@ -339,7 +387,7 @@ impl MemoryHarness {
                     meta.schema_version
                 )));
             }
-            if sealer.open("meta", "key_check", &d.key_check).is_err() {
+            if !sealer.opens_key_check(&d.key_check) {
                 return Err(StoreError::Incompatible(
                     "the master key does not match the data".into(),
                 ));
@@ -360,7 +408,7 @@ impl Harness for MemoryHarness {
     ) -> Result<Arc<dyn Store>, StoreError> {
         let data = Data {
             meta: Some(meta),
-            key_check: sealer.seal("meta", "key_check", b"check"),
+            key_check: sealer.key_check(),
             ..Data::default()
         };
         self.stores.lock().unwrap().insert(
@@ -376,6 +424,29 @@ impl Harness for MemoryHarness {
         self.stores.lock().unwrap()[name]
             .1
             .store(on, Ordering::SeqCst);
+    }
+    async fn restore(
+        &self,
+        name: &str,
+        sealer: Arc<Sealer>,
+        backup: &std::path::Path,
+    ) -> Result<Arc<dyn Store>, StoreError> {
+        let (header, _) = sigil_store_core::dump::check(backup, &sealer)?;
+        let data = Arc::new(Mutex::new(Data {
+            meta: Some(header.meta),
+            key_check: sealer.key_check(),
+            ..Data::default()
+        }));
+        let backend = Memory {
+            data: data.clone(),
+            failing: Arc::default(),
+        };
+        sigil_store_core::dump::import_blocking(&backend, &sealer, backup)?;
+        self.stores
+            .lock()
+            .unwrap()
+            .insert(name.to_owned(), (data, Arc::default()));
+        self.start(name, sealer)
     }
     async fn set_schema_version(&self, name: &str, version: u64) {
         let data = self.stores.lock().unwrap()[name].0.clone();

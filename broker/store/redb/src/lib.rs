@@ -52,7 +52,6 @@ const META_INFO: &str = "store_meta";
 const META_KEY_CHECK: &str = "key_check";
 const META_CHECKPOINT: &str = "audit_checkpoint";
 const META_ANCHOR: &str = "audit_anchor";
-const KEY_CHECK_PLAINTEXT: &[u8] = b"sigil master key check v1";
 
 /// Makes the store's disk writes fail while on: for testing that issuance fails closed, and for
 /// chaos drills. Off unless flipped.
@@ -516,6 +515,36 @@ fn open_db(path: &Path, faults: &Faults) -> Result<Database, StoreError> {
     })
 }
 
+/// Upgrades a store made before the audit chain's end was anchored: anchors its end as it is
+/// now, and marks it anchored (a key check only the master key can make), in one durable
+/// transaction, so from now on a missing anchor means it was removed.
+fn anchor_first_time(
+    path: &Path,
+    db: &Database,
+    sealer: &Sealer,
+    head: &ChainHead,
+) -> Result<(), StoreError> {
+    let check = sealer.key_check();
+    let mut w = db.begin_write().map_err(unavailable)?;
+    w.set_durability(Durability::Immediate)
+        .map_err(unavailable)?;
+    {
+        let mut m = w.open_table(META).map_err(unavailable)?;
+        if head.seq > 0 {
+            let anchor = sigil_store_core::audit::Anchor::new(sealer, head);
+            m.insert(META_ANCHOR, to_json(&anchor).as_slice())
+                .map_err(unavailable)?;
+        }
+        m.insert(META_KEY_CHECK, check.as_slice())
+            .map_err(unavailable)?;
+    }
+    w.commit().map_err(unavailable)?;
+    write_durable(&key_check_path(path), &check)
+        .map_err(|e| StoreError::Open(format!("{}: {e}", key_check_path(path).display())))?;
+    tracing::info!(path = %path.display(), audit_head = head.seq, "the audit chain's end is anchored from now on (store made by an earlier release)");
+    Ok(())
+}
+
 /// The audit chain's head as stored.
 fn read_head(db: &Database) -> Result<ChainHead, StoreError> {
     let r = db.begin_read().map_err(opening)?;
@@ -601,16 +630,15 @@ pub fn check_master_key(path: &Path, sealer: &Sealer) -> Result<(), StoreError> 
             )));
         }
         Ok(check) => {
-            if let Err(e) = sealer.open("meta", META_KEY_CHECK, &check) {
+            if !sealer.opens_key_check(&check) {
                 // A truncated file cannot authenticate whatever the key: say so, not "wrong key".
-                if check.len() < KEY_CHECK_PLAINTEXT.len() + 28 {
+                if check.len() < sigil_store_core::seal::KEY_CHECK_LEN {
                     return Err(StoreError::Incompatible(format!(
                         "the key-check file {} is truncated ({} bytes); it is not evidence of a wrong key. Delete it to check the key against the store itself",
                         sidecar.display(),
                         check.len()
                     )));
                 }
-                drop(e);
                 return Err(wrong_key(path));
             }
         }
@@ -621,7 +649,7 @@ pub fn check_master_key(path: &Path, sealer: &Sealer) -> Result<(), StoreError> 
         let db = open_view(path)?;
         let (meta, check) = read_meta(&db)?;
         check_schema(path, &meta)?;
-        if sealer.open("meta", META_KEY_CHECK, &check).is_err() {
+        if !sealer.opens_key_check(&check) {
             return Err(wrong_key(path));
         }
         Ok(())
@@ -683,7 +711,7 @@ impl RedbBackend {
                 path.display()
             )));
         }
-        let check = sealer.seal("meta", META_KEY_CHECK, KEY_CHECK_PLAINTEXT);
+        let check = sealer.key_check();
         // Durable before anything refers to it: a crash right after `init` must not leave an
         // empty key check that reads as a wrong key.
         write_durable(&key_check_path(path), &check)
@@ -757,10 +785,13 @@ impl RedbBackend {
         // Checked again on the open database: the file may have changed since.
         let (meta, check) = read_meta(&db)?;
         check_schema(path, &meta)?;
-        if sealer.open("meta", META_KEY_CHECK, &check).is_err() {
+        if !sealer.opens_key_check(&check) {
             return Err(wrong_key(path));
         }
         let head = read_head(&db)?;
+        if !sealer.key_check_anchored(&check) {
+            anchor_first_time(path, &db, sealer, &head)?;
+        }
         Ok(Self::start(db, path, head, faults))
     }
 
@@ -1360,6 +1391,117 @@ impl StoreReads for RedbBackend {
         })
         .await
     }
+
+    async fn export(
+        &self,
+        out: Box<dyn std::io::Write + Send>,
+    ) -> Result<sigil_store_core::dump::Summary, StoreError> {
+        self.read(move |db| export_db(db, out)).await
+    }
+}
+
+/// Writes every record of one read transaction of `db` (a consistent snapshot, however long
+/// the copy takes while commits go on) as a backup.
+fn export_db(
+    db: &Database,
+    out: Box<dyn std::io::Write + Send>,
+) -> Result<sigil_store_core::dump::Summary, StoreError> {
+    use sigil_store_core::dump::{DumpWriter, Record};
+    fn each<T: serde::de::DeserializeOwned, K: redb::Key + 'static>(
+        r: &redb::ReadTransaction,
+        t: TableDefinition<K, &[u8]>,
+        w: &mut DumpWriter,
+        wrap: fn(T) -> Record,
+    ) -> Result<(), StoreError> {
+        let table = r.open_table(t).map_err(|e| corrupt(t.name(), e))?;
+        for item in table.iter().map_err(unavailable)? {
+            let (_, v) = item.map_err(unavailable)?;
+            let rec: T = serde_json::from_slice(v.value()).map_err(|e| corrupt(t.name(), e))?;
+            w.record(wrap(rec))?;
+        }
+        Ok(())
+    }
+    let r = db.begin_read().map_err(unavailable)?;
+    let m = r.open_table(META).map_err(|e| corrupt("meta", e))?;
+    let meta: StoreMeta = m
+        .get(META_INFO)
+        .map_err(unavailable)?
+        .map(|g| serde_json::from_slice(g.value()))
+        .transpose()
+        .map_err(|e| corrupt("store_meta", e))?
+        .ok_or_else(|| corrupt("meta", "store_meta is missing"))?;
+    let check = m
+        .get(META_KEY_CHECK)
+        .map_err(unavailable)?
+        .map(|g| g.value().to_vec())
+        .ok_or_else(|| corrupt("meta", "key_check is missing"))?;
+    let checkpoint = m
+        .get(META_CHECKPOINT)
+        .map_err(unavailable)?
+        .map(|v| serde_json::from_slice(v.value()))
+        .transpose()
+        .map_err(|e| corrupt("meta/audit_checkpoint", e))?;
+    let anchor = read_anchor(&m)?;
+    let mut w = DumpWriter::new(out, meta, &check, checkpoint, anchor)?;
+    each(&r, IDENTITIES, &mut w, Record::Identity)?;
+    each(&r, JOIN_TOKENS, &mut w, Record::JoinToken)?;
+    each(&r, KEYS, &mut w, Record::Key)?;
+    each(&r, LEDGER, &mut w, Record::Ledger)?;
+    each(&r, REVOCATIONS, &mut w, Record::Revocation)?;
+    each(&r, USAGE, &mut w, Record::Usage)?;
+    each(&r, OWNERS, &mut w, Record::Owner)?;
+    each(&r, APPROVALS, &mut w, Record::Approval)?;
+    let audit = r.open_table(AUDIT).map_err(|e| corrupt("audit", e))?;
+    for item in audit.iter().map_err(unavailable)? {
+        let (k, v) = item.map_err(unavailable)?;
+        let entry = String::from_utf8(v.value().to_vec())
+            .map_err(|e| corrupt(&format!("audit[{}]", k.value()), e))?;
+        w.record(Record::Audit {
+            seq: k.value(),
+            entry,
+        })?;
+    }
+    w.finish()
+}
+
+/// Writes a backup of the stopped store at `path` without writing to it (also a store a
+/// crash left behind: its recovery runs in memory only). For `sigil backup --offline`.
+pub fn export_file(
+    path: &Path,
+    out: Box<dyn std::io::Write + Send>,
+) -> Result<sigil_store_core::dump::Summary, StoreError> {
+    guarded(path, || {
+        let (mut db, _) = open_view_noting_repair(path)?;
+        integrity(path, &mut db)?;
+        export_db(&db, out)
+    })
+}
+
+/// Makes a new store at `path` from the backup at `backup` (checked in full first, then
+/// written in one transaction); refuses if `path` exists. On failure nothing is left behind.
+pub fn restore_file(
+    path: &Path,
+    sealer: &Sealer,
+    backup: &Path,
+) -> Result<sigil_store_core::dump::Summary, StoreError> {
+    if path.exists() {
+        return Err(StoreError::Incompatible(format!(
+            "{} exists: restore makes a new store and never overwrites one",
+            path.display()
+        )));
+    }
+    let (header, _) = sigil_store_core::dump::check(backup, sealer)?;
+    let result = (|| {
+        let backend = RedbBackend::create(path, sealer, header.meta)?;
+        let summary = sigil_store_core::dump::import_blocking(&backend, sealer, backup);
+        backend.shut_down();
+        summary
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(path);
+        let _ = std::fs::remove_file(key_check_path(path));
+    }
+    result
 }
 
 /// Single-row durable commits per second in a scratch database under `dir` (one fsync each):

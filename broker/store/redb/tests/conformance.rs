@@ -57,6 +57,18 @@ impl Harness for RedbHarness {
     fn fail_writes(&self, name: &str, on: bool) {
         self.faults(name).fail_writes(on);
     }
+    async fn restore(
+        &self,
+        name: &str,
+        sealer: Arc<Sealer>,
+        backup: &std::path::Path,
+    ) -> Result<Arc<dyn Store>, StoreError> {
+        let (path, b, s) = (self.path(name), backup.to_owned(), sealer.clone());
+        tokio::task::spawn_blocking(move || sigil_store_redb::restore_file(&path, &s, &b))
+            .await
+            .unwrap()?;
+        self.open(name, sealer).await
+    }
     async fn set_schema_version(&self, name: &str, version: u64) {
         sigil_store_redb::testing::set_schema_version(&self.path(name), version).unwrap();
     }
