@@ -17,7 +17,7 @@ use crate::model::{
     ApprovalRecord, IdentityRecord, JoinTokenRecord, KeyRecord, LedgerRecord, OwnerRecord,
     RevocationRecord, UsageRecord,
 };
-use crate::{StoreError, StoreReads};
+use crate::{Op, StoreError, StoreReads};
 
 /// A storage backend.
 #[async_trait(?Send)]
@@ -41,6 +41,67 @@ pub trait Backend: StoreReads {
         txn.commit().await?;
         Ok(head)
     }
+
+    /// The audit chain's anchor, its last sequence number and that entry as stored, read in
+    /// one snapshot (so a commit between the reads cannot look like a cut chain).
+    async fn chain_end(&self) -> Result<ChainEnd, StoreError> {
+        let anchor = self.audit_anchor().await?;
+        let seq = self.audit_head().await?;
+        let last = if seq == 0 {
+            None
+        } else {
+            self.audit_entries(seq, 1)
+                .await?
+                .into_iter()
+                .next()
+                .map(|(_, b)| b)
+        };
+        Ok(ChainEnd { anchor, seq, last })
+    }
+
+    /// Whether other writers share this store (broker replicas on one database). Their
+    /// committed changes then reach this writer through [`Backend::changes_after`] and
+    /// [`Backend::next_change`], and [`Txn::load`] reports the commit log's position.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// The commit log's position now (the last committed change's), for a shared store.
+    async fn log_position(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
+    /// The changes committed after log position `after`, oldest first, each with its position
+    /// (a shared store). [`StoreError::Behind`] when the log no longer reaches back that far.
+    async fn changes_after(&self, after: u64) -> Result<Vec<(u64, Vec<Op>)>, StoreError> {
+        let _ = after;
+        Ok(Vec::new())
+    }
+
+    /// Waits until another writer may have committed — a notification, or a slow safety check
+    /// — and returns the newest log position known; an error when the feed of notifications
+    /// was lost (the caller says it is not following, and calls again to reconnect). Must be
+    /// cancel-safe. Never returns for a store with one writer.
+    async fn next_change(&self) -> Result<u64, StoreError> {
+        std::future::pending().await
+    }
+
+    /// Tries to become, or stay, the one writer that runs schedules among those sharing the
+    /// store; `true` while it is.
+    async fn lead(&self) -> bool {
+        true
+    }
+}
+
+/// The end of the audit chain as stored (see [`Backend::chain_end`]).
+#[derive(Debug, Clone, Default)]
+pub struct ChainEnd {
+    /// The anchor.
+    pub anchor: Option<crate::audit::Anchor>,
+    /// The last entry's sequence number (0: none).
+    pub seq: u64,
+    /// The last entry as stored.
+    pub last: Option<Vec<u8>>,
 }
 
 /// The transaction of one batch.
@@ -91,6 +152,9 @@ pub struct Loaded {
     pub audit_hashes: HashMap<u64, String>,
     /// The audit chain after its last entry.
     pub head: ChainHead,
+    /// On a shared store, the commit log's position (the last committed change's); the
+    /// batch's changes are logged at the next one.
+    pub log_seq: u64,
 }
 
 /// One write the batch decided, in commit order.
@@ -140,6 +204,9 @@ pub enum Write<'a> {
     /// Replaces the anchor of the audit chain's end (once per batch that appends entries,
     /// after them).
     PutAnchor(crate::audit::Anchor),
+    /// On a shared store: logs the batch's committed ops at the next log position, for the
+    /// other writers' observers (once per batch that has ops, last). Others ignore it.
+    Log(Vec<&'a Op>),
     /// Appends an audit entry (already chained).
     AppendAudit {
         /// Its sequence number.

@@ -56,8 +56,11 @@ pub struct StoreMeta {
     pub created_at: i64,
 }
 
-/// One mutation inside a [`Change`].
-#[derive(Debug, Clone)]
+/// One mutation inside a [`Change`]. Serializable: on a store shared by several writers
+/// (broker replicas), the ops of every committed change travel through the store's commit log
+/// to the other replicas' observers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Op {
     /// Adds an identity. Fails if its id or SPIFFE ID is taken.
@@ -216,11 +219,16 @@ pub enum StoreError {
     /// The store is closed.
     #[error("the store is shut down")]
     Closed,
+    /// A replica fell further behind the shared commit log than the log reaches back: its
+    /// in-memory views can no longer catch up change by change (restart it to reload them).
+    #[error("this replica is behind the commit log by more than it keeps: {0}")]
+    Behind(String),
 }
 
 /// Told about every committed change, in commit order, before the committer hears back: the
 /// broker's in-memory views (registry, revocations, keys, watch streams) follow the store this
-/// way.
+/// way. On a store shared by replicas, the changes other replicas committed arrive here too,
+/// in the same order on every replica.
 pub trait CommitObserver: Send + Sync {
     /// `ops` of the changes that just became durable.
     fn committed(&self, ops: &[&Op]);
@@ -236,8 +244,15 @@ pub trait Store: StoreReads {
     fn set_observer(&self, observer: Weak<dyn CommitObserver>);
 
     /// `Err(reason)` when the last commit failed for a storage reason (the broker cannot issue
-    /// until that clears); `Ok` otherwise. Cheap: for readiness checks.
+    /// until that clears), or, on a store shared by replicas, while this one is not following
+    /// the others' commits; `Ok` otherwise. Cheap: for readiness checks.
     fn health(&self) -> Result<(), String>;
+
+    /// Whether this writer runs the schedules (rotation, pruning): always, unless replicas
+    /// share the store, where exactly one of them does at a time.
+    fn is_leader(&self) -> bool {
+        true
+    }
 
     /// Flushes and stops the writer; later commits fail with [`StoreError::Closed`].
     async fn close(&self);

@@ -49,9 +49,19 @@ pub struct GroupCommit<B: Backend> {
     /// `None` once closed; dropping the last sender lets the writer drain and exit.
     tx: ArcSwapOption<mpsc::Sender<Job>>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    /// The last commit failure, cleared by the next successful commit.
-    failure: Arc<Mutex<Option<String>>>,
+    state: Arc<WriterState>,
     observer: Observer,
+}
+
+/// What the writer thread reports to the store's handle.
+#[derive(Debug, Default)]
+struct WriterState {
+    /// The last commit failure, cleared by the next successful commit.
+    failure: Mutex<Option<String>>,
+    /// On a shared store: why this writer is not following the others' commits, if it is not.
+    feed: Mutex<Option<String>>,
+    /// On a shared store: whether this writer holds the schedules.
+    leader: std::sync::atomic::AtomicBool,
 }
 
 impl<B: Backend> std::fmt::Debug for GroupCommit<B> {
@@ -63,29 +73,46 @@ impl<B: Backend> std::fmt::Debug for GroupCommit<B> {
 }
 
 impl<B: Backend> GroupCommit<B> {
-    /// Starts the writer over `backend`; `sealer` keys the audit chain.
+    /// Starts the writer over `backend`; `sealer` keys the audit chain. On a store shared by
+    /// replicas, returns once the writer knows the commit log's position, so that views read
+    /// from the store afterwards miss none of the changes it will pass on.
     pub fn start(backend: B, sealer: Arc<Sealer>) -> Result<Self, StoreError> {
         let backend = Arc::new(backend);
         let (tx, rx) = mpsc::channel(QUEUE);
-        let failure = Arc::new(Mutex::new(None));
+        let state = Arc::new(WriterState {
+            leader: std::sync::atomic::AtomicBool::new(!backend.shared()),
+            ..WriterState::default()
+        });
         let observer: Observer = Arc::default();
-        let (wb, wf, wo) = (backend.clone(), failure.clone(), observer.clone());
+        let (wb, ws, wo) = (backend.clone(), state.clone(), observer.clone());
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| StoreError::Unavailable(format!("store writer runtime: {e}")))?;
+        let (started_tx, started) = std::sync::mpsc::sync_channel(1);
         let writer = std::thread::Builder::new()
             .name("sigil-store-writer".into())
             .spawn(move || {
-                rt.block_on(writer_loop(&*wb, &sealer, rx, &wf, &wo));
+                rt.block_on(writer_loop(&*wb, &sealer, rx, &ws, &wo, started_tx));
                 wb.shut_down();
             })
             .map_err(|e| StoreError::Unavailable(format!("store writer thread: {e}")))?;
+        // The writer says where the log stands (or why it could not), at once for a store
+        // with one writer.
+        match started.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(StoreError::Unavailable(
+                    "the store writer stopped while starting".into(),
+                ));
+            }
+        }
         Ok(GroupCommit {
             backend,
             tx: ArcSwapOption::from_pointee(tx),
             writer: Mutex::new(Some(writer)),
-            failure,
+            state,
             observer,
         })
     }
@@ -96,17 +123,62 @@ impl<B: Backend> GroupCommit<B> {
     }
 }
 
+/// How often a writer sharing the store tries to take (or keep) the schedules.
+const LEAD_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// On a shared store, where this writer's observer stands in the commit log.
+struct Follow {
+    shared: bool,
+    /// The last log position whose changes the observer has heard.
+    applied: u64,
+}
+
+impl Follow {
+    /// Passes the changes committed after `applied` (by other writers) to the observer, in
+    /// order. Without an observer yet, nothing is passed and `applied` stays (the views read
+    /// after it is set include them).
+    async fn catch_up<B: Backend>(
+        &mut self,
+        backend: &B,
+        observer: &Observer,
+    ) -> Result<(), StoreError> {
+        if !self.shared || observer_of(observer).is_none() {
+            return Ok(());
+        }
+        for (pos, ops) in backend.changes_after(self.applied).await? {
+            let refs: Vec<&Op> = ops.iter().collect();
+            notify(observer, &refs);
+            self.applied = pos;
+        }
+        Ok(())
+    }
+}
+
 async fn writer_loop<B: Backend>(
     backend: &B,
     sealer: &Sealer,
     mut rx: mpsc::Receiver<Job>,
-    failure: &Mutex<Option<String>>,
+    state: &WriterState,
     observer: &Observer,
+    started: std::sync::mpsc::SyncSender<Result<(), StoreError>>,
 ) {
+    let failure = &state.failure;
+    let shared = backend.shared();
+    let mut follow = Follow { shared, applied: 0 };
+    if shared {
+        match backend.log_position().await {
+            Ok(p) => follow.applied = p,
+            Err(e) => {
+                let _ = started.send(Err(e));
+                return;
+            }
+        }
+    }
     // A chain whose end does not match its anchor was cut (or rolled back) while the broker
     // was down. Appending to it would overwrite the anchor and bury the evidence: refuse every
     // change instead, and say why (readiness fails; `audit verify` shows the details).
     if let Err(why) = check_anchor(backend, sealer).await {
+        let _ = started.send(Ok(()));
         tracing::error!(error = %why, "refusing every change to this store");
         if let Ok(mut f) = failure.lock() {
             *f = Some(why.clone());
@@ -116,8 +188,64 @@ async fn writer_loop<B: Backend>(
         }
         return;
     }
+    let _ = started.send(Ok(()));
+    let mut lead = tokio::time::interval(LEAD_EVERY);
+    lead.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // After the feed of other writers' commits was lost: when to reconnect, and how long the
+    // next wait is.
+    let mut feed_retry: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    let mut feed_backoff = RECOVER_FIRST;
     let mut jobs: Vec<Job> = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.recv().await {
+    loop {
+        let first = tokio::select! {
+            biased;
+            job = rx.recv() => match job {
+                Some(j) => j,
+                None => break,
+            },
+            () = async { if let Some(s) = feed_retry.as_mut() { s.await } }, if feed_retry.is_some() => {
+                feed_retry = None;
+                continue;
+            }
+            news = backend.next_change(), if shared && feed_retry.is_none() && observer_of(observer).is_some() => {
+                let caught = match news {
+                    Ok(pos) if pos > follow.applied => follow.catch_up(backend, observer).await,
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(e),
+                };
+                match caught {
+                    Ok(()) => {
+                        if let Ok(mut f) = state.feed.lock() && f.take().is_some() {
+                            tracing::info!(log = follow.applied, "following the other replicas' commits again");
+                        }
+                        feed_backoff = RECOVER_FIRST;
+                    }
+                    Err(e) => {
+                        let why = format!("not following the other replicas' commits: {e}");
+                        if let Ok(mut f) = state.feed.lock() {
+                            if f.is_none() {
+                                tracing::warn!(error = %e, "lost the commit feed; reconnecting");
+                            }
+                            *f = Some(why);
+                        }
+                        if matches!(e, StoreError::Behind(_)) {
+                            metrics::counter!("sigil_store_behind_total").increment(1);
+                        }
+                        feed_retry = Some(Box::pin(tokio::time::sleep(feed_backoff)));
+                        feed_backoff = (feed_backoff * 2).min(RECOVER_MAX);
+                    }
+                }
+                continue;
+            }
+            _ = lead.tick(), if shared => {
+                let leads = backend.lead().await;
+                let was = state.leader.swap(leads, std::sync::atomic::Ordering::SeqCst);
+                if was != leads {
+                    tracing::info!(leader = leads, "schedules (rotation, pruning) {}", if leads { "run here now" } else { "run on another replica now" });
+                }
+                continue;
+            }
+        };
         jobs.push(first);
         while jobs.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -127,7 +255,7 @@ async fn writer_loop<B: Backend>(
         }
         let batch_size = jobs.len();
         let started = std::time::Instant::now();
-        match apply_batch(backend, sealer, &mut jobs).await {
+        match apply_batch(backend, sealer, &mut jobs, &mut follow, observer).await {
             Ok(results) => {
                 if let Ok(mut f) = failure.lock() {
                     f.take();
@@ -165,8 +293,13 @@ async fn writer_loop<B: Backend>(
                     return;
                 };
                 // The callers were told it failed; if it was durable after all, the views must
-                // still follow the store (an identity revoked is revoked).
-                if let Some(end) = failed.end
+                // still follow the store (an identity revoked is revoked). A shared store's
+                // log says so itself: catching up replays it if it is there.
+                if shared {
+                    if let Err(e) = follow.catch_up(backend, observer).await {
+                        tracing::warn!(error = %e, "catching up after recovering");
+                    }
+                } else if let Some(end) = failed.end
                     && head == end
                 {
                     tracing::warn!(
@@ -194,17 +327,16 @@ async fn writer_loop<B: Backend>(
 /// `Err(why)` unless the stored chain ends exactly where its anchor says.
 async fn check_anchor<B: Backend>(backend: &B, sealer: &Sealer) -> Result<(), String> {
     let read = |e: StoreError| format!("could not check the audit chain's anchor: {e}");
-    let anchor = backend.audit_anchor().await.map_err(read)?;
-    let seq = backend.audit_head().await.map_err(read)?;
+    let end = backend.chain_end().await.map_err(read)?;
+    let (anchor, seq) = (end.anchor, end.seq);
     let restore = "Issuance is refused so that the evidence is not overwritten: run `sigil audit verify --offline`, and restore the data dir from a backup";
-    let hash = if seq == 0 {
-        ChainHead::default().hash
-    } else {
-        let last = backend.audit_entries(seq, 1).await.map_err(read)?;
-        let bytes = last.first().map(|(_, b)| b.as_slice()).unwrap_or_default();
-        serde_json::from_slice::<crate::audit::AuditEntry>(bytes)
-            .map_err(|e| format!("the last audit entry ({seq}) does not decode: {e}"))?
-            .hash
+    let hash = match &end.last {
+        None => ChainHead::default().hash,
+        Some(bytes) => {
+            serde_json::from_slice::<crate::audit::AuditEntry>(bytes)
+                .map_err(|e| format!("the last audit entry ({seq}) does not decode: {e}"))?
+                .hash
+        }
     };
     match anchor {
         None if seq == 0 => Ok(()),
@@ -222,15 +354,18 @@ async fn check_anchor<B: Backend>(backend: &B, sealer: &Sealer) -> Result<(), St
     }
 }
 
+fn observer_of(observer: &Observer) -> Option<Arc<dyn CommitObserver>> {
+    observer
+        .read()
+        .ok()
+        .and_then(|o| o.as_ref().and_then(Weak::upgrade))
+}
+
 fn notify(observer: &Observer, ops: &[&Op]) {
     if ops.is_empty() {
         return;
     }
-    let obs = observer
-        .read()
-        .ok()
-        .and_then(|o| o.as_ref().and_then(Weak::upgrade));
-    if let Some(obs) = obs {
+    if let Some(obs) = observer_of(observer) {
         obs.committed(ops);
     }
 }
@@ -524,10 +659,18 @@ async fn apply_batch<B: Backend>(
     backend: &B,
     sealer: &Sealer,
     jobs: &mut [Job],
+    follow: &mut Follow,
+    observer: &Observer,
 ) -> Result<Vec<Result<Committed, Conflict>>, Failed> {
     let needs = needs_of(jobs);
     let mut txn = backend.begin().await?;
     let loaded = txn.load(&needs).await?;
+    // On a shared store, what other writers committed before this batch reaches the observer
+    // first: every replica's views change in the log's order.
+    let log_seq = loaded.log_seq;
+    if follow.shared && log_seq > follow.applied {
+        follow.catch_up(backend, observer).await?;
+    }
     let mut head: ChainHead = loaded.head.clone();
     let mut view = View {
         loaded,
@@ -587,6 +730,19 @@ async fn apply_batch<B: Backend>(
     if head != view.loaded.head {
         writes.push(Write::PutAnchor(crate::audit::Anchor::new(sealer, &head)));
     }
+    let logged: Vec<&Op> = if follow.shared {
+        jobs.iter()
+            .zip(&results)
+            .filter(|(_, r)| r.is_ok())
+            .flat_map(|(j, _)| j.change.ops.iter())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let logs = !logged.is_empty();
+    if logs {
+        writes.push(Write::Log(logged));
+    }
     let moved = head != view.loaded.head;
     let failed = |error| Failed {
         error,
@@ -603,6 +759,10 @@ async fn apply_batch<B: Backend>(
     }
     if let Err(e) = txn.commit().await {
         return Err(failed(e));
+    }
+    // The observer hears this batch next (the caller notifies it): the log stands here now.
+    if follow.shared && observer_of(observer).is_some() && follow.applied == log_seq {
+        follow.applied = log_seq + u64::from(logs);
     }
     Ok(results)
 }
@@ -672,10 +832,26 @@ impl<B: Backend> Store for GroupCommit<B> {
     }
 
     fn health(&self) -> Result<(), String> {
-        match self.failure.lock() {
-            Ok(f) => f.clone().map_or(Ok(()), Err),
-            Err(_) => Err("store writer panicked".into()),
+        let failed = self
+            .state
+            .failure
+            .lock()
+            .map_err(|_| "store writer panicked".to_owned())?
+            .clone();
+        let feed = self
+            .state
+            .feed
+            .lock()
+            .map_err(|_| "store writer panicked".to_owned())?
+            .clone();
+        match failed.or(feed) {
+            Some(why) => Err(why),
+            None => Ok(()),
         }
+    }
+
+    fn is_leader(&self) -> bool {
+        self.state.leader.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     async fn close(&self) {

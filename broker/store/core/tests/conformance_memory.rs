@@ -108,6 +108,7 @@ impl Txn for MemTxn<'_> {
                 })
                 .collect(),
             head,
+            log_seq: 0,
         })
     }
 
@@ -184,6 +185,7 @@ impl Txn for MemTxn<'_> {
                 Write::PutAnchor(a) => {
                     d.anchor = Some(a.clone());
                 }
+                Write::Log(_) => {}
                 _ => panic!("a write the memory backend does not know"),
             }
         }

@@ -1129,6 +1129,8 @@ impl Txn for RedbTxn<'_> {
                         hash: hash.clone(),
                     });
                 }
+                // One writer: no other replica reads a log.
+                Write::Log(_) => {}
                 _ => {
                     return Err(StoreError::Unavailable(
                         "a write this backend does not know".into(),
