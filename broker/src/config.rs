@@ -83,6 +83,16 @@ pub struct Config {
     /// web-identity federation refuse one).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub jwt_issuer_allow_http: bool,
+    /// Where the store is: unset for the embedded store (`DATA_DIR/sigil.redb`), or a
+    /// PostgreSQL URL (`postgres://user:password@host:5432/sigil?sslmode=require`) that every
+    /// replica shares. `--store` and `SIGIL_STORE` override it; keep a URL with a password in
+    /// `SIGIL_STORE` (from a secret) rather than here. Never printed with its password.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreUrl>,
+    /// CA certificates (PEM) to verify the PostgreSQL server's TLS certificate with (default:
+    /// the public web roots).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_ca_file: Option<PathBuf>,
     /// Master key file; default `DATA_DIR/master.key`. `SIGIL_MASTER_KEY` takes precedence.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub master_key_file: Option<PathBuf>,
@@ -113,6 +123,20 @@ pub struct Config {
     pub exchange: Exchange,
     /// The audit log's growth: aggregation of repeated failures, retention.
     pub audit: Audit,
+}
+
+/// A store URL as configured; `Debug` hides any password in it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct StoreUrl(pub String);
+
+impl std::fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match crate::store::PgConfig::new(&self.0, None) {
+            Ok(pg) => write!(f, "{:?}", pg.describe()),
+            Err(_) => f.write_str("\"<not a store URL>\""),
+        }
+    }
 }
 
 /// How the audit log stays bounded.
@@ -617,6 +641,8 @@ impl Default for Config {
             server_names: vec!["localhost".into()],
             jwt_issuer: None,
             jwt_issuer_allow_http: false,
+            store: None,
+            store_ca_file: None,
             master_key_file: None,
             issuance: Issuance::default(),
             limits: Limits::default(),
@@ -666,6 +692,7 @@ impl Config {
 
     /// Checks ranges.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.store()?;
         let i = &self.issuance;
         if i.backdate > sigil_pki::ca::MAX_BACKDATE {
             return Err(ConfigError::Invalid(
@@ -787,9 +814,14 @@ impl Config {
         }
     }
 
-    /// Where the store is: the embedded store in the data dir.
-    pub fn store(&self) -> crate::store::StoreConfig {
-        crate::store::StoreConfig::in_data_dir(&self.data_dir)
+    /// Where the store is: the configured PostgreSQL database, or the embedded store in the
+    /// data dir.
+    pub fn store(&self) -> Result<crate::store::StoreConfig, ConfigError> {
+        match &self.store {
+            None => Ok(crate::store::StoreConfig::in_data_dir(&self.data_dir)),
+            Some(url) => crate::store::StoreConfig::postgres(&url.0, self.store_ca_file.clone())
+                .map_err(|e| ConfigError::Invalid(format!("store: {e}"))),
+        }
     }
 
     /// The master key file (when the key does not come from the environment).

@@ -147,10 +147,19 @@ pub struct Sequenced {
 /// How many recent events are kept for resuming watchers.
 const REPLAY_WINDOW: usize = 4096;
 
+/// Bits of a sequence number below the hub's instance tag.
+const TAG_SHIFT: u32 = 48;
+
 /// Fans trust changes out to watchers.
+///
+/// Sequence numbers carry the hub's instance in their top 16 bits: a watcher that resumes
+/// with a number from another process (a restarted broker, or another replica on the same
+/// database after a failover) gets a full snapshot, never a replay of this hub's events as if
+/// they were the ones it missed.
 #[derive(Debug)]
 pub struct Hub {
     tx: broadcast::Sender<Arc<Sequenced>>,
+    tag: u64,
     seq: AtomicU64,
     recent: Mutex<VecDeque<Arc<Sequenced>>>,
     /// Open watch streams per client.
@@ -182,9 +191,11 @@ impl Hub {
     /// snapshot rather than skipping events).
     pub fn new(start: u64) -> Self {
         let (tx, _) = broadcast::channel(REPLAY_WINDOW);
+        let tag = u64::from(u16::from_be_bytes(sigil_pki::ids::random_bytes::<2>()) | 1);
         Hub {
             tx,
-            seq: AtomicU64::new(start),
+            tag,
+            seq: AtomicU64::new((tag << TAG_SHIFT) | (start & ((1 << TAG_SHIFT) - 1))),
             recent: Mutex::new(VecDeque::with_capacity(REPLAY_WINDOW)),
             clients: Arc::default(),
         }
@@ -235,7 +246,7 @@ impl Hub {
         let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         let rx = self.tx.subscribe();
         let current = self.seq.load(Ordering::SeqCst);
-        let replay = if since == 0 || since > current {
+        let replay = if since == 0 || since > current || since >> TAG_SHIFT != self.tag {
             None
         } else if since == current {
             Some(Vec::new())
@@ -288,24 +299,34 @@ mod tests {
     #[test]
     fn subscribers_resume_from_the_replay_window_or_get_a_snapshot() {
         let hub = Hub::new(1000);
+        let base = hub.sequence();
+        assert_eq!(base & ((1 << TAG_SHIFT) - 1), 1000);
         hub.publish(HubEvent::Bundle);
         hub.publish(HubEvent::Bundle);
-        let (_rx, replay) = hub.subscribe(1001);
+        let (_rx, replay) = hub.subscribe(base + 1);
         assert_eq!(
             replay.unwrap().iter().map(|e| e.seq).collect::<Vec<_>>(),
-            vec![1002]
+            vec![base + 2]
         );
-        let (_rx, replay) = hub.subscribe(1002);
+        let (_rx, replay) = hub.subscribe(base + 2);
         assert!(replay.unwrap().is_empty());
         assert!(hub.subscribe(0).1.is_none(), "fresh start: snapshot");
-        assert!(hub.subscribe(5).1.is_none(), "too old: snapshot");
+        assert!(hub.subscribe(base - 5).1.is_none(), "too old: snapshot");
         assert!(
-            hub.subscribe(99_999).1.is_none(),
+            hub.subscribe(base + 99_999).1.is_none(),
+            "from the future: snapshot"
+        );
+        // A number another hub (a replica, a restarted broker) gave out, even one that falls
+        // inside this hub's range when the tags are ignored, gets a snapshot.
+        let other = Hub::new(900);
+        let foreign = (other.sequence() & ((1 << TAG_SHIFT) - 1)) | ((hub.tag ^ 2) << TAG_SHIFT);
+        assert!(
+            hub.subscribe(foreign + 101).1.is_none(),
             "from another process: snapshot"
         );
-        let (mut rx, _) = hub.subscribe(1002);
+        let (mut rx, _) = hub.subscribe(base + 2);
         hub.publish(HubEvent::Expired(vec!["x".into()]));
-        assert_eq!(rx.try_recv().unwrap().seq, 1003);
+        assert_eq!(rx.try_recv().unwrap().seq, base + 3);
     }
 
     #[test]

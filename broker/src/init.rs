@@ -35,6 +35,11 @@ pub struct InitOptions {
     /// Use this master key instead of generating one (from `SIGIL_MASTER_KEY`); it is then
     /// not written to disk.
     pub master_key: Option<MasterKey>,
+    /// A PostgreSQL URL for the store instead of the embedded one (the schema is created
+    /// there; a database that already holds a store is refused).
+    pub store: Option<String>,
+    /// CA certificates to verify the PostgreSQL server with.
+    pub store_ca_file: Option<PathBuf>,
 }
 
 /// What was created.
@@ -148,6 +153,20 @@ async fn init_inner(opts: &InitOptions, clock: &dyn Clock) -> Result<InitReport,
     if let Some(h) = opts.http_listen {
         cfg.http_listen = h;
     }
+    // A URL with a password stays out of the config file: replicas get it from SIGIL_STORE.
+    let mut store_cfg = cfg.clone();
+    if let Some(url) = &opts.store {
+        store_cfg.store = Some(crate::config::StoreUrl(url.clone()));
+        store_cfg.store_ca_file = opts.store_ca_file.clone();
+        store_cfg
+            .validate()
+            .map_err(|e| InitError::Invalid(e.to_string()))?;
+        cfg.store_ca_file = opts.store_ca_file.clone();
+        let pg = crate::store::PgConfig::new(url, None).map_err(failed)?;
+        if !pg.has_password() {
+            cfg.store = store_cfg.store.clone();
+        }
+    }
     let config_file = dir.join(CONFIG_FILE);
     let header = "# Sigil broker settings. Durations: 90s, 10m, 1h, 90d. See deploy/sigil.toml for every option.\n";
     write_atomic(
@@ -164,7 +183,7 @@ async fn init_inner(opts: &InitOptions, clock: &dyn Clock) -> Result<InitReport,
         trust_domain: td.clone(),
         created_at: unix_secs(now),
     };
-    let store = crate::store::create(&cfg.store(), sealer.clone(), meta)
+    let store = crate::store::create(&store_cfg.store().map_err(failed)?, sealer.clone(), meta)
         .await
         .map_err(failed)?;
 

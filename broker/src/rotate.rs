@@ -479,6 +479,13 @@ pub async fn schedule_loop(
             _ = tokio::time::sleep(every) => {}
             _ = broker.rotation_kick.notified() => {}
         }
+        // Replicas on one database: only the leader runs the schedule (its changes reach
+        // the others through the commit log).
+        if !broker.store().is_leader() {
+            broker.flush_refusals(false).await;
+            broker.rate_limits().prune();
+            continue;
+        }
         match broker.rotation_tick().await {
             Ok(steps) if !steps.is_empty() => tracing::info!(?steps, "key rotation"),
             Ok(_) => {}

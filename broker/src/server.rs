@@ -184,7 +184,7 @@ pub async fn start(
     let sealer = Arc::new(Sealer::new(&master));
     drop(master);
     let store = crate::store::open(
-        &cfg.store(),
+        &cfg.store()?,
         sealer.clone(),
         crate::store::OpenOptions {
             #[cfg(feature = "faults")]

@@ -4,19 +4,20 @@
 use std::time::Duration;
 
 use sigil_proto::v1::admin_client::AdminClient;
-use tonic::transport::Channel;
 
 use crate::SdkError;
-use crate::transport::{self, BrokerTarget, ClientCertSlot};
+use crate::failover::{Failover, Targets};
+use crate::transport::{self, ClientCertSlot};
 
-/// Connects to the admin API with an operator certificate and key (PEM).
+/// Connects to the admin API with an operator certificate and key (PEM). `broker_url` may
+/// name several replicas, separated by commas: calls move on when one is gone or unavailable.
 pub fn connect_admin(
     broker_url: &str,
     trust_bundle_pem: &[u8],
     cert_pem: &[u8],
     key_pem: &[u8],
-) -> Result<AdminClient<Channel>, SdkError> {
-    let target = BrokerTarget::parse(broker_url)?;
+) -> Result<AdminClient<Failover>, SdkError> {
+    let targets = std::sync::Arc::new(Targets::parse(broker_url)?);
     let roots = transport::roots_from_pem(trust_bundle_pem)?;
     let chain = sigil_pki::certs_from_pem(cert_pem)
         .map_err(|e| SdkError::fatal(format!("operator certificate: {e}")))?;
@@ -29,8 +30,8 @@ pub fn connect_admin(
     let pkcs8 = key.to_pkcs8().map_err(|e| SdkError::fatal(e.to_string()))?;
     slot.set(chain, pkcs8.expose_secret())?;
     let tls = transport::client_config(roots, Some(slot))?;
-    Ok(AdminClient::new(transport::channel(
-        &target,
+    Ok(AdminClient::new(Failover::new(
+        targets,
         tls,
         Duration::from_secs(30),
     )?))

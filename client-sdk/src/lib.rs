@@ -12,7 +12,8 @@
 //!   servers; [`trust`]: the bundle and revocation state they read.
 //! - [`types`]: the credentials handed out ([`X509Svid`], [`JwtSvid`], [`TrustBundle`]).
 //! - [`error`]: [`SdkError`], sorted into retryable, re-attest and fatal.
-//! - [`transport`]: rustls connections that trust only the bundle.
+//! - [`transport`]: rustls connections that trust only the bundle; [`failover`]: a channel
+//!   over several broker replicas that moves on when one is gone or unavailable.
 //! - [`admin`]: the operator client.
 //!
 //! ```no_run
@@ -32,6 +33,7 @@
 pub mod admin;
 pub mod error;
 pub mod evidence;
+pub mod failover;
 pub mod source;
 pub mod tls;
 pub mod transport;
@@ -44,6 +46,7 @@ pub mod workload;
 pub use admin::connect_admin;
 pub use error::{ErrorKind, SdkError};
 pub use evidence::{EvidenceSource, JoinTokenFile, OidcTokenFile, OneTimeEvidence, UnixEvidence};
+pub use failover::{Failover, Targets};
 pub use source::{Source, SourceConfig, SourceEvent};
 pub use tls::Authorizer;
 pub use trust::{RevocationView, TrustBundle, TrustState};

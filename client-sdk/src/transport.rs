@@ -90,6 +90,44 @@ impl BrokerTarget {
     }
 }
 
+impl BrokerTarget {
+    /// One target per address a DNS name resolves to (each still verified as the name), so
+    /// several replicas behind one name are failed over between; the target itself for an IP
+    /// address, a Unix socket, or a name that does not resolve now (it is tried again when
+    /// connecting).
+    pub(crate) fn expand(self) -> Vec<BrokerTarget> {
+        if self.unix.is_some() || !matches!(self.server_name, ServerName::DnsName(_)) {
+            return vec![self];
+        }
+        let addrs: Vec<std::net::SocketAddr> =
+            match std::net::ToSocketAddrs::to_socket_addrs(&(self.host.as_str(), self.port)) {
+                Ok(a) => a.collect(),
+                Err(_) => return vec![self],
+            };
+        if addrs.len() < 2 {
+            return vec![self];
+        }
+        addrs
+            .into_iter()
+            .map(|a| BrokerTarget {
+                host: a.ip().to_string(),
+                port: a.port(),
+                server_name: self.server_name.clone(),
+                unix: None,
+            })
+            .collect()
+    }
+
+    /// How the target is named in messages.
+    pub fn describe(&self) -> String {
+        match &self.unix {
+            Some(p) => format!("unix://{}", p.display()),
+            None if self.host.contains(':') => format!("https://[{}]:{}", self.host, self.port),
+            None => format!("https://{}:{}", self.host, self.port),
+        }
+    }
+}
+
 /// Roots from PEM text (a `bundle.pem`).
 pub fn roots_from_pem(pem: &[u8]) -> Result<Arc<RootCertStore>, SdkError> {
     let certs = sigil_pki::certs_from_pem(pem)

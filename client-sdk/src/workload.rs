@@ -9,14 +9,14 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 use sigil_pki::{EcKey, SecretString, SpiffeBundle, SpiffeId, TrustDomain};
 use sigil_proto::v1 as pb;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::transport::{self, BrokerTarget, ClientCertSlot};
+use crate::transport::{self, ClientCertSlot};
 use crate::trust::TrustState;
 use crate::{Credentials, ErrorKind, Grant, JwtSvid, SdkError, TrustBundle, X509Svid};
 
-type BrokerClient = pb::broker_client::BrokerClient<InterceptedService<Channel, ActAs>>;
+type BrokerClient =
+    pb::broker_client::BrokerClient<InterceptedService<crate::failover::Failover, ActAs>>;
 
 /// On the broker's Unix socket the kernel vouches for the calling process on every call, and a
 /// process may match several identities: this names the one whose SVID the client holds
@@ -36,7 +36,9 @@ impl tonic::service::Interceptor for ActAs {
 /// How to reach the broker.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// `https://host:port`.
+    /// `https://host:port`; several replicas separated by commas
+    /// (`https://a:8443,https://b:8443`), or a name that resolves to several addresses: calls
+    /// move to the next one when the current one is gone or unavailable.
     pub broker_url: String,
     /// PEM roots to trust at first (the `bundle.pem` an operator handed out); the broker's
     /// bundle replaces them once received.
@@ -110,7 +112,7 @@ pub struct WorkloadClient {
 
 #[derive(Debug)]
 struct Inner {
-    target: BrokerTarget,
+    targets: Arc<crate::failover::Targets>,
     timeout: Duration,
     trust: Arc<TrustState>,
     anon: BrokerClient,
@@ -152,13 +154,13 @@ fn bad_reply(what: &str) -> SdkError {
 impl WorkloadClient {
     /// Prepares a connection (made lazily on the first call).
     pub fn new(cfg: ClientConfig) -> Result<Self, SdkError> {
-        let target = BrokerTarget::parse(&cfg.broker_url)?;
+        let targets = Arc::new(crate::failover::Targets::parse(&cfg.broker_url)?);
         let roots = sigil_pki::certs_from_pem(&cfg.trust_bundle_pem)
             .map_err(|e| SdkError::fatal(format!("trust bundle: {e}")))?;
         let trust = Arc::new(TrustState::new(roots)?);
         let anon = pb::broker_client::BrokerClient::with_interceptor(
-            transport::channel(
-                &target,
+            crate::failover::Failover::new(
+                targets.clone(),
                 transport::dynamic_client_config(trust.clone(), None)?,
                 cfg.timeout,
             )?,
@@ -166,7 +168,7 @@ impl WorkloadClient {
         );
         Ok(WorkloadClient {
             inner: Arc::new(Inner {
-                target,
+                targets,
                 timeout: cfg.timeout,
                 trust,
                 anon,
@@ -410,10 +412,11 @@ impl WorkloadClient {
         // finish on the old connection.
         let resolver: Arc<dyn rustls::client::ResolvesClientCert> = self.inner.cert_slot.clone();
         let tls = transport::dynamic_client_config(self.inner.trust.clone(), Some(resolver))?;
-        let ch = transport::channel(&self.inner.target, tls, self.inner.timeout)?;
+        let ch =
+            crate::failover::Failover::new(self.inner.targets.clone(), tls, self.inner.timeout)?;
         let act_as = ActAs(
             self.inner
-                .target
+                .targets
                 .is_unix()
                 .then(|| svid.spiffe_id.as_str().parse().ok())
                 .flatten(),

@@ -23,7 +23,6 @@ use sigil_broker::store::FaultSwitch;
 use sigil_proto::v1 as pb;
 use sigil_proto::v1::admin_client::AdminClient;
 use sigil_sdk::{ClientConfig, Credentials, Evidence, JwtRequest, SvidOptions, WorkloadClient};
-use tonic::transport::Channel;
 
 /// The trust domain of every test broker.
 pub const TD: &str = "example.org";
@@ -83,6 +82,8 @@ impl TestBroker {
                 operator: "admin".into(),
                 operator_ttl: Duration::from_secs(365 * 86400),
                 master_key: Some(master.clone()),
+                store: None,
+                store_ca_file: None,
             },
             clock.as_ref(),
         )
@@ -167,7 +168,7 @@ impl TestBroker {
     }
 
     /// An admin client with the operator credential `init` wrote.
-    pub fn admin(&self) -> AdminClient<Channel> {
+    pub fn admin(&self) -> AdminClient<sigil_sdk::Failover> {
         let cert = std::fs::read(self.data.join("admin/admin.crt")).expect("admin cert");
         let key = std::fs::read(self.data.join("admin/admin.key")).expect("admin key");
         sigil_sdk::connect_admin(&self.url, &self.bundle_pem, &cert, &key).expect("admin client")

@@ -237,7 +237,7 @@ fn admin_as(
     b: &TestBroker,
     name: &str,
     dir: &Path,
-) -> pb::admin_client::AdminClient<tonic::transport::Channel> {
+) -> pb::admin_client::AdminClient<sigil_sdk::Failover> {
     let cert = std::fs::read(dir.join(format!("{name}.crt"))).unwrap();
     let key = std::fs::read(dir.join(format!("{name}.key"))).unwrap();
     sigil_sdk::connect_admin(&b.url, &b.bundle_pem, &cert, &key).unwrap()

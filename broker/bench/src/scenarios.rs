@@ -62,7 +62,7 @@ async fn workloads(t: &Target, spiffe_id: &str, n: usize) -> Result<Vec<BrokerCl
 /// A workload client of `spiffe_id`, attested with a join token made for it.
 async fn attested_workload(
     t: &Target,
-    admin: &mut pb::admin_client::AdminClient<Channel>,
+    admin: &mut pb::admin_client::AdminClient<sigil_sdk::Failover>,
     spiffe_id: &str,
 ) -> Result<(WorkloadClient, sigil_sdk::Credentials)> {
     let token = admin

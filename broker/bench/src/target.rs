@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, anyhow, bail};
 use sigil_proto::v1::admin_client::AdminClient;
 use tokio::io::AsyncBufReadExt;
-use tonic::transport::Channel;
 
 /// A broker that is already running, as the caller resolved it (the CLI from its flags).
 #[derive(Debug, Clone)]
@@ -23,7 +22,7 @@ pub struct External {
 }
 
 impl External {
-    pub(crate) fn connect(&self) -> Result<AdminClient<Channel>> {
+    pub(crate) fn connect(&self) -> Result<AdminClient<sigil_sdk::Failover>> {
         Ok(sigil_sdk::connect_admin(
             &self.url,
             &self.bundle_pem,
@@ -125,6 +124,8 @@ pub(crate) async fn embedded() -> Result<Target> {
             operator: "bench".into(),
             operator_ttl: Duration::from_secs(86400),
             master_key: Some(master.clone()),
+            store: None,
+            store_ca_file: None,
         },
         &sigil_broker::clock::SystemClock,
     )

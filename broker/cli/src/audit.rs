@@ -70,15 +70,16 @@ pub(crate) async fn run(cmd: AuditCmd) -> Result<()> {
                     "--offline needs --data-dir (a stopped broker's data dir, or a copy of one)"
                 )
             })?;
-            let cfg = sigil_broker::config::Config::load(dir)?;
+            let mut cfg = sigil_broker::config::Config::load(dir)?;
+            conn.store.apply(&mut cfg)?;
             let sealer =
                 sigil_broker::seal::Sealer::new(&sigil_broker::server::load_master_key(&cfg)?);
-            let store = cfg.store();
+            let store = cfg.store()?;
             sigil_broker::store::check_master_key(&store, &sealer)?;
             let inspection = sigil_broker::store::check_offline(&store)?;
             if inspection.unclean {
                 println!(
-                    "note: the store was not closed cleanly (a crash or kill -9); redb's crash recovery ran on an in-memory view of it, and the file was not changed (`sigil serve` recovers it for real)"
+                    "note: the store was not closed cleanly (a crash or kill -9); its crash recovery ran on an in-memory view of it, and the file was not changed (`sigil serve` recovers it for real)"
                 );
             }
             let chain = sigil_broker::store::read_audit_offline(&store)?;

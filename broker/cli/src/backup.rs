@@ -41,6 +41,9 @@ pub struct RestoreArgs {
     /// the data dir's configured key file, `DATA_DIR/master.key`).
     #[arg(long)]
     pub master_key_file: Option<PathBuf>,
+    /// Restore into this PostgreSQL database (empty) instead of a new embedded store.
+    #[command(flatten)]
+    pub store: crate::serve::StoreArgs,
 }
 
 /// `sigil backup`.
@@ -51,9 +54,10 @@ pub(crate) async fn backup(a: BackupArgs) -> Result<()> {
             a.conn.data_dir.as_deref().ok_or_else(|| {
                 anyhow!("--offline needs --data-dir (a stopped broker's data dir)")
             })?;
-        let cfg = sigil_broker::config::Config::load(dir)?;
+        let mut cfg = sigil_broker::config::Config::load(dir)?;
+        a.conn.store.apply(&mut cfg)?;
         let sealer = sigil_broker::seal::Sealer::new(&sigil_broker::server::load_master_key(&cfg)?);
-        let store = cfg.store();
+        let store = cfg.store()?;
         sigil_broker::store::check_master_key(&store, &sealer)?;
         let file = create_private(&tmp)?;
         let (store2, tmp2) = (store.clone(), tmp.clone());
@@ -127,6 +131,7 @@ pub(crate) async fn restore(a: RestoreArgs) -> Result<()> {
     let dir = &a.data_dir;
     check_restore_target(dir)?;
     let mut cfg = sigil_broker::config::Config::load(dir)?;
+    a.store.apply(&mut cfg)?;
     if let Some(k) = &a.master_key_file {
         cfg.master_key_file = Some(k.clone());
     }
@@ -137,7 +142,7 @@ pub(crate) async fn restore(a: RestoreArgs) -> Result<()> {
     let made_dir = !dir.exists();
     sigil_broker::fsutil::create_private_dir(dir)
         .with_context(|| format!("creating {}", dir.display()))?;
-    let store = cfg.store();
+    let store = cfg.store()?;
     let (s2, k2, f2) = (store.clone(), sealer.clone(), a.file.clone());
     let restored =
         tokio::task::spawn_blocking(move || sigil_broker::store::restore(&s2, &k2, &f2)).await?;

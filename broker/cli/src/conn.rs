@@ -9,7 +9,6 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use clap::Args;
 use sigil_broker::config::{ADMIN_DIR, BROKER_URL_FILE, BUNDLE_FILE};
 use sigil_proto::v1::admin_client::AdminClient;
-use tonic::transport::Channel;
 
 /// How operator commands reach the broker.
 #[derive(Debug, Clone, Args)]
@@ -29,6 +28,9 @@ pub struct Conn {
     /// Operator key (PEM, mode 0600).
     #[arg(long, env = "SIGIL_ADMIN_KEY")]
     pub admin_key: Option<PathBuf>,
+    /// For commands that read the store directly (--offline): where it is.
+    #[command(flatten)]
+    pub store: crate::serve::StoreArgs,
 }
 
 /// A connection resolved from [`Conn`]: everything read, nothing connected yet.
@@ -45,7 +47,7 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
 
 impl Conn {
     /// Resolves the broker URL, trust bundle and operator credential, and connects.
-    pub fn connect(&self) -> Result<AdminClient<Channel>> {
+    pub fn connect(&self) -> Result<AdminClient<sigil_sdk::Failover>> {
         let r = self.resolve()?;
         Ok(sigil_sdk::connect_admin(
             &r.broker,

@@ -55,6 +55,8 @@ pub(crate) async fn run(a: DevArgs) -> Result<()> {
                 operator: "admin".into(),
                 operator_ttl: Duration::from_secs(365 * 86400),
                 master_key: None,
+                store: None,
+                store_ca_file: None,
             },
             &sigil_broker::clock::SystemClock,
         )
@@ -65,7 +67,12 @@ pub(crate) async fn run(a: DevArgs) -> Result<()> {
             r.trust_domain
         );
     }
-    let cfg = load_config(&a.data_dir, Some(a.listen), Some(&a.http_listen))?;
+    let cfg = load_config(
+        &a.data_dir,
+        Some(a.listen),
+        Some(&a.http_listen),
+        &crate::serve::StoreArgs::default(),
+    )?;
     let master = sigil_broker::server::load_master_key(&cfg)?;
     let running = sigil_broker::server::start(
         cfg,
@@ -83,6 +90,7 @@ pub(crate) async fn run(a: DevArgs) -> Result<()> {
         trust_bundle: None,
         admin_cert: None,
         admin_key: None,
+        store: Default::default(),
     };
     let mut admin = conn.connect()?;
     let existing = admin

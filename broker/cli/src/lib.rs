@@ -18,6 +18,7 @@
 //! - `credential`: `sigil credential ...`.
 //! - `audit`: `sigil audit ...`.
 //! - `backup`: `sigil backup` and `sigil restore`.
+//! - `migrate`: `sigil migrate` (PostgreSQL schema; embedded store into PostgreSQL).
 //! - `approve`: `sigil approve` and `sigil approvals ...`.
 //! - `policy`: `sigil policy ...`.
 //! - `operator`: `sigil operator ...` and `sigil whoami`.
@@ -41,6 +42,7 @@ mod fetch;
 mod identity;
 mod join_token;
 mod keys;
+mod migrate;
 mod operator;
 mod output;
 mod owner;
@@ -127,6 +129,9 @@ pub enum Command {
     Backup(backup::BackupArgs),
     /// Make a new data dir from a backup (needs the master key of the store it came from).
     Restore(backup::RestoreArgs),
+    /// Bring a PostgreSQL store's schema up to date, or move an embedded store into
+    /// PostgreSQL (--from DATA_DIR --to URL) to run several replicas.
+    Migrate(migrate::MigrateArgs),
     /// Approve an approval-gated scope for an identity, for a limited time (operator).
     Approve(approve::ApproveArgs),
     /// List or end approvals (operator).
@@ -168,6 +173,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Audit(c) => audit::run(c).await,
         Command::Backup(a) => backup::backup(a).await,
         Command::Restore(a) => backup::restore(a).await,
+        Command::Migrate(a) => migrate::run(a).await,
         Command::Approve(a) => approve::approve(a).await,
         Command::Approvals(c) => approve::approvals(c).await,
         Command::Policy(c) => policy::run(c).await,

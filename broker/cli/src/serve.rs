@@ -30,6 +30,35 @@ pub struct InitArgs {
     /// Lifetime of the first operator credential.
     #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
     pub operator_ttl: Duration,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// Where the store is, when it is not the embedded one in the data dir.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct StoreArgs {
+    /// The store: a PostgreSQL URL (postgres://user:password@host:5432/sigil) shared by every
+    /// replica (overrides `store` in the config; unset: the embedded store in the data dir).
+    #[arg(long = "store", env = "SIGIL_STORE", hide_env_values = true)]
+    pub url: Option<String>,
+    /// CA certificates (PEM) to verify the PostgreSQL server with (overrides
+    /// `store_ca_file`).
+    #[arg(long = "store-ca-file", env = "SIGIL_STORE_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    /// Applies the flags to `cfg`.
+    pub(crate) fn apply(&self, cfg: &mut sigil_broker::config::Config) -> Result<()> {
+        if let Some(u) = &self.url {
+            cfg.store = Some(sigil_broker::config::StoreUrl(u.clone()));
+        }
+        if let Some(c) = &self.ca_file {
+            cfg.store_ca_file = Some(c.clone());
+        }
+        cfg.validate()?;
+        Ok(())
+    }
 }
 
 /// `sigil serve`.
@@ -48,6 +77,8 @@ pub struct ServeArgs {
     /// Broker API (overrides `workload_socket` in the config).
     #[arg(long, env = "SIGIL_WORKLOAD_SOCKET")]
     pub workload_socket: Option<PathBuf>,
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 /// `sigil init`.
@@ -70,6 +101,8 @@ pub(crate) async fn init(a: InitArgs) -> Result<()> {
             operator: a.operator,
             operator_ttl: a.operator_ttl,
             master_key,
+            store: a.store.url.clone(),
+            store_ca_file: a.store.ca_file.clone(),
         },
         &sigil_broker::clock::SystemClock,
     )
@@ -99,7 +132,7 @@ pub(crate) async fn init(a: InitArgs) -> Result<()> {
 
 /// `sigil serve`.
 pub(crate) async fn serve(a: ServeArgs) -> Result<()> {
-    let mut cfg = load_config(&a.data_dir, a.listen, a.http_listen.as_deref())?;
+    let mut cfg = load_config(&a.data_dir, a.listen, a.http_listen.as_deref(), &a.store)?;
     if let Some(p) = a.workload_socket {
         cfg.workload_socket = Some(p);
     }
@@ -122,9 +155,12 @@ pub(crate) fn load_config(
     data_dir: &Path,
     listen: Option<SocketAddr>,
     http_listen: Option<&str>,
+    store: &StoreArgs,
 ) -> Result<sigil_broker::config::Config> {
-    let store = sigil_broker::store::StoreConfig::in_data_dir(data_dir);
-    if !store.exists() {
+    let mut cfg = sigil_broker::config::Config::load(data_dir)?;
+    store.apply(&mut cfg)?;
+    let store = cfg.store()?;
+    if !store.shared() && !store.exists() {
         bail!(
             "{} is not a Sigil data dir (no {}); run `sigil init --data-dir {} --trust-domain ...` first",
             data_dir.display(),
@@ -132,7 +168,6 @@ pub(crate) fn load_config(
             data_dir.display()
         );
     }
-    let mut cfg = sigil_broker::config::Config::load(data_dir)?;
     if let Some(l) = listen {
         cfg.listen = l;
     }

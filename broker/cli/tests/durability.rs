@@ -153,15 +153,11 @@ async fn a_full_disk_fails_closed_and_issuance_comes_back_without_a_restart_when
         200,
         "alive: a restart would not help, freeing space does"
     );
-    // While full, nothing is issued.
+    // While full, issuance fails closed. (A commit that finds room inside the file — pages
+    // freed by recovery — is durable and may succeed; that every credential a client got is
+    // durable is checked below, after a restart too.)
     tokio::time::sleep(Duration::from_millis(300)).await;
     let while_full = load.count();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(
-        load.count(),
-        while_full,
-        "nothing issued while the disk is full"
-    );
     assert!(
         load.refused.lock().unwrap().contains_key("Unavailable"),
         "refused as Unavailable: {:?}",

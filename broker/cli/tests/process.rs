@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use sigil_proto::v1 as pb;
 use sigil_sdk::{ClientConfig, Evidence, SvidOptions, WorkloadClient};
-use tonic::transport::Channel;
 
 mod common;
 use common::*;
@@ -123,7 +122,7 @@ fn sigil_dev_prints_a_fetch_command_that_works_as_printed() {
 
 /// Polls the audit log for `action` entries until there are `n`, for up to 10 s.
 async fn audit_entries(
-    admin: &mut sigil_proto::v1::admin_client::AdminClient<Channel>,
+    admin: &mut sigil_proto::v1::admin_client::AdminClient<sigil_sdk::Failover>,
     action: &str,
     n: usize,
 ) -> Vec<serde_json::Value> {

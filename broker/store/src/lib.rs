@@ -2,7 +2,8 @@
 //! (all from `sigil-store-core`), and the one place a backend is chosen and opened
 //! ([`open`], [`create`]). Nothing outside the store crates names a backend.
 //!
-//! Backends: redb (embedded, one file; the default).
+//! Backends: redb (embedded, one file; the default) and PostgreSQL (several broker replicas
+//! on one database).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,8 +11,9 @@ use std::sync::Arc;
 pub use sigil_store_core::*;
 
 use sigil_store_core::seal::Sealer;
-#[cfg(feature = "faults")]
-pub use sigil_store_redb::FaultSwitch;
+pub use sigil_store_postgres::PgConfig;
+use sigil_store_postgres::PostgresBackend;
+pub use sigil_store_postgres::local;
 use sigil_store_redb::RedbBackend;
 
 /// Where the store is.
@@ -23,6 +25,8 @@ pub enum StoreConfig {
         /// The file (`DATA_DIR/sigil.redb`).
         path: PathBuf,
     },
+    /// A PostgreSQL database shared by broker replicas (its password never printed).
+    Postgres(PgConfig),
 }
 
 /// The embedded store's file name inside a data dir.
@@ -34,11 +38,24 @@ impl StoreConfig {
         StoreConfig::redb(dir.join(EMBEDDED_FILE))
     }
 
-    /// Whether a store is there already (for `init` and `dev`, which must not overwrite one).
+    /// A PostgreSQL store at `url` (`postgres://user:password@host:port/db`), its server
+    /// verified with the CA certificates in `ca_file` when TLS is used.
+    pub fn postgres(url: &str, ca_file: Option<PathBuf>) -> Result<Self, StoreError> {
+        Ok(StoreConfig::Postgres(PgConfig::new(url, ca_file)?))
+    }
+
+    /// Whether an embedded store is there already (for `init` and `dev`, which must not
+    /// overwrite one); a database server says so itself when `create` is refused.
     pub fn exists(&self) -> bool {
         match self {
             StoreConfig::Redb { path } => path.exists(),
+            StoreConfig::Postgres(_) => false,
         }
+    }
+
+    /// Whether several brokers may serve from this store at once.
+    pub fn shared(&self) -> bool {
+        matches!(self, StoreConfig::Postgres(_))
     }
 
     /// The files that hold an embedded store, the database first (for size reports, backups
@@ -48,6 +65,7 @@ impl StoreConfig {
             StoreConfig::Redb { path } => {
                 vec![path.clone(), sigil_store_redb::key_check_path(path)]
             }
+            StoreConfig::Postgres(_) => Vec::new(),
         }
     }
 
@@ -60,6 +78,7 @@ impl StoreConfig {
     pub fn describe(&self) -> String {
         match self {
             StoreConfig::Redb { path } => path.display().to_string(),
+            StoreConfig::Postgres(pg) => pg.describe(),
         }
     }
 }
@@ -67,7 +86,7 @@ impl StoreConfig {
 /// Options for opening a store.
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
-    /// Makes the store's disk writes fail on demand.
+    /// Makes the store's writes fail on demand.
     #[cfg(feature = "faults")]
     pub faults: Option<FaultSwitch>,
 }
@@ -82,6 +101,11 @@ pub async fn create(
         StoreConfig::Redb { path } => {
             let (path, s) = (path.clone(), sealer.clone());
             let backend = blocking(move || RedbBackend::create(&path, &s, meta)).await?;
+            Ok(Arc::new(GroupCommit::start(backend, sealer)?))
+        }
+        StoreConfig::Postgres(pg) => {
+            PostgresBackend::create(pg, &sealer, meta).await?;
+            let backend = PostgresBackend::open(pg, &sealer).await?;
             Ok(Arc::new(GroupCommit::start(backend, sealer)?))
         }
     }
@@ -102,10 +126,35 @@ pub async fn open(
                 blocking(move || RedbBackend::open_with_faults(&path, &s, opts.faults)).await?;
             #[cfg(not(feature = "faults"))]
             let backend = {
-                let _ = opts;
+                let _ = &opts;
                 blocking(move || RedbBackend::open(&path, &s)).await?
             };
             Ok(Arc::new(GroupCommit::start(backend, sealer)?))
+        }
+        StoreConfig::Postgres(pg) => {
+            #[cfg(feature = "faults")]
+            let backend = PostgresBackend::open_with_faults(pg, &sealer, opts.faults).await?;
+            #[cfg(not(feature = "faults"))]
+            let backend = {
+                let _ = opts;
+                PostgresBackend::open(pg, &sealer).await?
+            };
+            // GroupCommit::start waits for the writer to read the commit log's position.
+            let s = sealer.clone();
+            let store = blocking(move || GroupCommit::start(backend, s)).await?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// Brings a database's schema up to this build's (`sigil migrate --store URL`); returns the
+/// version it found. A database newer than this build is refused.
+pub async fn migrate_schema(cfg: &StoreConfig) -> Result<Option<(i64, i64)>, StoreError> {
+    match cfg {
+        StoreConfig::Redb { .. } => Ok(None),
+        StoreConfig::Postgres(pg) => {
+            let found = sigil_store_postgres::migrate(pg).await?;
+            Ok(Some((found, sigil_store_postgres::schema::VERSION)))
         }
     }
 }
@@ -114,6 +163,9 @@ pub async fn open(
 pub fn check_master_key(cfg: &StoreConfig, sealer: &Sealer) -> Result<(), StoreError> {
     match cfg {
         StoreConfig::Redb { path } => sigil_store_redb::check_master_key(path, sealer),
+        StoreConfig::Postgres(pg) => sigil_store_postgres::block_on_own_thread(|| {
+            sigil_store_postgres::check_master_key(pg, sealer)
+        }),
     }
 }
 
@@ -124,6 +176,9 @@ pub fn check_master_key(cfg: &StoreConfig, sealer: &Sealer) -> Result<(), StoreE
 pub fn read_audit_offline(cfg: &StoreConfig) -> Result<audit::StoredChain, StoreError> {
     match cfg {
         StoreConfig::Redb { path } => sigil_store_redb::read_audit_file(path),
+        StoreConfig::Postgres(pg) => {
+            sigil_store_postgres::block_on_own_thread(|| sigil_store_postgres::read_audit(pg))
+        }
     }
 }
 
@@ -132,6 +187,8 @@ pub fn read_audit_offline(cfg: &StoreConfig) -> Result<audit::StoredChain, Store
 pub fn check_offline(cfg: &StoreConfig) -> Result<Inspection, StoreError> {
     match cfg {
         StoreConfig::Redb { path } => sigil_store_redb::check_file(path),
+        // The database checks its own pages; a crash leaves nothing to recover here.
+        StoreConfig::Postgres(_) => Ok(Inspection { unclean: false }),
     }
 }
 
@@ -145,6 +202,9 @@ pub fn export_offline(
 ) -> Result<dump::Summary, StoreError> {
     match cfg {
         StoreConfig::Redb { path } => sigil_store_redb::export_file(path, out),
+        StoreConfig::Postgres(pg) => {
+            sigil_store_postgres::block_on_own_thread(|| sigil_store_postgres::export(pg, out))
+        }
     }
 }
 
@@ -158,6 +218,7 @@ pub fn restore(
 ) -> Result<dump::Summary, StoreError> {
     match cfg {
         StoreConfig::Redb { path } => sigil_store_redb::restore_file(path, sealer, backup),
+        StoreConfig::Postgres(pg) => sigil_store_postgres::restore_blocking(pg, sealer, backup),
     }
 }
 
@@ -182,6 +243,9 @@ pub mod testing {
     ) -> Result<(), StoreError> {
         match cfg {
             StoreConfig::Redb { path } => sigil_store_redb::testing::edit_audit(path, f),
+            StoreConfig::Postgres(_) => Err(StoreError::Unavailable(
+                "edit_audit is for embedded stores".into(),
+            )),
         }
     }
 
@@ -191,6 +255,9 @@ pub mod testing {
             StoreConfig::Redb { path } => {
                 sigil_store_redb::testing::truncate_tail(path, audit, ledger)
             }
+            StoreConfig::Postgres(pg) => sigil_store_postgres::block_on_own_thread(|| {
+                sigil_store_postgres::testing::truncate_tail(pg, audit as i64, ledger as i64)
+            }),
         }
     }
 }

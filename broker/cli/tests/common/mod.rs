@@ -124,7 +124,10 @@ pub(crate) fn serve(dir: &Path, data: &Path) -> (Proc, String) {
     (p, url)
 }
 
-pub(crate) fn admin(data: &Path, url: &str) -> sigil_proto::v1::admin_client::AdminClient<Channel> {
+pub(crate) fn admin(
+    data: &Path,
+    url: &str,
+) -> sigil_proto::v1::admin_client::AdminClient<sigil_sdk::Failover> {
     let r = |p: &str| std::fs::read(data.join(p)).unwrap();
     sigil_sdk::connect_admin(
         url,

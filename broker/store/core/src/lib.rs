@@ -234,6 +234,24 @@ pub trait CommitObserver: Send + Sync {
     fn committed(&self, ops: &[&Op]);
 }
 
+/// Makes a store's writes fail while on, whatever the backend (a full disk, a lost database):
+/// for testing that issuance fails closed and that the writer recovers, and for chaos drills.
+/// Backends honour it only when built with their `faults` feature.
+#[derive(Debug, Clone, Default)]
+pub struct FaultSwitch(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl FaultSwitch {
+    /// Turns write failures on or off.
+    pub fn fail_writes(&self, on: bool) {
+        self.0.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether writes fail now.
+    pub fn failing(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// Everything the broker persists: the reads, plus committing changes.
 #[async_trait]
 pub trait Store: StoreReads {

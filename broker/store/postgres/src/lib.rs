@@ -91,6 +91,11 @@ impl PgConfig {
         Ok(cfg)
     }
 
+    /// Whether the URL carries a password (then it belongs in a secret, not a config file).
+    pub fn has_password(&self) -> bool {
+        tokio_postgres::Config::from_str(&self.url).is_ok_and(|c| c.get_password().is_some())
+    }
+
     /// The URL without its password, for messages and logs.
     pub fn describe(&self) -> String {
         redact(&self.url)
@@ -228,22 +233,7 @@ const META_KEY_CHECK: &str = "key_check";
 const META_CHECKPOINT: &str = "audit_checkpoint";
 const META_ANCHOR: &str = "audit_anchor";
 
-/// Makes the store's commits fail while on: for testing that issuance fails closed and that
-/// the writer recovers, and for chaos drills.
-#[cfg(feature = "faults")]
-#[derive(Debug, Clone, Default)]
-pub struct FaultSwitch(Arc<std::sync::atomic::AtomicBool>);
-
-#[cfg(feature = "faults")]
-impl FaultSwitch {
-    /// Turns failing commits on or off.
-    pub fn fail_writes(&self, on: bool) {
-        self.0.store(on, std::sync::atomic::Ordering::SeqCst);
-    }
-    fn failing(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::SeqCst)
-    }
-}
+pub use sigil_store_core::FaultSwitch;
 
 /// The `LISTEN` connection: notifications of commits, and the advisory lock of the leader.
 struct Listener {
@@ -1398,4 +1388,11 @@ pub mod testing {
         .map_err(unavailable)?;
         Ok(())
     }
+}
+
+/// Brings the database's schema to this build's version (see [`schema`]); returns the version
+/// it found.
+pub async fn migrate(cfg: &PgConfig) -> Result<i64, StoreError> {
+    let client = cfg.client().await.map_err(open_error)?;
+    schema::migrate(&client, cfg).await
 }

@@ -14,8 +14,6 @@ use std::collections::HashMap;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-#[cfg(feature = "faults")]
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
@@ -53,31 +51,17 @@ const META_KEY_CHECK: &str = "key_check";
 const META_CHECKPOINT: &str = "audit_checkpoint";
 const META_ANCHOR: &str = "audit_anchor";
 
-/// Makes the store's disk writes fail while on: for testing that issuance fails closed, and for
-/// chaos drills. Off unless flipped.
-///
-/// After a failed write redb refuses every later operation until the database is reopened; the
-/// writer then recovers ([`Backend::recover`]: reopen through the same switch, prove a commit)
-/// with backoff, so turning the switch off brings issuance back without a restart.
-#[cfg(feature = "faults")]
-#[derive(Debug, Clone, Default)]
-pub struct FaultSwitch(Arc<AtomicBool>);
+pub use sigil_store_core::FaultSwitch;
 
+/// The switch in front of every write of the file.
 #[cfg(feature = "faults")]
-impl FaultSwitch {
-    /// Turns write failures on or off.
-    pub fn fail_writes(&self, on: bool) {
-        self.0.store(on, Ordering::SeqCst);
+fn check_faults(f: &FaultSwitch) -> std::io::Result<()> {
+    if f.failing() {
+        return Err(std::io::Error::other(
+            "injected write failure (FaultSwitch)",
+        ));
     }
-
-    fn check(&self) -> std::io::Result<()> {
-        if self.0.load(Ordering::SeqCst) {
-            return Err(std::io::Error::other(
-                "injected write failure (FaultSwitch)",
-            ));
-        }
-        Ok(())
-    }
+    Ok(())
 }
 
 /// redb's file backend with a [`FaultSwitch`] in front of every write.
@@ -97,15 +81,15 @@ impl StorageBackend for FaultyBackend {
         self.inner.read(offset, out)
     }
     fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.faults.check()?;
+        check_faults(&self.faults)?;
         self.inner.set_len(len)
     }
     fn sync_data(&self) -> std::io::Result<()> {
-        self.faults.check()?;
+        check_faults(&self.faults)?;
         self.inner.sync_data()
     }
     fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.faults.check()?;
+        check_faults(&self.faults)?;
         self.inner.write(offset, data)
     }
     fn close(&self) -> std::io::Result<()> {
