@@ -14,9 +14,8 @@ use std::time::Duration;
 
 use sigil_proto::v1 as pb;
 use sigil_proto::v1::broker_client::BrokerClient;
-use sigil_sdk::transport::{self, BrokerTarget, ClientCertSlot};
+use sigil_sdk::transport::{self, ClientCertSlot};
 use sigil_sdk::{ClientConfig, Evidence, SvidOptions, WorkloadClient};
-use tonic::transport::Channel;
 
 pub(crate) const SIGIL: &str = env!("CARGO_BIN_EXE_sigil");
 
@@ -421,8 +420,9 @@ impl Load {
             })
             .await;
         let roots = transport::roots_from_pem(&bundle).unwrap();
-        let target = BrokerTarget::parse(url).unwrap();
-        let mut clients: Vec<BrokerClient<Channel>> = Vec::new();
+        // `url` may name several replicas: the issuers move on when one goes.
+        let targets = Arc::new(sigil_sdk::Targets::parse(url).unwrap());
+        let mut clients: Vec<BrokerClient<sigil_sdk::Failover>> = Vec::new();
         for _ in 0..8 {
             let token = adm
                 .create_join_token(pb::CreateJoinTokenRequest {
@@ -450,7 +450,7 @@ impl Load {
             .unwrap();
             let tls = transport::client_config(roots.clone(), Some(slot)).unwrap();
             clients.push(BrokerClient::new(
-                transport::channel(&target, tls, Duration::from_secs(5)).unwrap(),
+                sigil_sdk::Failover::new(targets.clone(), tls, Duration::from_secs(5)).unwrap(),
             ));
         }
         let csrs: Vec<Vec<u8>> = (0..16)
