@@ -219,7 +219,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         crls: Arc::default(),
     };
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(live))
         .route("/metrics", get(metrics_text))
         .route("/readyz", get(ready))
         .route("/bundle", get(bundle_json))
@@ -232,6 +232,18 @@ pub fn router(broker: Arc<Broker>) -> Router {
 
 /// Ready when the store answers and its last commit did not fail: a broker that cannot
 /// record issuance cannot issue.
+/// Liveness: fails only when a restart is what helps (a replica too far behind the shared
+/// commit log); a store that cannot commit is not-ready, not dead (it recovers by itself).
+async fn live(State(s): State<AppState>) -> impl IntoResponse {
+    match s.broker.store().fatal() {
+        None => (StatusCode::OK, "ok\n".to_owned()),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("restart needed: {why}\n"),
+        ),
+    }
+}
+
 async fn ready(State(s): State<AppState>) -> impl IntoResponse {
     if let Err(reason) = s.broker.store().health() {
         return (

@@ -91,6 +91,21 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// `postgres`: the replica figures instead, on a private PostgreSQL server the bench
+    /// starts (issuance there beside the embedded store, a revocation reaching watchers on two
+    /// replicas, an SDK's failover when its replica is killed, and start-to-ready on a database
+    /// of --populate rows).
+    #[arg(long, value_enum)]
+    pub store: Option<StoreKind>,
+}
+
+/// Which store the bench measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    /// The embedded store (the default run).
+    Redb,
+    /// Two replicas on a private PostgreSQL server.
+    Postgres,
 }
 
 /// A peer to compare with.

@@ -17,6 +17,7 @@
 //! - `baselines`: [`Baseline`], the raw costs, and the gRPC echo over the same connections.
 //! - `peer`: peers given the same load and CSRs (cfssl).
 //! - `populate`: `--populate`, filling a stopped broker's store for the scale figures.
+//! - `replicas`: `--store postgres`, the replica figures on a private PostgreSQL server.
 //! - `report`: the table or the JSON, and the performance targets.
 //! - here: [`run`], which strings them together, and the two steps it repeats: the issuance
 //!   scenarios on one broker, and a populated and an empty broker measured by turns.
@@ -33,11 +34,12 @@ mod baselines;
 mod driver;
 mod peer;
 mod populate;
+mod replicas;
 mod report;
 mod scenarios;
 mod target;
 
-pub use args::{BenchArgs, Peer, Scenario};
+pub use args::{BenchArgs, Peer, Scenario, StoreKind};
 pub use baselines::{Baseline, baseline};
 pub use driver::Figures;
 pub use target::External;
@@ -63,6 +65,10 @@ pub async fn run(mut a: BenchArgs, external: Option<External>) -> Result<()> {
     }
     if a.watchers.is_empty() {
         a.watchers = vec![if a.baseline { 10_000 } else { 1000 }];
+    }
+    if a.store == Some(StoreKind::Postgres) {
+        let r = replicas::run(&mut a).await?;
+        return replicas::report(&r, a.json);
     }
     let populate = match a.populate {
         Some(0) => None,
@@ -96,6 +102,7 @@ pub async fn run(mut a: BenchArgs, external: Option<External>) -> Result<()> {
         for n in a.watchers.clone() {
             let f = run_revoke(
                 &target,
+                &[&target],
                 &spiffe_id,
                 n,
                 a.revocations.max(1),

@@ -302,14 +302,22 @@ pub(crate) async fn run_scenario(
 /// return to each watcher receiving it.
 pub(crate) async fn run_revoke(
     t: &Target,
+    watch_on: &[&Target],
     spiffe_id: &str,
     n: usize,
     revocations: usize,
     pid: Option<u32>,
 ) -> Result<Figures> {
     // Watching needs a credential, and one credential may hold a bounded number of streams.
+    // The streams are spread over `watch_on` (replicas on one database); revocations go
+    // through `t`.
     let per_conn = 64;
-    let conns = workloads(t, spiffe_id, n.div_ceil(per_conn)).await?;
+    let needed = n.div_ceil(per_conn);
+    let mut conns = Vec::with_capacity(needed);
+    for (i, w) in watch_on.iter().enumerate() {
+        let share = needed / watch_on.len() + usize::from(i < needed % watch_on.len());
+        conns.extend(workloads(w, spiffe_id, share).await?);
+    }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
     let ready = Arc::new(tokio::sync::Semaphore::new(0));
     let bar = indicatif::ProgressBar::new(n as u64);
@@ -322,7 +330,13 @@ pub(crate) async fn run_revoke(
         watchers.push(tokio::spawn(async move {
             let mut req = tonic::Request::new(pb::WatchRequest { since_sequence: 0 });
             req.set_timeout(Duration::from_secs(3600));
-            let Ok(resp) = c.watch(req).await else { return };
+            let resp = match c.watch(req).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "a watch stream did not open");
+                    return;
+                }
+            };
             let mut s = resp.into_inner();
             let mut announced = false;
             while let Ok(Some(ev)) = s.message().await {

@@ -110,6 +110,27 @@ pub(crate) async fn stop_broker(child: &mut tokio::process::Child) -> Result<()>
     }
 }
 
+/// Rate limits far above anything one load generator sends: the checks still run on every
+/// call (their cost is part of the figures), but a bench identity opening thousands of watch
+/// streams or minting flat out is never refused.
+pub(crate) fn bench_limits(data: &std::path::Path) -> Result<()> {
+    let mut cfg = sigil_broker::config::Config::load(data)?;
+    for rate in [
+        &mut cfg.limits.authenticated_per_second,
+        &mut cfg.limits.authenticated_burst,
+        &mut cfg.limits.unauthenticated_per_second,
+        &mut cfg.limits.unauthenticated_burst,
+    ] {
+        *rate = 10_000_000;
+    }
+    sigil_broker::fsutil::write_atomic(
+        &data.join(sigil_broker::config::CONFIG_FILE),
+        cfg.to_toml().as_bytes(),
+        0o640,
+    )?;
+    Ok(())
+}
+
 /// Initializes a temporary data dir and starts `sigil serve` on it as a child process.
 pub(crate) async fn embedded() -> Result<Target> {
     let dir = tempfile::tempdir().context("temp dir")?;
@@ -130,6 +151,7 @@ pub(crate) async fn embedded() -> Result<Target> {
         &sigil_broker::clock::SystemClock,
     )
     .await?;
+    bench_limits(&data)?;
     let (child, url, _) = spawn_broker(&data, &master).await?;
     let bundle_pem = std::fs::read(data.join(sigil_broker::config::BUNDLE_FILE))?;
     let admin = data.join(sigil_broker::config::ADMIN_DIR);

@@ -21,6 +21,9 @@ pub enum AuditCmd {
         offline: bool,
         #[command(flatten)]
         conn: Conn,
+        /// With --offline: where the store is, when not the data dir's own.
+        #[command(flatten)]
+        store: crate::serve::StoreArgs,
     },
     /// Print entries as JSON lines.
     Export {
@@ -64,6 +67,7 @@ pub(crate) async fn run(cmd: AuditCmd) -> Result<()> {
         AuditCmd::Verify {
             offline: true,
             conn,
+            store: store_args,
         } => {
             let dir = conn.data_dir.as_deref().ok_or_else(|| {
                 anyhow!(
@@ -71,7 +75,7 @@ pub(crate) async fn run(cmd: AuditCmd) -> Result<()> {
                 )
             })?;
             let mut cfg = sigil_broker::config::Config::load(dir)?;
-            conn.store.apply(&mut cfg)?;
+            store_args.apply(&mut cfg)?;
             let sealer =
                 sigil_broker::seal::Sealer::new(&sigil_broker::server::load_master_key(&cfg)?);
             let store = cfg.store()?;
@@ -103,6 +107,7 @@ pub(crate) async fn run(cmd: AuditCmd) -> Result<()> {
         AuditCmd::Verify {
             offline: false,
             conn,
+            ..
         } => {
             let mut c = conn.connect()?;
             let r = c

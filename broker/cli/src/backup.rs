@@ -26,6 +26,9 @@ pub struct BackupArgs {
     pub offline: bool,
     #[command(flatten)]
     pub conn: Conn,
+    /// With --offline: where the store is, when not the data dir's own.
+    #[command(flatten)]
+    pub store: crate::serve::StoreArgs,
 }
 
 /// `sigil restore`.
@@ -55,7 +58,7 @@ pub(crate) async fn backup(a: BackupArgs) -> Result<()> {
                 anyhow!("--offline needs --data-dir (a stopped broker's data dir)")
             })?;
         let mut cfg = sigil_broker::config::Config::load(dir)?;
-        a.conn.store.apply(&mut cfg)?;
+        a.store.apply(&mut cfg)?;
         let sealer = sigil_broker::seal::Sealer::new(&sigil_broker::server::load_master_key(&cfg)?);
         let store = cfg.store()?;
         sigil_broker::store::check_master_key(&store, &sealer)?;

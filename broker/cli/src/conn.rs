@@ -28,9 +28,6 @@ pub struct Conn {
     /// Operator key (PEM, mode 0600).
     #[arg(long, env = "SIGIL_ADMIN_KEY")]
     pub admin_key: Option<PathBuf>,
-    /// For commands that read the store directly (--offline): where it is.
-    #[command(flatten)]
-    pub store: crate::serve::StoreArgs,
 }
 
 /// A connection resolved from [`Conn`]: everything read, nothing connected yet.

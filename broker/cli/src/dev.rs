@@ -90,7 +90,6 @@ pub(crate) async fn run(a: DevArgs) -> Result<()> {
         trust_bundle: None,
         admin_cert: None,
         admin_key: None,
-        store: Default::default(),
     };
     let mut admin = conn.connect()?;
     let existing = admin

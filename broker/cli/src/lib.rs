@@ -183,3 +183,13 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Bench(b) => bench::run(b).await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_command_line_is_well_formed() {
+        // clap's own consistency checks (unique flags across flattened groups, ...), which
+        // otherwise only fire when a debug build parses that command.
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
+}

@@ -272,6 +272,13 @@ pub trait Store: StoreReads {
         true
     }
 
+    /// `Some(why)` when this process cannot get well again without a restart (a replica that
+    /// fell further behind the shared commit log than it keeps: only a restart reloads its
+    /// views from a snapshot): liveness fails, so a supervisor restarts it.
+    fn fatal(&self) -> Option<String> {
+        None
+    }
+
     /// Flushes and stops the writer; later commits fail with [`StoreError::Closed`].
     async fn close(&self);
 }

@@ -62,6 +62,8 @@ struct WriterState {
     feed: Mutex<Option<String>>,
     /// On a shared store: whether this writer holds the schedules.
     leader: std::sync::atomic::AtomicBool,
+    /// Set when only a restart can help (see [`Store::fatal`]).
+    fatal: Mutex<Option<String>>,
 }
 
 impl<B: Backend> std::fmt::Debug for GroupCommit<B> {
@@ -230,6 +232,10 @@ async fn writer_loop<B: Backend>(
                         }
                         if matches!(e, StoreError::Behind(_)) {
                             metrics::counter!("sigil_store_behind_total").increment(1);
+                            tracing::error!(error = %e, "this replica is further behind than the commit log keeps; failing liveness so it is restarted and reloads from a snapshot");
+                            if let Ok(mut f) = state.fatal.lock() {
+                                *f = Some(e.to_string());
+                            }
                         }
                         feed_retry = Some(Box::pin(tokio::time::sleep(feed_backoff)));
                         feed_backoff = (feed_backoff * 2).min(RECOVER_MAX);
@@ -852,6 +858,10 @@ impl<B: Backend> Store for GroupCommit<B> {
 
     fn is_leader(&self) -> bool {
         self.state.leader.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn fatal(&self) -> Option<String> {
+        self.state.fatal.lock().ok().and_then(|f| f.clone())
     }
 
     async fn close(&self) {
