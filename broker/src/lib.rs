@@ -6,7 +6,9 @@
 //! Layout, lowest layer first (a module uses only the layers below it; `tests/layers.rs`
 //! checks):
 //! - [`clock`], [`config`], [`hub`], [`fsutil`], [`telemetry`]: time, settings, the revocation
-//!   set and the watch fan-out, atomic files, metrics and request ids.
+//!   set and the watch fan-out, atomic files, metrics and request ids; [`conns`],
+//!   [`ratelimit`], [`throttle`]: connection budgets per listener and client, token buckets
+//!   per source and identity, and folding repeated refusals in the audit log.
 //! - [`registry`]: identity records in memory and the one status [`registry::transition`];
 //!   [`keys`]: the key ring; [`policy`]: Cedar; [`baseline`]: behaviour baselines.
 //! - [`attest`]: evidence → identity (join tokens, mTLS renewal, OIDC tokens, Unix peers).

@@ -19,11 +19,13 @@ cargo fuzz build -O
 for t in "${TARGETS[@]}"; do
   mkdir -p "corpus/$t" "artifacts/$t"
   echo "== fuzzing $t for ${SECONDS_EACH}s"
-  cargo fuzz run -O "$t" "corpus/$t" -- -max_total_time="$SECONDS_EACH" -rss_limit_mb=2048 \
+  cargo fuzz run -O "$t" "corpus/$t" -- -max_total_time="$SECONDS_EACH" -rss_limit_mb=2048 -timeout=10 \
     -artifact_prefix="artifacts/$t/" -print_final_stats=1 2>&1 \
     | grep -E "^(stat::number_of_executed_units|stat::new_units_added|==|.*ERROR|.*panicked|SUMMARY)" || true
-  if ls "artifacts/$t"/crash-* >/dev/null 2>&1; then
-    echo "fuzz target $t crashed; inputs in tests/fuzz/artifacts/$t/" >&2
+  # Any finding fails the run: a crash, an out-of-memory, a timeout or a leak.
+  if ls "artifacts/$t"/crash-* "artifacts/$t"/oom-* "artifacts/$t"/timeout-* "artifacts/$t"/leak-* >/dev/null 2>&1; then
+    echo "fuzz target $t found a problem; inputs in tests/fuzz/artifacts/$t/:" >&2
+    ls "artifacts/$t" >&2
     exit 1
   fi
 done

@@ -378,3 +378,93 @@ async fn audit_retention_leaves_a_checkpoint_and_tampering_after_it_is_still_nam
     );
     let _ = clock.unix();
 }
+
+/// Every list a caller sends is capped before any per-element work, and the refusal names the
+/// field and the limit: audiences, scopes, DNS names, JWT-SVIDs per call, selectors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_list_in_a_request_is_capped_and_the_refusal_names_the_field_and_limit() {
+    let b = TestBroker::start().await;
+    b.identity("svc/app", |_| {}).await;
+    let (_w, creds) = b.attested(APP, &["db"]).await;
+    let mut c = raw::mtls(&b.url, &b.bundle_pem, &creds.svid);
+    let refused = |e: tonic::Status, field: &str, limit: &str| {
+        assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
+        assert!(
+            e.message().contains(field) && e.message().contains(limit),
+            "{field}: the message names the field and the limit: {}",
+            e.message()
+        );
+    };
+    let e = c
+        .mint_jwt_svid(pb::MintJwtSvidRequest {
+            request: Some(pb::JwtRequest {
+                audiences: vec!["db".into()],
+                scopes: (0..17).map(|i| format!("s{i}")).collect(),
+                ttl_seconds: 0,
+            }),
+        })
+        .await
+        .unwrap_err();
+    refused(e, "scopes", "16");
+    let e = c
+        .mint_jwt_svid(pb::MintJwtSvidRequest {
+            request: Some(pb::JwtRequest {
+                audiences: (0..17).map(|i| format!("a{i}")).collect(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    refused(e, "audiences", "16");
+    let csr = sigil_pki::csr::request_for(&sigil_pki::EcKey::generate().unwrap()).unwrap();
+    let e = c
+        .mint_x509_svid(pb::MintX509SvidRequest {
+            csr: csr.clone(),
+            dns_names: (0..33).map(|i| format!("h{i}.example.org")).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    refused(e, "dns_names", "32");
+    let token = b.join_token(APP).await;
+    let e = raw::anon(&b.url, &b.bundle_pem)
+        .attest(pb::AttestRequest {
+            evidence: Some(pb::Evidence {
+                kind: Some(pb::evidence::Kind::JoinToken(pb::JoinTokenEvidence {
+                    token: token.clone(),
+                })),
+            }),
+            csr,
+            jwts: (0..9)
+                .map(|_| pb::JwtRequest {
+                    audiences: vec!["db".into()],
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    refused(e, "jwts", "8");
+    // The refused attestation did not spend the token: bad input changes nothing.
+    b.workload()
+        .attest(
+            sigil_sdk::Evidence::JoinToken(token.into()),
+            sigil_sdk::SvidOptions::default(),
+            &[],
+        )
+        .await
+        .expect("the join token still works");
+    let e = b
+        .admin()
+        .create_identity(pb::CreateIdentityRequest {
+            spiffe_id: "spiffe://example.org/svc/many".into(),
+            owner: "team".into(),
+            purpose: "x".into(),
+            selectors: (0..33).map(|i| format!("unix:uid:{i}")).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    refused(e, "selectors", "32");
+}

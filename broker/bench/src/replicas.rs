@@ -25,6 +25,8 @@ pub(crate) struct Failover {
     pub(crate) failed: u64,
     /// Calls that succeeded.
     pub(crate) ok: u64,
+    /// Why calls failed, by message.
+    pub(crate) why: std::collections::BTreeMap<String, u64>,
 }
 
 /// Everything the replica run measured.
@@ -221,14 +223,19 @@ async fn failover(
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let times = Arc::new(std::sync::Mutex::new(Vec::<Duration>::new()));
+    let why = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<
+        String,
+        u64,
+    >::new()));
     let mut tasks = Vec::new();
     for _ in 0..16 {
-        let (w, stop, ok, failed, times) = (
+        let (w, stop, ok, failed, times, why) = (
             w.clone(),
             stop.clone(),
             ok.clone(),
             failed.clone(),
             times.clone(),
+            why.clone(),
         );
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
@@ -239,8 +246,12 @@ async fn failover(
                             t.push(started.elapsed());
                         }
                     }
-                    Err(_) => {
+                    Err(e) => {
                         failed.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(mut m) = why.lock() {
+                            *m.entry(e.to_string().chars().take(160).collect())
+                                .or_default() += 1;
+                        }
                     }
                 }
             }
@@ -277,6 +288,7 @@ async fn failover(
         gap_ms: (after - before).as_secs_f64() * 1e3,
         failed: failed.load(Ordering::Relaxed),
         ok: ok.load(Ordering::Relaxed),
+        why: why.lock().map(|m| m.clone()).unwrap_or_default(),
     })
 }
 
@@ -360,7 +372,7 @@ pub(crate) fn report(r: &Replicas, json: bool) -> Result<()> {
                 "watchers": f.watchers,
                 "from_start_ms": f.from_start_ms.map(|(p50, p99, max)| serde_json::json!({"p50": p50, "p99": p99, "max": max})),
             })),
-            "failover": {"gap_ms": r.failover.gap_ms, "failed": r.failover.failed, "ok": r.failover.ok},
+            "failover": {"gap_ms": r.failover.gap_ms, "failed": r.failover.failed, "ok": r.failover.ok, "why": r.failover.why},
             "start_to_ready": r.start.map(|(rows, d)| serde_json::json!({"ledger_rows": rows, "seconds": d.as_secs_f64()})),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -399,6 +411,9 @@ pub(crate) fn report(r: &Replicas, json: bool) -> Result<()> {
         "replica A killed under 16 SDK calls in flight: longest gap without a success {:.0} ms; {} calls failed, {} succeeded",
         r.failover.gap_ms, r.failover.failed, r.failover.ok
     );
+    for (why, n) in &r.failover.why {
+        println!("  {n} failed: {why}");
+    }
     if let Some((rows, d)) = r.start {
         println!(
             "a new replica on a database with {rows} ledger rows: ready in {:.2} s",

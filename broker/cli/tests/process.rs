@@ -545,6 +545,19 @@ async fn idle_http_connections_beyond_the_cap_do_not_stop_issuance() {
         "{:?}",
         started.elapsed()
     );
+    // A normal client's bundle fetch and JWT-SVID mint each answer within a second.
+    let t = std::time::Instant::now();
+    w.fetch_bundle().await.expect("bundle");
+    let bundle_took = t.elapsed();
+    let t = std::time::Instant::now();
+    w.fetch_jwt_svid(&sigil_sdk::JwtRequest::audience("db"))
+        .await
+        .expect("mint");
+    let mint_took = t.elapsed();
+    assert!(
+        bundle_took < Duration::from_secs(1) && mint_took < Duration::from_secs(1),
+        "bundle {bundle_took:?}, mint {mint_took:?} while the HTTP listener is full"
+    );
     // Once they are gone, the HTTP listener serves again, and counted what it refused.
     drop(idle);
     tokio::time::sleep(Duration::from_millis(300)).await;

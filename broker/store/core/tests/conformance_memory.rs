@@ -41,6 +41,8 @@ struct Data {
 struct Memory {
     data: Arc<Mutex<Data>>,
     failing: Arc<AtomicBool>,
+    /// When set, each batch waits for a permit (a stalled disk, for the overload test).
+    gate: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 struct MemTxn<'a> {
@@ -51,6 +53,9 @@ struct MemTxn<'a> {
 #[async_trait(?Send)]
 impl Backend for Memory {
     async fn begin(&self) -> Result<Box<dyn Txn + '_>, StoreError> {
+        if let Some(g) = &self.gate {
+            g.acquire().await.unwrap().forget();
+        }
         let pending = self.data.lock().unwrap().clone();
         Ok(Box::new(MemTxn {
             backend: self,
@@ -395,7 +400,14 @@ impl MemoryHarness {
                 ));
             }
         }
-        let store = GroupCommit::start(Memory { data, failing }, sealer)?;
+        let store = GroupCommit::start(
+            Memory {
+                data,
+                failing,
+                gate: None,
+            },
+            sealer,
+        )?;
         Ok(Arc::new(store))
     }
 }
@@ -442,6 +454,7 @@ impl Harness for MemoryHarness {
         let backend = Memory {
             data: data.clone(),
             failing: Arc::default(),
+            gate: None,
         };
         sigil_store_core::dump::import_blocking(&backend, &sealer, backup)?;
         self.stores
@@ -461,4 +474,80 @@ impl Harness for MemoryHarness {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trivial_in_memory_backend_passes_the_conformance_suite() {
     run(&MemoryHarness::default()).await;
+}
+
+/// A writer that cannot keep up (its storage stalls) sheds new changes at once with
+/// `Overloaded` once its queue is full, instead of letting memory grow; what it had accepted
+/// still commits when the storage moves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overloaded_writer_sheds_changes_at_once_and_memory_stays_bounded() {
+    use sigil_store_core::audit::{AuditDraft, Decision};
+    use sigil_store_core::{Change, WRITER_QUEUE};
+    let sealer = Arc::new(Sealer::new(&sigil_store_core::seal::MasterKey::generate()));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let data = Arc::new(Mutex::new(Data {
+        meta: Some(StoreMeta {
+            schema_version: SCHEMA_VERSION,
+            trust_domain: "example.org".parse().unwrap(),
+            created_at: 1,
+        }),
+        key_check: sealer.key_check(),
+        ..Data::default()
+    }));
+    let store: Arc<dyn Store> = Arc::new(
+        GroupCommit::start(
+            Memory {
+                data: data.clone(),
+                failing: Arc::default(),
+                gate: Some(gate.clone()),
+            },
+            sealer,
+        )
+        .unwrap(),
+    );
+    let change = || {
+        Change::audit_only(vec![AuditDraft::new(
+            0,
+            "op",
+            "deny",
+            "t",
+            Decision::Deny,
+            "x",
+            "r",
+        )])
+    };
+    // The writer takes one batch (up to 2048) and stalls on the storage; the queue behind it
+    // fills up.
+    let mut waiting = Vec::new();
+    for _ in 0..(WRITER_QUEUE + 2048) {
+        let s = store.clone();
+        waiting.push(tokio::spawn(async move { s.commit(change()).await }));
+    }
+    // Once the queue is full, a change is refused at once.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let started = std::time::Instant::now();
+    let probe = tokio::time::timeout(std::time::Duration::from_secs(1), store.commit(change()))
+        .await
+        .expect("refused at once, not queued");
+    let shed = match probe {
+        Err(StoreError::Overloaded(m)) => m,
+        other => panic!("an overloaded writer sheds: {other:?}"),
+    };
+    assert!(started.elapsed() < std::time::Duration::from_millis(100));
+    assert!(shed.contains(&WRITER_QUEUE.to_string()), "{shed}");
+    // Storage moves again: everything that was accepted commits.
+    gate.add_permits(usize::MAX >> 4);
+    let mut committed = 0;
+    for w in waiting {
+        if w.await.unwrap().is_ok() {
+            committed += 1;
+        }
+    }
+    assert!(
+        committed >= WRITER_QUEUE,
+        "the queued changes commit: {committed}"
+    );
+    let stored = data.lock().unwrap().audit.len();
+    assert_eq!(stored, store.audit_head().await.unwrap() as usize);
+    assert_eq!(stored, committed, "one audit entry per committed change");
 }
