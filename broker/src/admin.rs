@@ -101,11 +101,19 @@ impl Broker {
     }
 
     /// An identity by id or SPIFFE ID.
-    pub fn find_identity(&self, id_or_spiffe_id: &str) -> Result<Arc<IdentityRecord>, BrokerError> {
+    pub async fn find_identity(
+        &self,
+        id_or_spiffe_id: &str,
+    ) -> Result<Arc<IdentityRecord>, BrokerError> {
         let key = id_or_spiffe_id.trim();
         if key.is_empty() {
             return Err(BrokerError::invalid("id_or_spiffe_id", "is required"));
         }
+        if let Some(r) = self.registry.find(key) {
+            return Ok(r);
+        }
+        // Created through another replica a moment ago? Catch up once, then look again.
+        self.store.sync().await?;
         self.registry
             .find(key)
             .ok_or_else(|| BrokerError::NotFound(format!("no identity {key:?}")))
@@ -157,7 +165,7 @@ impl Broker {
         upd: IdentityUpdate,
         ctx: &RequestContext,
     ) -> Result<IdentityRecord, BrokerError> {
-        let cur = self.find_identity(target)?;
+        let cur = self.find_identity(target).await?;
         let mut next = (*cur).clone();
         let mut changed = Vec::new();
         if let Some(o) = &upd.owner {
@@ -210,7 +218,7 @@ impl Broker {
         reason: &str,
         ctx: &RequestContext,
     ) -> Result<IdentityRecord, BrokerError> {
-        let cur = self.find_identity(target)?;
+        let cur = self.find_identity(target).await?;
         let (to, action) = match change {
             StatusChange::Suspend => {
                 match cur.status {
@@ -328,7 +336,7 @@ impl Broker {
         ttl: Option<Duration>,
         ctx: &RequestContext,
     ) -> Result<(SecretString, JoinTokenRecord, Arc<IdentityRecord>), BrokerError> {
-        let identity = self.find_identity(target)?;
+        let identity = self.find_identity(target).await?;
         if !crate::registry::join_token_allowed(identity.status) {
             return Err(BrokerError::FailedPrecondition(format!(
                 "identity {} is retired; it cannot attest again",

@@ -44,7 +44,7 @@ impl Broker {
         reason: &str,
         ctx: &RequestContext,
     ) -> Result<ApprovalRecord, BrokerError> {
-        let identity = self.find_identity(id_or_spiffe_id)?;
+        let identity = self.find_identity(id_or_spiffe_id).await?;
         if reason.trim().is_empty() {
             return Err(BrokerError::invalid(
                 "reason",
@@ -114,14 +114,14 @@ impl Broker {
     }
 
     /// Approvals, newest first: of one identity, or all; only those in force unless `all`.
-    pub fn approvals(
+    pub async fn approvals(
         &self,
         identity: Option<&str>,
         all: bool,
     ) -> Result<Vec<ApprovalRecord>, BrokerError> {
         let now = self.clock.unix();
         let id = match identity {
-            Some(i) => Some(self.find_identity(i)?.id.clone()),
+            Some(i) => Some(self.find_identity(i).await?.id.clone()),
             None => None,
         };
         let m = self.approvals.read().unwrap_or_else(|p| p.into_inner());
@@ -146,7 +146,8 @@ impl Broker {
     ) -> Result<ApprovalRecord, BrokerError> {
         let now = self.clock.unix();
         let mut rec = self
-            .approvals(None, true)?
+            .approvals(None, true)
+            .await?
             .into_iter()
             .find(|a| a.id == approval_id)
             .ok_or_else(|| BrokerError::NotFound(format!("no approval {approval_id:?}")))?;
@@ -179,7 +180,8 @@ impl Broker {
     pub async fn record_expired_approvals(&self) -> Result<usize, BrokerError> {
         let now = self.clock.unix();
         let due: Vec<ApprovalRecord> = self
-            .approvals(None, true)?
+            .approvals(None, true)
+            .await?
             .into_iter()
             .filter(|a| !a.expiry_audited && a.revoked_at.is_none() && a.expires_at <= now)
             .collect();

@@ -263,7 +263,7 @@ impl Broker {
         reason: &str,
         ctx: &RequestContext,
     ) -> Result<IdentityRecord, BrokerError> {
-        let cur = self.find_identity(target)?;
+        let cur = self.find_identity(target).await?;
         if cur.status == IdentityStatus::Retired {
             return Err(BrokerError::FailedPrecondition(format!(
                 "identity {} is retired",

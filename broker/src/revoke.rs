@@ -299,7 +299,7 @@ impl Broker {
         // A concurrent mint may land between reading the live set and committing; the revision
         // assertion below makes that mint fail instead (it re-runs against the new record).
         for _ in 0..5 {
-            let identity = self.find_identity(target)?;
+            let identity = self.find_identity(target).await?;
             if identity.status == IdentityStatus::Retired {
                 return Err(BrokerError::FailedPrecondition(format!(
                     "identity {} is retired; everything it held is already revoked",

@@ -13,7 +13,7 @@ use sigil_sdk::{ClientConfig, Evidence, JwtRequest, SvidOptions, WorkloadClient}
 
 use crate::driver::Figures;
 use crate::scenarios::{bench_identity, run_revoke};
-use crate::target::{External, Target, embedded, spawn_broker};
+use crate::target::{External, Target, embedded, embedded_on, spawn_broker};
 use crate::{BenchArgs, Scenario, alternate};
 
 /// What an SDK saw when its replica was killed.
@@ -40,74 +40,32 @@ pub(crate) struct Replicas {
     pub(crate) start: Option<(u64, Duration)>,
 }
 
-/// A replica: the broker process and how to reach it.
-async fn replica(pg_url: &str, seed: Option<&Target>, bar_msg: &str) -> Result<Target> {
+/// Another replica on the same database as `seed`: its config (the store URL) and master key.
+async fn replica(seed: &Target) -> Result<Target> {
+    let (_, seed_data, master) = seed
+        .own
+        .as_ref()
+        .ok_or_else(|| anyhow!("the first replica has no data dir"))?;
     let dir = tempfile::tempdir().context("temp dir")?;
     let data = dir.path().join("data");
-    let master = match seed.and_then(|s| s.own.as_ref()) {
-        Some((_, seed_data, master)) => {
-            // Another replica: the same config (store URL) and master key.
-            std::fs::create_dir(&data)?;
-            for f in [
-                sigil_broker::config::CONFIG_FILE,
-                sigil_broker::config::BUNDLE_FILE,
-            ] {
-                std::fs::copy(seed_data.join(f), data.join(f))?;
-            }
-            master.clone()
-        }
-        None => {
-            let master = sigil_broker::seal::MasterKey::generate();
-            sigil_broker::init::init(
-                sigil_broker::init::InitOptions {
-                    data_dir: data.clone(),
-                    trust_domain: "bench.sigil.test".parse().map_err(|e| anyhow!("{e}"))?,
-                    listen: Some(([127, 0, 0, 1], 0).into()),
-                    http_listen: Some(None),
-                    operator: "bench".into(),
-                    operator_ttl: Duration::from_secs(86400),
-                    master_key: Some(master.clone()),
-                    store: Some(pg_url.to_owned()),
-                    store_ca_file: None,
-                },
-                &sigil_broker::clock::SystemClock,
-            )
-            .await?;
-            crate::target::bench_limits(&data)?;
-            master
-        }
-    };
-    tracing::debug!("{bar_msg}");
-    let (child, url, _) = spawn_broker(&data, &master).await?;
-    let (bundle_pem, conn) = match seed {
-        Some(s) => (
-            s.bundle_pem.clone(),
-            External {
-                url: url.clone(),
-                ..s.conn.clone()
-            },
-        ),
-        None => {
-            let bundle_pem = std::fs::read(data.join(sigil_broker::config::BUNDLE_FILE))?;
-            let admin = data.join(sigil_broker::config::ADMIN_DIR);
-            (
-                bundle_pem.clone(),
-                External {
-                    url: url.clone(),
-                    bundle_pem,
-                    admin_cert_pem: std::fs::read(admin.join("admin.crt"))?,
-                    admin_key_pem: zeroize::Zeroizing::new(std::fs::read(admin.join("admin.key"))?),
-                },
-            )
-        }
-    };
+    std::fs::create_dir(&data)?;
+    for f in [
+        sigil_broker::config::CONFIG_FILE,
+        sigil_broker::config::BUNDLE_FILE,
+    ] {
+        std::fs::copy(seed_data.join(f), data.join(f))?;
+    }
+    let (child, url, _) = spawn_broker(&data, master).await?;
     Ok(Target {
-        url,
-        bundle_pem,
-        conn,
+        url: url.clone(),
+        bundle_pem: seed.bundle_pem.clone(),
+        conn: External {
+            url,
+            ..seed.conn.clone()
+        },
         broker_pid: child.id(),
         child: Some(child),
-        own: Some((dir, data, master)),
+        own: Some((dir, data, master.clone())),
     })
 }
 
@@ -118,8 +76,8 @@ pub(crate) async fn run(a: &mut BenchArgs) -> Result<Replicas> {
     pg.create_database("sigil")
         .map_err(|e| anyhow!("creating the database: {e}"))?;
     let url = pg.url("sigil");
-    let a_rep = replica(&url, None, "replica A").await?;
-    let mut b_rep = replica(&url, Some(&a_rep), "replica B").await?;
+    let a_rep = embedded_on(Some(&url)).await?;
+    let mut b_rep = replica(&a_rep).await?;
     let spiffe_id = bench_identity(&a_rep).await?;
 
     // Issuance on PostgreSQL beside the embedded store, by turns.

@@ -133,6 +133,11 @@ pub(crate) fn bench_limits(data: &std::path::Path) -> Result<()> {
 
 /// Initializes a temporary data dir and starts `sigil serve` on it as a child process.
 pub(crate) async fn embedded() -> Result<Target> {
+    embedded_on(None).await
+}
+
+/// [`embedded`], its store in the PostgreSQL database at `store` when given.
+pub(crate) async fn embedded_on(store: Option<&str>) -> Result<Target> {
     let dir = tempfile::tempdir().context("temp dir")?;
     let data = dir.path().join("data");
     let master = sigil_broker::seal::MasterKey::generate();
@@ -145,7 +150,7 @@ pub(crate) async fn embedded() -> Result<Target> {
             operator: "bench".into(),
             operator_ttl: Duration::from_secs(86400),
             master_key: Some(master.clone()),
-            store: None,
+            store: store.map(str::to_owned),
             store_ca_file: None,
         },
         &sigil_broker::clock::SystemClock,

@@ -446,25 +446,7 @@ fn a_wrong_master_key_or_a_damaged_store_changes_nothing_in_any_start_path() {
 async fn idle_http_connections_beyond_the_cap_do_not_stop_issuance() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let out = sigil(
-        &[
-            "init",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--trust-domain",
-            "example.org",
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ],
-        tmp.path(),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    init_at(tmp.path(), &data, true);
     let mut child = Command::new("sh")
         .args([
             "-c",

@@ -49,27 +49,7 @@ fn cluster(test: &str) -> Option<Cluster> {
     let db_url = pg.url("sigil");
     let tmp = tempfile::tempdir().unwrap();
     let seed = tmp.path().join("seed");
-    let out = sigil(
-        &[
-            "init",
-            "--data-dir",
-            seed.to_str().unwrap(),
-            "--trust-domain",
-            "example.org",
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--store",
-            &db_url,
-        ],
-        tmp.path(),
-    );
-    assert!(
-        out.status.success(),
-        "init --store: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    init_with(tmp.path(), &seed, true, &["--store", &db_url]);
     set_config(&seed, "limits", "authenticated_per_second", "0");
     // A second init on the same database refuses, and changes nothing.
     let again = sigil(
@@ -227,9 +207,11 @@ async fn replicas_share_one_registry_one_revocation_feed_and_one_use_per_join_to
     wait_ready(b_http, &bundle, 200, Duration::from_secs(10), "B").await;
     let mut adm_a = admin(&a_dir, &a_url);
 
-    // Created through A, attested and issued through B; the operator's view through B agrees.
+    // Created through A, and at once a join token made through B (B catches up on the miss:
+    // read-your-writes across replicas), attested and issued through B.
     create_identity(&mut adm_a, "svc/api", 600).await;
-    let token = join_token(&mut adm_a, "svc/api").await;
+    let mut adm_b0 = admin(&b_dir, &b_url);
+    let token = join_token(&mut adm_b0, "svc/api").await;
     let on_b = WorkloadClient::new(ClientConfig::new(b_url.clone(), bundle.clone())).unwrap();
     let source = Source::start(
         on_b.clone(),

@@ -176,6 +176,7 @@ impl pb::admin_server::Admin for AdminApi {
         let rec = self
             .broker
             .find_identity(&req.get_ref().id_or_spiffe_id)
+            .await
             .map_err(|e| status(e, &ctx))?;
         Ok(Response::new(identity(&rec)))
     }
@@ -692,6 +693,7 @@ impl pb::admin_server::Admin for AdminApi {
                 (!r.id_or_spiffe_id.is_empty()).then_some(r.id_or_spiffe_id.as_str()),
                 r.all,
             )
+            .await
             .map_err(|e| status(e, &ctx))?;
         Ok(Response::new(pb::ListApprovalsResponse {
             approvals: list

@@ -8,7 +8,7 @@ use sigil_pki::{SecretString, ids};
 
 use super::{AttestError, Attested, Method, Reason};
 use crate::registry::Registry;
-use crate::store::StoreReads;
+use crate::store::Store;
 
 /// Every token starts with this, so secret scanners can find leaked ones.
 pub const PREFIX: &str = "sigil_jt_";
@@ -45,7 +45,7 @@ fn well_formed(token: &str) -> bool {
 /// Finds the identity a token is for. Does not consume it: the issuance commit does, so a
 /// token is only spent when a credential is really issued.
 pub async fn attest(
-    store: &dyn StoreReads,
+    store: &dyn Store,
     registry: &Registry,
     token: &SecretString,
     now: i64,
@@ -98,7 +98,16 @@ pub async fn attest(
             ),
         ));
     }
-    let Some(identity) = registry.get(&rec.identity_id) else {
+    // An identity created through another replica a moment ago may not be in this one's
+    // registry yet: catch up once before saying it does not exist.
+    let identity = match registry.get(&rec.identity_id) {
+        Some(i) => Some(i),
+        None => {
+            store.sync().await?;
+            registry.get(&rec.identity_id)
+        }
+    };
+    let Some(identity) = identity else {
         return Err(fail(
             Reason::IdentityMissing,
             actor,

@@ -94,25 +94,7 @@ pub(crate) fn sigil(args: &[&str], cwd: &Path) -> std::process::Output {
 
 pub(crate) fn init(dir: &Path) -> PathBuf {
     let data = dir.join("data");
-    let out = sigil(
-        &[
-            "init",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--trust-domain",
-            "example.org",
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "off",
-        ],
-        dir,
-    );
-    assert!(
-        out.status.success(),
-        "init: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    init_at(dir, &data, false);
     data
 }
 
@@ -227,20 +209,24 @@ pub(crate) fn set_config(data: &Path, section: &str, key: &str, value: &str) {
 
 /// `sigil init` into `data` (created), with the HTTP listener on a free port when `http`.
 pub(crate) fn init_at(dir: &Path, data: &Path, http: bool) {
-    let out = sigil(
-        &[
-            "init",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--trust-domain",
-            "example.org",
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            if http { "127.0.0.1:0" } else { "off" },
-        ],
-        dir,
-    );
+    init_with(dir, data, http, &[]);
+}
+
+/// [`init_at`] with more flags (e.g. `--store URL`).
+pub(crate) fn init_with(dir: &Path, data: &Path, http: bool, more: &[&str]) {
+    let mut args = vec![
+        "init",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--trust-domain",
+        "example.org",
+        "--listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        if http { "127.0.0.1:0" } else { "off" },
+    ];
+    args.extend_from_slice(more);
+    let out = sigil(&args, dir);
     assert!(
         out.status.success(),
         "init: {}",

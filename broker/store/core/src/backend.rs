@@ -217,3 +217,30 @@ pub enum Write<'a> {
         bytes: Vec<u8>,
     },
 }
+
+/// Helpers every backend uses alike: how records are encoded as stored bytes, and the errors
+/// a backend reports.
+pub mod codec {
+    use crate::StoreError;
+
+    /// A record's stored bytes.
+    pub fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
+        // Records are plain data with string keys: serialising them cannot fail.
+        serde_json::to_vec(v).unwrap_or_default()
+    }
+
+    /// A record from its stored bytes; `what` names the table and key in the error.
+    pub fn decode<T: serde::de::DeserializeOwned>(what: &str, b: &[u8]) -> Result<T, StoreError> {
+        serde_json::from_slice(b).map_err(|e| corrupt(what, e))
+    }
+
+    /// The storage cannot do it now (fail closed).
+    pub fn unavailable(e: impl std::fmt::Display) -> StoreError {
+        StoreError::Unavailable(e.to_string())
+    }
+
+    /// Stored data does not decode; `what` names where.
+    pub fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Corrupt(format!("{what}: {e}"))
+    }
+}

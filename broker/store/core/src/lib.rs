@@ -272,6 +272,14 @@ pub trait Store: StoreReads {
         true
     }
 
+    /// Returns once this process's in-memory views hold every change committed (by any
+    /// replica sharing the store) before the call: read-your-writes across replicas, for a
+    /// lookup that missed (an identity created through another replica a moment ago). At
+    /// once for a store with one writer.
+    async fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// `Some(why)` when this process cannot get well again without a restart (a replica that
     /// fell further behind the shared commit log than it keeps: only a restart reloads its
     /// views from a snapshot): liveness fails, so a supervisor restarts it.

@@ -860,6 +860,15 @@ impl<B: Backend> Store for GroupCommit<B> {
         self.state.leader.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    async fn sync(&self) -> Result<(), StoreError> {
+        if !self.backend.shared() {
+            return Ok(());
+        }
+        // An empty change: its batch locks the head, applies everything logged before it to
+        // the observer, and commits nothing.
+        self.commit(Change::default()).await.map(|_| ())
+    }
+
     fn fatal(&self) -> Option<String> {
         self.state.fatal.lock().ok().and_then(|f| f.clone())
     }

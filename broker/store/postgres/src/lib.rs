@@ -26,6 +26,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use sigil_store_core::audit::{Anchor, AuditEntry, ChainHead, Checkpoint};
+use sigil_store_core::backend::codec::{
+    corrupt, decode as from_json, encode as to_json, unavailable,
+};
 use sigil_store_core::backend::{Backend, ChainEnd, Loaded, Needs, Txn, Write};
 use sigil_store_core::model::{
     ApprovalRecord, IdentityRecord, JoinTokenRecord, KeyRecord, LedgerRecord, OwnerRecord,
@@ -200,23 +203,6 @@ fn redact(url: &str) -> String {
         }
         None => format!("{scheme}://{host}"),
     }
-}
-
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
-}
-
-fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(format!("{what}: {e}"))
-}
-
-fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
-    // Serialising plain records to JSON cannot fail (no maps with non-string keys).
-    serde_json::to_vec(v).unwrap_or_default()
-}
-
-fn from_json<T: serde::de::DeserializeOwned>(what: &str, b: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(b).map_err(|e| corrupt(what, e))
 }
 
 fn credential_key(

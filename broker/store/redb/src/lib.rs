@@ -23,6 +23,7 @@ use redb::{
     StorageBackend, TableDefinition, TableHandle as _, WriteTransaction,
 };
 use sigil_store_core::audit::ChainHead;
+use sigil_store_core::backend::codec::{corrupt, encode as to_json, unavailable};
 use sigil_store_core::backend::{Backend, Loaded, Needs, Txn, Write};
 use sigil_store_core::model::{
     ApprovalRecord, IdentityRecord, JoinTokenRecord, KeyRecord, LedgerRecord, OwnerRecord,
@@ -577,19 +578,6 @@ fn sync_dir(path: &Path) -> std::io::Result<()> {
         Some(d) if !d.as_os_str().is_empty() => std::fs::File::open(d)?.sync_all(),
         _ => std::fs::File::open(".")?.sync_all(),
     }
-}
-
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
-}
-
-fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(format!("{what}: {e}"))
-}
-
-fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
-    // Records are plain data with string keys; serialization cannot fail.
-    serde_json::to_vec(v).unwrap_or_default()
 }
 
 /// The sealed key check kept beside the database file, checked before redb opens the file so a
