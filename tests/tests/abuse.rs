@@ -124,6 +124,15 @@ async fn refused_attestations_with_huge_claims_do_not_grow_the_audit_log() {
     );
     let before = b.audit().await;
     let bytes_before: usize = before.iter().map(|e| e.to_string().len()).sum();
+    let store_size = || {
+        sigil_broker::store::StoreConfig::in_data_dir(&b.data)
+            .files()
+            .iter()
+            .filter_map(|f| std::fs::metadata(f).ok())
+            .map(|m| m.len())
+            .sum::<u64>()
+    };
+    let file_before = store_size();
     let mut refused = 0;
     let mut limited = 0;
     let flood = async {
@@ -158,6 +167,12 @@ async fn refused_attestations_with_huge_claims_do_not_grow_the_audit_log() {
     // The normal client's mint (one entry), and the refusals folded into one entry per interval.
     assert!(new.len() <= 4, "{} new entries: {new:#?}", new.len());
     assert!(grown < 8 * 1024, "the audit log grew by {grown} bytes");
+    // On disk too: before the fix, 300 such requests added 8 MB to the store file.
+    let file_grown = store_size().saturating_sub(file_before);
+    assert!(
+        file_grown <= 512 * 1024,
+        "the store file grew by {file_grown} bytes"
+    );
     assert!(!after.iter().any(|e| e.to_string().contains(&huge[..1024])));
 }
 
@@ -467,4 +482,92 @@ async fn every_list_in_a_request_is_capped_and_the_refusal_names_the_field_and_l
         .await
         .unwrap_err();
     refused(e, "selectors", "32");
+}
+
+/// A TLS handshake over loopback with the broker's bundle; `Err` when the broker closed the
+/// connection instead (over its budget).
+async fn tls_connect(
+    addr: std::net::SocketAddr,
+    bundle: &[u8],
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in sigil_pki::certs_from_pem(bundle).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+}
+
+/// Per-client connection caps on the TLS listener and the Unix socket, and the HTTP
+/// listener's header timeout, end to end: the connection over a cap is closed at once, one
+/// freed makes room again, and a silent HTTP client is dropped after the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_client_connection_caps_and_the_http_header_timeout_hold_end_to_end() {
+    use tokio::io::AsyncReadExt as _;
+    let sock_dir = tempfile::tempdir().unwrap();
+    let sock = sock_dir.path().join("workload.sock");
+    let s = sock.clone();
+    let b = TestBroker::start_configured(Arc::new(SystemClock), move |c| {
+        c.limits.max_connections_per_address = 3;
+        c.limits.max_unix_connections_per_uid = 2;
+        c.limits.http_header_timeout = Duration::from_secs(1);
+        c.workload_socket = Some(s);
+    })
+    .await;
+    let grpc = b.running().grpc_addr;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(
+            tls_connect(grpc, &b.bundle_pem)
+                .await
+                .expect("within the cap"),
+        );
+    }
+    assert!(
+        tls_connect(grpc, &b.bundle_pem).await.is_err(),
+        "a fourth connection from one address is closed at once"
+    );
+    held.pop();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tls_connect(grpc, &b.bundle_pem)
+        .await
+        .expect("a freed slot makes room again");
+
+    // The Unix socket: two connections per uid.
+    let mut u = Vec::new();
+    for _ in 0..2 {
+        u.push(tokio::net::UnixStream::connect(&sock).await.unwrap());
+    }
+    let mut third = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(2), third.read(&mut buf))
+        .await
+        .expect("closed at once, not left open")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "a third connection from one uid is closed");
+
+    // A silent HTTP client is dropped after the header timeout.
+    let http = b.running().http_addr.expect("http");
+    let mut silent = tls_connect(http, &b.bundle_pem).await.expect("http tls");
+    let started = Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf))
+        .await
+        .expect("dropped within the timeout")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "not before the timeout: {:?}",
+        started.elapsed()
+    );
 }
