@@ -24,6 +24,7 @@
 //! - `operator`: `sigil operator ...` and `sigil whoami`.
 //! - `fetch`: `sigil fetch`, the workload side ([`FetchArgs`]).
 //! - `bench`: `sigil bench`, over the sigil-bench crate.
+//! - `completion`: `sigil completion SHELL` and `sigil man`.
 //! - `conn`: [`Conn`], how operator commands (and the bench) reach a broker, and
 //!   [`broker_url_of`].
 //! - `output`: what several groups print alike (identities, revocation reports, tables).
@@ -35,6 +36,7 @@ mod approve;
 mod audit;
 mod backup;
 mod bench;
+mod completion;
 mod conn;
 mod credential;
 mod dev;
@@ -56,7 +58,14 @@ pub use fetch::FetchArgs;
 
 /// Sigil: short-lived credentials (X.509-SVIDs and JWT-SVIDs) for services, jobs and agents.
 #[derive(Debug, Parser)]
-#[command(name = "sigil", version, about, long_about = None, propagate_version = true)]
+#[command(
+    name = "sigil",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("SIGIL_COMMIT"), ")"),
+    about,
+    long_about = None,
+    propagate_version = true,
+    after_help = EXIT_CODES
+)]
 pub struct Cli {
     /// Log filter (e.g. `info`, `sigil_broker=debug`).
     #[arg(long, global = true, env = "SIGIL_LOG", default_value = "info")]
@@ -153,6 +162,30 @@ pub enum Command {
     Fetch(FetchArgs),
     /// Measure issuance throughput and latency.
     Bench(bench::BenchCmd),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completion(completion::CompletionArgs),
+    /// Write man pages (sigil.1 and one per command).
+    Man(completion::ManArgs),
+}
+
+/// What `sigil` exits with, for scripts.
+pub const EXIT_CODES: &str = "Exit codes: 0 ok; 1 error; 2 usage (bad flags); 3 not found; \
+4 denied or unauthenticated; 5 broker unavailable (retry later)";
+
+/// The exit code for an error (see [`EXIT_CODES`]): by the gRPC code of the broker's answer
+/// when there was one.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    let code = e.chain().find_map(|c| {
+        c.downcast_ref::<sigil_sdk::SdkError>()
+            .and_then(sigil_sdk::SdkError::code)
+            .or_else(|| c.downcast_ref::<tonic::Status>().map(tonic::Status::code))
+    });
+    match code {
+        Some(tonic::Code::NotFound) => 3,
+        Some(tonic::Code::PermissionDenied | tonic::Code::Unauthenticated) => 4,
+        Some(tonic::Code::Unavailable | tonic::Code::DeadlineExceeded) => 5,
+        _ => 1,
+    }
 }
 
 /// Runs a parsed command line.
@@ -181,6 +214,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Whoami { conn } => operator::whoami(conn).await,
         Command::Fetch(a) => fetch::run(a).await,
         Command::Bench(b) => bench::run(b).await,
+        Command::Completion(a) => completion::completion(a),
+        Command::Man(a) => completion::man(a),
     }
 }
 

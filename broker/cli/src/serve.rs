@@ -137,9 +137,23 @@ pub(crate) async fn serve(a: ServeArgs) -> Result<()> {
         cfg.workload_socket = Some(p);
     }
     let master = sigil_broker::server::load_master_key(&cfg)?;
-    let running =
-        sigil_broker::server::start(cfg, master, sigil_broker::server::StartOptions::default())
-            .await?;
+    let running = match sigil_broker::server::start(
+        cfg,
+        master,
+        sigil_broker::server::StartOptions::default(),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(e @ sigil_broker::server::StartError::Listen { .. })
+            if std::error::Error::source(&e).is_none() && e.to_string().contains("in use") =>
+        {
+            bail!(
+                "{e}. Another broker (or another program) is listening there: stop it, or pick another address with --listen / --http-listen (or `listen` and `http_listen` in sigil.toml)"
+            )
+        }
+        Err(e) => return Err(e.into()),
+    };
     println!("sigil broker listening on {}", running.url());
     if let Some(h) = running.http_url() {
         println!("sigil http listening on {h}");

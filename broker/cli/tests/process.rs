@@ -553,3 +553,115 @@ async fn idle_http_connections_beyond_the_cap_do_not_stop_issuance() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// What scripts rely on: documented exit codes by kind of failure, `--version` with the
+/// commit, completion scripts a shell accepts, man pages, and a port in use said once with
+/// what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_codes_version_completions_man_pages_and_a_port_in_use() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = init(tmp.path());
+    let (mut broker, url) = serve(tmp.path(), &data);
+    let d = data.to_str().unwrap();
+    let code = |args: &[&str]| {
+        let out = sigil(args, tmp.path());
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(code(&["identity", "list", "--data-dir", d]).0, Some(0));
+    let (c, err) = code(&[
+        "identity",
+        "show",
+        "spiffe://example.org/nobody",
+        "--data-dir",
+        d,
+    ]);
+    assert_eq!(c, Some(3), "not found: {err}");
+    assert_eq!(code(&["identity", "show"]).0, Some(2), "usage");
+    // Denied: an auditor may read but not create.
+    let out = sigil(
+        &[
+            "operator",
+            "create",
+            "ana",
+            "--role",
+            "auditor",
+            "--out",
+            tmp.path().join("ana").to_str().unwrap(),
+            "--data-dir",
+            d,
+        ],
+        tmp.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ana = tmp.path().join("ana");
+    let (c, err) = code(&[
+        "identity",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/x",
+        "--owner",
+        "t",
+        "--purpose",
+        "p",
+        "--broker",
+        &url,
+        "--trust-bundle",
+        data.join("bundle.pem").to_str().unwrap(),
+        "--admin-cert",
+        ana.join("ana.crt").to_str().unwrap(),
+        "--admin-key",
+        ana.join("ana.key").to_str().unwrap(),
+    ]);
+    assert_eq!(c, Some(4), "denied: {err}");
+
+    // The port in use: said once, with what to do.
+    let port = url.rsplit(':').next().unwrap().to_owned();
+    let (c, err) = code(&[
+        "serve",
+        "--data-dir",
+        d,
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    assert_eq!(c, Some(1));
+    assert_eq!(err.matches("Address already in use").count(), 1, "{err}");
+    assert!(err.contains("--listen"), "{err}");
+
+    // The broker gone: unavailable.
+    assert!(broker.sigterm().success());
+    let (c, err) = code(&["identity", "list", "--data-dir", d, "--broker", &url]);
+    assert_eq!(c, Some(5), "unavailable: {err}");
+
+    let v = String::from_utf8_lossy(&sigil(&["--version"], tmp.path()).stdout).into_owned();
+    assert!(v.starts_with("sigil ") && v.contains("commit "), "{v}");
+    let help = String::from_utf8_lossy(&sigil(&["--help"], tmp.path()).stdout).into_owned();
+    assert!(help.contains("Exit codes: 0 ok"), "{help}");
+
+    // Completions a shell accepts, and man pages.
+    let bash = sigil(&["completion", "bash"], tmp.path()).stdout;
+    let script = tmp.path().join("sigil.bash");
+    std::fs::write(&script, &bash).unwrap();
+    let ok = Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "bash accepts the completion script");
+    for shell in ["zsh", "fish"] {
+        let out = sigil(&["completion", shell], tmp.path());
+        assert!(out.status.success() && !out.stdout.is_empty(), "{shell}");
+    }
+    let man = tmp.path().join("man");
+    let out = sigil(&["man", "--out", man.to_str().unwrap()], tmp.path());
+    assert!(out.status.success());
+    let page = std::fs::read_to_string(man.join("sigil-serve.1")).unwrap();
+    assert!(page.contains(".TH sigil-serve"), "{page}");
+    assert!(man.join("sigil-identity-create.1").exists());
+}
