@@ -259,8 +259,8 @@ impl Broker {
         match self.store.ledger_since(since, None).await {
             Ok(recs) => self.live.seed(
                 recs.into_iter()
-                    .filter(|r| r.expires_at > now)
-                    .map(|r| (r.credential_id, r.expires_at)),
+                    .filter(|r| self.is_live(r, now))
+                    .map(|r| (r.identity_id, r.credential_id, r.expires_at)),
             ),
             Err(e) => {
                 tracing::warn!(error = %e, "could not count live credentials");
@@ -366,9 +366,14 @@ impl CommitObserver for Broker {
                     self.registry.upsert(record.clone());
                     if before.is_some_and(|g| g < record.generation) {
                         floors.push((record.spiffe_id.to_string(), record.generation));
+                        // Everything it held so far is revoked.
+                        self.live.clear(&record.id);
                     }
                 }
                 Op::PutRevocation(r) => {
+                    if !self.revocations.contains_record(r) {
+                        self.live.revoke(&r.identity_id, r.expires_at);
+                    }
                     self.revocations.insert(r.clone());
                     revoked.push(r.clone());
                 }
@@ -386,7 +391,8 @@ impl CommitObserver for Broker {
                     list.push(a.clone());
                 }
                 Op::AppendLedger(r) => {
-                    self.live.add(&r.credential_id, r.expires_at);
+                    self.live
+                        .add(&r.identity_id, &r.credential_id, r.expires_at);
                     self.observations.push(r);
                 }
                 _ => {}

@@ -366,7 +366,7 @@ impl Broker {
         let mut live: HashMap<&str, u64> = HashMap::new();
         let mut lifetimes: Vec<u64> = Vec::new();
         for r in &recent {
-            if r.expires_at > now {
+            if self.is_live(r, now) {
                 *live.entry(r.identity_id.as_str()).or_default() += 1;
             }
             if !r.identity_id.is_empty() {

@@ -69,6 +69,12 @@ impl RevocationSet {
     }
 
     /// Whether the credential with these id bytes is revoked.
+    /// Whether this record's credential is revoked already.
+    pub fn contains_record(&self, r: &RevocationRecord) -> bool {
+        crate::model::credential_key(r.kind, &r.credential_id).is_some_and(|k| self.contains(&k))
+    }
+
+    /// Whether the credential with this key (serial or `jti` bytes) is revoked.
     pub fn contains(&self, id: &[u8]) -> bool {
         self.inner
             .read()

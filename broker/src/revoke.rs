@@ -19,6 +19,19 @@ use crate::model::{
 };
 use crate::store::{Change, Op};
 
+/// How a credential was revoked before its expiry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialRevocation {
+    /// `credential`, `generation` or `key`.
+    pub how: &'static str,
+    /// Unix seconds (0 when not known).
+    pub revoked_at: i64,
+    /// Why.
+    pub reason: String,
+    /// Who.
+    pub revoked_by: String,
+}
+
 /// What a revocation or leak report did (or, on a dry run, would do).
 #[derive(Debug, Clone)]
 pub struct RevocationReport {
@@ -92,6 +105,49 @@ impl Broker {
         credential_key(kind, id).is_some_and(|k| self.revocations.contains(&k))
     }
 
+    /// How a credential was revoked before its expiry, if it was.
+    pub fn revocation_of(&self, r: &LedgerRecord) -> Option<CredentialRevocation> {
+        if let Some(rev) =
+            credential_key(r.kind, &r.credential_id).and_then(|k| self.revocations.get(&k))
+        {
+            return Some(CredentialRevocation {
+                how: "credential",
+                revoked_at: rev.revoked_at,
+                reason: rev.reason,
+                revoked_by: rev.revoked_by,
+            });
+        }
+        if self.keys.current().is_revoked(&r.signing_key_id) {
+            return Some(CredentialRevocation {
+                how: "key",
+                revoked_at: 0,
+                reason: format!("the key that signed it ({}) was revoked", r.signing_key_id),
+                revoked_by: String::new(),
+            });
+        }
+        let identity = self.registry.get(&r.identity_id)?;
+        (r.generation < identity.generation).then(|| CredentialRevocation {
+            how: "generation",
+            revoked_at: 0,
+            reason: format!(
+                "everything its identity held was revoked (generation {} -> {})",
+                r.generation, identity.generation
+            ),
+            revoked_by: String::new(),
+        })
+    }
+
+    /// Whether a ledger record is live at `now`: unexpired, not revoked, and of its
+    /// identity's current generation (a generation bump revokes everything minted before).
+    pub fn is_live(&self, r: &LedgerRecord, now: i64) -> bool {
+        r.expires_at > now
+            && !self.is_revoked(r.kind, &r.credential_id)
+            && self
+                .registry
+                .get(&r.identity_id)
+                .is_none_or(|i| r.generation >= i.generation)
+    }
+
     /// The live, not yet revoked credentials of an identity, oldest first.
     pub async fn live_credentials(
         &self,
@@ -106,7 +162,7 @@ impl Broker {
             .await?;
         Ok(recs
             .into_iter()
-            .filter(|r| r.expires_at > now && !self.is_revoked(r.kind, &r.credential_id))
+            .filter(|r| self.is_live(r, now) && r.generation >= identity.generation)
             .collect())
     }
 
@@ -117,18 +173,19 @@ impl Broker {
         id: &str,
         reason: &str,
         ctx: &RequestContext,
-    ) -> Result<LedgerRecord, BrokerError> {
+    ) -> Result<(LedgerRecord, Option<CredentialRevocation>), BrokerError> {
         let rec = self.credential(id).await?;
         let now = self.clock.unix();
+        // Revoking twice changes nothing, and says so (and when).
+        if let Some(before) = self.revocation_of(&rec) {
+            return Ok((rec, Some(before)));
+        }
         if rec.expires_at <= now {
             return Err(BrokerError::FailedPrecondition(format!(
                 "credential {} already expired at {}",
                 rec.credential_id,
                 crate::clock::rfc3339(rec.expires_at)
             )));
-        }
-        if self.is_revoked(rec.kind, &rec.credential_id) {
-            return Ok(rec);
         }
         let reason = if reason.trim().is_empty() {
             "revoked by an operator"
@@ -157,7 +214,7 @@ impl Broker {
                 audit: vec![draft],
             })
             .await?;
-        Ok(rec)
+        Ok((rec, None))
     }
 
     /// Revokes everything an identity holds: bumps its generation and lists each live

@@ -255,9 +255,8 @@ fn percent_decode(v: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Counts credentials that have not expired, by expiry second; fed by the commit observer and
-/// seeded from the ledger at start-up. While the seeding scan runs, new issuances are held
-/// aside and counted afterwards unless the scan already saw them, so nothing counts twice.
+/// Credentials live now (issued, unexpired, not revoked, of their identity's current
+/// generation), counted per identity by expiry second: cheap to keep, exact enough for a gauge.
 #[derive(Debug)]
 pub struct LiveCredentials {
     inner: std::sync::Mutex<LiveInner>,
@@ -265,43 +264,106 @@ pub struct LiveCredentials {
 
 #[derive(Debug)]
 struct LiveInner {
-    by_expiry: std::collections::BTreeMap<i64, u64>,
-    /// `Some` until seeding finishes: (credential id, expiry) seen by the observer meanwhile.
-    pending: Option<Vec<(String, i64)>>,
+    /// Identity id -> expiry (Unix seconds) -> how many.
+    by_identity: std::collections::HashMap<String, std::collections::BTreeMap<i64, u64>>,
+    /// `Some` until seeding finishes: what the observer saw meanwhile, in order.
+    pending: Option<Vec<LiveEvent>>,
+}
+
+#[derive(Debug)]
+enum LiveEvent {
+    Add(String, String, i64),
+    Revoke(String, i64),
+    Clear(String),
 }
 
 impl Default for LiveCredentials {
     fn default() -> Self {
         LiveCredentials {
             inner: std::sync::Mutex::new(LiveInner {
-                by_expiry: Default::default(),
+                by_identity: Default::default(),
                 pending: Some(Vec::new()),
             }),
         }
     }
 }
 
-impl LiveCredentials {
-    /// Counts one credential expiring at `expires_at`.
-    pub fn add(&self, credential_id: &str, expires_at: i64) {
-        let Ok(mut g) = self.inner.lock() else { return };
-        match g.pending.as_mut() {
-            Some(p) => p.push((credential_id.to_owned(), expires_at)),
-            None => *g.by_expiry.entry(expires_at).or_default() += 1,
+impl LiveInner {
+    fn apply(&mut self, e: LiveEvent) {
+        match e {
+            LiveEvent::Add(identity, _, exp) => {
+                *self
+                    .by_identity
+                    .entry(identity)
+                    .or_default()
+                    .entry(exp)
+                    .or_default() += 1;
+            }
+            LiveEvent::Revoke(identity, exp) => {
+                if let Some(m) = self.by_identity.get_mut(&identity)
+                    && let Some(n) = m.get_mut(&exp)
+                {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        m.remove(&exp);
+                    }
+                }
+            }
+            LiveEvent::Clear(identity) => {
+                self.by_identity.remove(&identity);
+            }
         }
     }
 
-    /// Ends seeding with what the ledger scan found (id, expiry).
-    pub fn seed(&self, seen: impl IntoIterator<Item = (String, i64)>) {
+    fn event(&mut self, e: LiveEvent) {
+        match self.pending.as_mut() {
+            Some(p) => p.push(e),
+            None => self.apply(e),
+        }
+    }
+}
+
+impl LiveCredentials {
+    /// Counts one credential of `identity_id` expiring at `expires_at`.
+    pub fn add(&self, identity_id: &str, credential_id: &str, expires_at: i64) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.event(LiveEvent::Add(
+                identity_id.to_owned(),
+                credential_id.to_owned(),
+                expires_at,
+            ));
+        }
+    }
+
+    /// One credential of `identity_id` expiring at `expires_at` was revoked.
+    pub fn revoke(&self, identity_id: &str, expires_at: i64) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.event(LiveEvent::Revoke(identity_id.to_owned(), expires_at));
+        }
+    }
+
+    /// Every credential `identity_id` holds so far was revoked (a generation bump).
+    pub fn clear(&self, identity_id: &str) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.event(LiveEvent::Clear(identity_id.to_owned()));
+        }
+    }
+
+    /// Ends seeding with what the ledger scan found live (identity, credential id, expiry),
+    /// then replays what the observer saw meanwhile (a credential both saw counts once).
+    pub fn seed(&self, seen: impl IntoIterator<Item = (String, String, i64)>) {
         let Ok(mut g) = self.inner.lock() else { return };
         let pending = g.pending.take().unwrap_or_default();
-        let mut held: std::collections::HashMap<String, i64> = pending.into_iter().collect();
-        for (id, exp) in seen {
-            held.remove(&id);
-            *g.by_expiry.entry(exp).or_default() += 1;
+        let mut counted = std::collections::HashSet::new();
+        for (identity, id, exp) in seen {
+            counted.insert(id.clone());
+            g.apply(LiveEvent::Add(identity, id, exp));
         }
-        for (_, exp) in held {
-            *g.by_expiry.entry(exp).or_default() += 1;
+        for e in pending {
+            match &e {
+                LiveEvent::Add(_, id, _) if counted.contains(id) => {}
+                _ => g.apply(e),
+            }
         }
     }
 
@@ -310,14 +372,20 @@ impl LiveCredentials {
         let Ok(mut g) = self.inner.lock() else {
             return 0;
         };
+        let mut total = 0;
         // Expired buckets are dropped as they are passed.
-        let live = g.by_expiry.split_off(&(now + 1));
-        g.by_expiry = live;
-        let pending = g
-            .pending
-            .as_ref()
-            .map_or(0, |p| p.iter().filter(|(_, e)| *e > now).count() as u64);
-        g.by_expiry.values().sum::<u64>() + pending
+        g.by_identity.retain(|_, m| {
+            let live = m.split_off(&(now + 1));
+            *m = live;
+            total += m.values().sum::<u64>();
+            !m.is_empty()
+        });
+        let pending: u64 = g.pending.as_ref().map_or(0, |p| {
+            p.iter()
+                .filter(|e| matches!(e, LiveEvent::Add(_, _, exp) if *exp > now))
+                .count() as u64
+        });
+        total + pending
     }
 }
 

@@ -361,3 +361,120 @@ async fn wait_for_audit(b: &TestBroker, action: &str, n: usize) -> Vec<serde_jso
     }
     panic!("no {action} audit entry");
 }
+
+/// Live means issued, unexpired, not revoked and of the identity's current generation — in the
+/// report, the metrics and the credential's own view; revoking twice changes nothing and says
+/// when it was revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_counts_leave_out_revoked_credentials_and_older_generations() {
+    use sigil_proto::v1 as pb;
+    let b = sigil_tests::TestBroker::start().await;
+    b.identity("svc/live", |_| {}).await;
+    b.identity("svc/other", |_| {}).await;
+    let id = "spiffe://example.org/svc/live";
+    let (w, _) = b.attested(id, &[]).await;
+    let mut jtis = Vec::new();
+    for _ in 0..5 {
+        jtis.push(
+            w.fetch_jwt_svid(&sigil_sdk::JwtRequest::audience("db"))
+                .await
+                .unwrap()
+                .jti,
+        );
+    }
+    let live_in_report = |json: &str, spiffe: &str| -> u64 {
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        v["identities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["spiffe_id"] == spiffe)
+            .map(|i| i["live_credentials"].as_u64().unwrap())
+            .unwrap_or(0)
+    };
+    let report = |b: &sigil_tests::TestBroker| {
+        let mut a = b.admin();
+        async move {
+            a.report(pb::ReportRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .json
+        }
+    };
+    let metric = |text: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with("sigil_live_credentials "))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1.0)
+    };
+    // 1 certificate + 5 tokens.
+    assert_eq!(live_in_report(&report(&b).await, id), 6);
+    let before = metric(&b.http_get("/metrics").await.1);
+
+    // Two tokens revoked one by one; the second revocation of the same one changes nothing.
+    let mut adm = b.admin();
+    for j in &jtis[..2] {
+        let r = adm
+            .revoke_credential(pb::RevokeCredentialRequest {
+                credential_id: j.clone(),
+                reason: "leaked in a log".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!r.already_revoked);
+    }
+    let again = adm
+        .revoke_credential(pb::RevokeCredentialRequest {
+            credential_id: jtis[0].clone(),
+            reason: "again".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        again.already_revoked,
+        "revoking twice says it was revoked before"
+    );
+    let rev = again.credential.unwrap().revocation.unwrap();
+    assert_eq!(
+        (rev.how.as_str(), rev.reason.as_str()),
+        ("credential", "leaked in a log"),
+        "and when, by whom, why: the first revocation"
+    );
+    assert!(rev.revoked_at > 0 && rev.revoked_by.contains("admin"));
+    let shown = adm
+        .get_credential(pb::GetCredentialRequest {
+            credential_id: jtis[1].clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(shown.revocation.unwrap().how, "credential");
+    assert_eq!(live_in_report(&report(&b).await, id), 4);
+    assert_eq!(metric(&b.http_get("/metrics").await.1), before - 2.0);
+
+    // Everything the identity holds revoked (a generation bump): nothing of it is live.
+    adm.revoke_identity(pb::RevokeIdentityRequest {
+        id_or_spiffe_id: id.into(),
+        reason: "rotate everything".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(live_in_report(&report(&b).await, id), 0);
+    let shown = adm
+        .get_credential(pb::GetCredentialRequest {
+            credential_id: jtis[4].clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        shown.revocation.is_some(),
+        "a credential of the old generation shows as revoked"
+    );
+    assert_eq!(metric(&b.http_get("/metrics").await.1), before - 6.0);
+}

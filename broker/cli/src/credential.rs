@@ -14,6 +14,9 @@ pub enum CredentialCmd {
     Show {
         /// Serial or jti.
         id: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -22,14 +25,21 @@ pub enum CredentialCmd {
 /// `sigil credential ...`.
 pub(crate) async fn run(cmd: CredentialCmd) -> Result<()> {
     match cmd {
-        CredentialCmd::Show { id, conn } => {
+        CredentialCmd::Show { id, json, conn } => {
             let mut c = conn.connect()?;
             let r = c
                 .get_credential(pb::GetCredentialRequest { credential_id: id })
                 .await
                 .map_err(sigil_sdk::SdkError::from)?
                 .into_inner();
-            println!("{}", serde_json::to_string_pretty(&credential_json(&r))?);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&credential_json(&r))?);
+            } else {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64);
+                crate::output::print_credential(&r, now);
+            }
         }
     }
     Ok(())

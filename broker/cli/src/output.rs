@@ -44,7 +44,54 @@ pub(crate) fn credential_json(r: &pb::Credential) -> serde_json::Value {
         "generation": r.generation, "audiences": r.audiences, "scopes": r.scopes, "dns_names": r.dns_names,
         "issued_at": rfc3339(r.issued_at), "expires_at": rfc3339(r.expires_at), "signing_key_id": r.signing_key_id,
         "attestation": r.attestation,
+        "revoked": r.revocation.as_ref().map(|v| json!({
+            "how": v.how,
+            "at": (v.revoked_at > 0).then(|| rfc3339(v.revoked_at)),
+            "reason": v.reason,
+            "by": v.revoked_by,
+        })),
     })
+}
+
+/// How a revoked credential was revoked, in one line.
+pub(crate) fn revocation_line(v: &pb::CredentialRevocation) -> String {
+    let mut s = String::from("REVOKED");
+    if v.revoked_at > 0 {
+        s.push_str(&format!(" at {}", rfc3339(v.revoked_at)));
+    }
+    if !v.revoked_by.is_empty() {
+        s.push_str(&format!(" by {}", v.revoked_by));
+    }
+    s.push_str(&format!(": {}", v.reason));
+    s
+}
+
+/// A credential for people: one field per line.
+pub(crate) fn print_credential(r: &pb::Credential, now: i64) {
+    let status = match &r.revocation {
+        Some(v) => revocation_line(v),
+        None if r.expires_at <= now => format!("expired at {}", rfc3339(r.expires_at)),
+        None => "live".into(),
+    };
+    println!("credential   {} ({})", r.credential_id, r.kind);
+    println!(
+        "identity     {} ({}), generation {}",
+        r.spiffe_id, r.identity_id, r.generation
+    );
+    println!("status       {status}");
+    println!("issued       {}", rfc3339(r.issued_at));
+    println!("expires      {}", rfc3339(r.expires_at));
+    if !r.audiences.is_empty() {
+        println!("audiences    {}", r.audiences.join(", "));
+    }
+    if !r.scopes.is_empty() {
+        println!("scopes       {}", r.scopes.join(", "));
+    }
+    if !r.dns_names.is_empty() {
+        println!("dns names    {}", r.dns_names.join(", "));
+    }
+    println!("signed by    {}", r.signing_key_id);
+    println!("attested by  {}", r.attestation);
 }
 
 /// Prints a revocation report (`revoke identity`, `identity retire`, `leak`): the identity, the

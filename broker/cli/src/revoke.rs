@@ -75,13 +75,22 @@ pub(crate) async fn revoke(cmd: RevokeCmd) -> Result<()> {
                 .map_err(sigil_sdk::SdkError::from)?
                 .into_inner();
             let cr = r.credential.unwrap_or_default();
-            println!(
-                "revoked {} {} of {} (it would have expired {})",
-                cr.kind,
-                cr.credential_id,
-                cr.spiffe_id,
-                rfc3339(cr.expires_at)
-            );
+            match (&cr.revocation, r.already_revoked) {
+                (Some(v), true) => println!(
+                    "{} {} of {} was already {}; nothing changed",
+                    cr.kind,
+                    cr.credential_id,
+                    cr.spiffe_id,
+                    crate::output::revocation_line(v).replacen("REVOKED", "revoked", 1)
+                ),
+                _ => println!(
+                    "revoked {} {} of {} (it would have expired {})",
+                    cr.kind,
+                    cr.credential_id,
+                    cr.spiffe_id,
+                    rfc3339(cr.expires_at)
+                ),
+            }
         }
         RevokeCmd::Identity {
             identity,

@@ -67,6 +67,23 @@ pub fn identity(r: &IdentityRecord) -> pb::Identity {
 }
 
 /// The API form of a ledger record.
+/// The API form of a ledger record and how it was revoked, if it was.
+pub fn credential_with(
+    r: crate::model::LedgerRecord,
+    rev: Option<crate::revoke::CredentialRevocation>,
+) -> pb::Credential {
+    pb::Credential {
+        revocation: rev.map(|v| pb::CredentialRevocation {
+            how: v.how.into(),
+            revoked_at: v.revoked_at,
+            reason: v.reason,
+            revoked_by: v.revoked_by,
+        }),
+        ..credential(r)
+    }
+}
+
+/// The API form of a ledger record.
 pub fn credential(r: crate::model::LedgerRecord) -> pb::Credential {
     pb::Credential {
         credential_id: r.credential_id,
@@ -81,6 +98,7 @@ pub fn credential(r: crate::model::LedgerRecord) -> pb::Credential {
         expires_at: r.expires_at,
         signing_key_id: r.signing_key_id,
         attestation: r.attestation,
+        revocation: None,
     }
 }
 
@@ -306,7 +324,8 @@ impl pb::admin_server::Admin for AdminApi {
             .credential(&req.get_ref().credential_id)
             .await
             .map_err(|e| status(e, &ctx))?;
-        Ok(Response::new(credential(r)))
+        let rev = self.broker.revocation_of(&r);
+        Ok(Response::new(credential_with(r, rev)))
     }
 
     async fn revoke_credential(
@@ -320,13 +339,16 @@ impl pb::admin_server::Admin for AdminApi {
             .await
             .map_err(|e| status(e, &ctx))?;
         let r = req.into_inner();
-        let rec = self
+        let (rec, before) = self
             .broker
             .revoke_credential(&op, &r.credential_id, &r.reason, &ctx)
             .await
             .map_err(|e| status(e, &ctx))?;
+        let already_revoked = before.is_some();
+        let rev = before.or_else(|| self.broker.revocation_of(&rec));
         Ok(Response::new(pb::RevokeCredentialResponse {
-            credential: Some(credential(rec)),
+            credential: Some(credential_with(rec, rev)),
+            already_revoked,
         }))
     }
 
