@@ -255,10 +255,23 @@ pub async fn start(
         health,
         cancel.clone(),
     )));
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(sigil_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Reflection in both versions grpcurl and friends speak (v1alpha is what grpcurl 1.8
+    // asks for), listing what this listener serves: the SPIFFE Workload API lives on the Unix
+    // socket only, so it is not offered here.
+    let reflected = |b: tonic_reflection::server::Builder<'static>| {
+        b.register_encoded_file_descriptor_set(sigil_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("sigil.v1.Broker")
+            .with_service_name("sigil.v1.Admin")
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.reflection.v1.ServerReflection")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection")
+    };
+    let reflection = reflected(tonic_reflection::server::Builder::configure())
         .build_v1()
+        .map_err(|e| StartError::Other(format!("reflection: {e}")))?;
+    let reflection_alpha = reflected(tonic_reflection::server::Builder::configure())
+        .build_v1alpha()
         .map_err(|e| StartError::Other(format!("reflection: {e}")))?;
     let router = tonic::transport::Server::builder()
         .timeout(cfg.limits.request_timeout)
@@ -271,6 +284,7 @@ pub async fn start(
         ))
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(
             BrokerServer::new(WorkloadApi::new(broker.clone())).max_decoding_message_size(limit),
         )
