@@ -271,6 +271,7 @@ impl Broker {
 
     /// Refreshes the gauges that are cheaper to compute on demand than to track.
     pub fn update_gauges(&self) {
+        crate::telemetry::update_process_metrics();
         let now = self.clock.unix();
         metrics::gauge!("sigil_live_credentials").set(self.live.live(now) as f64);
         metrics::gauge!("sigil_revoked_credentials").set(self.revocations.len() as f64);

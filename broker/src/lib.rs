@@ -23,6 +23,14 @@
 //! - [`server`]: wiring, start-up and shutdown; [`init`]: creating a data dir.
 //! - [`store`], [`model`], [`seal`], [`audit`]: re-exported from `sigil-store`.
 
+/// This build: the version and the commit it was built from (`sigil --version`).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("SIGIL_COMMIT"),
+    ")"
+);
+
 pub mod admin;
 pub mod api;
 pub mod approve;

@@ -48,6 +48,16 @@ pub fn prometheus() -> Option<&'static PrometheusHandle> {
                 return None;
             }
             describe();
+            // Present from the start, at zero, so dashboards and alerts see them at once.
+            metrics::gauge!("sigil_watch_streams").set(0.0);
+            metrics::gauge!("sigil_live_credentials").set(0.0);
+            metrics::gauge!("sigil_revoked_credentials").set(0.0);
+            metrics::gauge!(
+                "sigil_build_info",
+                "version" => env!("CARGO_PKG_VERSION"),
+                "commit" => env!("SIGIL_COMMIT")
+            )
+            .set(1.0);
             Some(handle)
         })
         .as_ref()
@@ -89,6 +99,64 @@ fn describe() {
         "Revoked credentials that have not expired yet."
     );
     describe_gauge!("sigil_watch_streams", "Open watch streams.");
+    describe_gauge!("sigil_connections", "Open connections, by listener.");
+    describe_counter!(
+        "sigil_connections_refused_total",
+        "Connections closed at once because a listener's budget was used up, by listener."
+    );
+    describe_counter!(
+        "sigil_silent_connections_closed_total",
+        "Connections closed because the peer sent nothing within the handshake timeout."
+    );
+    describe_counter!(
+        "sigil_rate_limited_total",
+        "Calls refused by a rate limit, by kind of caller."
+    );
+    describe_counter!(
+        "sigil_baseline_dropped_total",
+        "Committed issuances the behaviour baselines could not keep up with."
+    );
+    describe_counter!(
+        "sigil_store_commit_failures_total",
+        "Group commits that failed for a storage reason (every change in them refused)."
+    );
+    describe_counter!(
+        "sigil_store_recovery_attempts_total",
+        "Attempts to bring the store back after a failed commit."
+    );
+    describe_counter!(
+        "sigil_store_shed_total",
+        "Changes refused at once because the store writer's queue was full."
+    );
+    describe_counter!(
+        "sigil_store_behind_total",
+        "Times this replica found itself further behind the shared commit log than it keeps."
+    );
+    describe_gauge!(
+        "sigil_build_info",
+        "Always 1: the version and commit of this broker, as labels."
+    );
+    describe_counter!(
+        "process_cpu_seconds_total",
+        "Total user and system CPU time spent in seconds."
+    );
+    describe_gauge!(
+        "process_resident_memory_bytes",
+        "Resident memory size in bytes."
+    );
+    describe_gauge!(
+        "process_virtual_memory_bytes",
+        "Virtual memory size in bytes."
+    );
+    describe_gauge!("process_open_fds", "Number of open file descriptors.");
+    describe_gauge!(
+        "process_max_fds",
+        "Maximum number of open file descriptors."
+    );
+    describe_gauge!(
+        "process_start_time_seconds",
+        "Start time of the process since unix epoch in seconds."
+    );
     describe_gauge!("sigil_identities", "Identity records, by status.");
     describe_gauge!(
         "sigil_key_age_seconds",
@@ -100,7 +168,7 @@ fn describe() {
     );
     describe_histogram!(
         "sigil_grpc_request_duration_seconds",
-        "gRPC request latency by method and status."
+        "gRPC request latency by service, method and status name."
     );
     describe_histogram!(
         "sigil_store_commit_seconds",
@@ -164,7 +232,12 @@ where
             .map(str::to_owned)
             .unwrap_or_else(|| sigil_pki::ids::to_hex(&sigil_pki::ids::random_bytes::<8>()));
         req.extensions_mut().insert(RequestId(id.clone()));
-        let method = req.uri().path().rsplit('/').next().unwrap_or("").to_owned();
+        // "/sigil.v1.Broker/MintJwtSvid": the service and the method, both as labels.
+        let (service, method) = {
+            let mut parts = req.uri().path().trim_start_matches('/').splitn(2, '/');
+            let service = parts.next().unwrap_or("").to_owned();
+            (service, parts.next().unwrap_or("").to_owned())
+        };
         let span = tracing::debug_span!("request", request_id = %id, method = %method);
         let started = Instant::now();
         let fut = {
@@ -185,13 +258,19 @@ where
                         .headers()
                         .get("grpc-status")
                         .and_then(|v| v.to_str().ok())
-                        .unwrap_or("0")
-                        .to_owned(),
-                    Err(_) => "transport".to_owned(),
+                        .and_then(|v| v.parse::<i32>().ok())
+                        .map_or("OK", code_name),
+                    Err(_) => "TRANSPORT_ERROR",
                 };
                 let secs = started.elapsed().as_secs_f64();
                 tracing::debug!(code = %code, elapsed_ms = secs * 1000.0, "request finished");
-                metrics::histogram!("sigil_grpc_request_duration_seconds", "method" => method, "code" => code).record(secs);
+                metrics::histogram!(
+                    "sigil_grpc_request_duration_seconds",
+                    "grpc_service" => service,
+                    "grpc_method" => method,
+                    "grpc_code" => code
+                )
+                .record(secs);
                 res
             },
             span,
@@ -433,4 +512,77 @@ impl LogEvery {
         }
         Some(self.suppressed.swap(0, Relaxed))
     }
+}
+
+/// A gRPC status code by its name (as in the gRPC status code guide), for metric labels.
+fn code_name(code: i32) -> &'static str {
+    match code {
+        0 => "OK",
+        1 => "CANCELLED",
+        2 => "UNKNOWN",
+        3 => "INVALID_ARGUMENT",
+        4 => "DEADLINE_EXCEEDED",
+        5 => "NOT_FOUND",
+        6 => "ALREADY_EXISTS",
+        7 => "PERMISSION_DENIED",
+        8 => "RESOURCE_EXHAUSTED",
+        9 => "FAILED_PRECONDITION",
+        10 => "ABORTED",
+        11 => "OUT_OF_RANGE",
+        12 => "UNIMPLEMENTED",
+        13 => "INTERNAL",
+        14 => "UNAVAILABLE",
+        15 => "DATA_LOSS",
+        16 => "UNAUTHENTICATED",
+        _ => "UNKNOWN",
+    }
+}
+
+/// Refreshes the standard `process_*` metrics from `/proc/self` (Linux; elsewhere they stay
+/// absent): CPU time, memory, open and allowed file descriptors, start time.
+pub fn update_process_metrics() {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return;
+    };
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+        return;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
+    // USER_HZ is 100 on Linux; pages are 4 KiB on the platforms Sigil ships for.
+    const HZ: f64 = 100.0;
+    if let (Some(u), Some(s)) = (num(11), num(12)) {
+        metrics::counter!("process_cpu_seconds_total").absolute(((u + s) / HZ) as u64);
+    }
+    if let Some(v) = num(20) {
+        metrics::gauge!("process_virtual_memory_bytes").set(v);
+    }
+    if let Some(rss) = num(21) {
+        metrics::gauge!("process_resident_memory_bytes").set(rss * 4096.0);
+    }
+    if let (Some(start), Some(boot)) = (num(19), boot_time()) {
+        metrics::gauge!("process_start_time_seconds").set(boot + start / HZ);
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        metrics::gauge!("process_open_fds").set(fds.count() as f64);
+    }
+    if let Ok(limits) = std::fs::read_to_string("/proc/self/limits")
+        && let Some(max) = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .and_then(|v| v.parse::<f64>().ok())
+    {
+        metrics::gauge!("process_max_fds").set(max);
+    }
+}
+
+/// When the machine booted, Unix seconds.
+fn boot_time() -> Option<f64> {
+    std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse().ok())
 }

@@ -95,9 +95,55 @@ async fn metrics_count_issuances_exactly_and_health_and_reflection_answer() {
         "group-commit batch sizes"
     );
     assert!(
-        text.contains("sigil_grpc_request_duration_seconds_bucket{method=\"MintJwtSvid\""),
-        "request latency by method"
+        text.contains(
+            "grpc_service=\"sigil.v1.Broker\",grpc_method=\"MintJwtSvid\",grpc_code=\"OK\""
+        ),
+        "request latency by service, method and status name: {text}"
     );
+    // Conventions: build info, process metrics, gauges present from the start.
+    assert!(
+        text.contains("sigil_build_info{version=\""),
+        "sigil_build_info"
+    );
+    for m in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+    ] {
+        assert!(text.lines().any(|l| l.starts_with(m)), "{m} is exported");
+    }
+    assert!(
+        text.lines().any(|l| l.starts_with("sigil_watch_streams ")),
+        "sigil_watch_streams is there even before any stream"
+    );
+    // promtool (Debian's prometheus package) finds nothing to complain about.
+    match std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        Ok(mut child) => {
+            use std::io::Write as _;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+                "promtool check metrics: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Err(_) => sigil_tests::skip("promtool is not installed (Debian: prometheus)"),
+    }
     assert!(text.contains("sigil_key_rotation_due_seconds{kind=\"jwt\"}"));
     // A failed attestation is counted by method and reason.
     let _ = b

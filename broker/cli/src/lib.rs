@@ -60,7 +60,7 @@ pub use fetch::FetchArgs;
 #[derive(Debug, Parser)]
 #[command(
     name = "sigil",
-    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("SIGIL_COMMIT"), ")"),
+    version = sigil_broker::VERSION,
     about,
     long_about = None,
     propagate_version = true,

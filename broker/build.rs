@@ -21,7 +21,7 @@ fn main() {
         if dirty { "-dirty" } else { "" }
     );
     // Rebuilt when HEAD moves.
-    for f in ["../../.git/HEAD", "../../.git/index"] {
+    for f in ["../.git/HEAD", "../.git/index"] {
         if std::path::Path::new(f).exists() {
             println!("cargo:rerun-if-changed={f}");
         }
