@@ -1,6 +1,7 @@
 //! `sigil dev`: one command for a newcomer. Initializes a local data dir if there is none,
-//! serves, registers a demo identity and prints a join token with the exact `sigil fetch`
-//! command to use it.
+//! serves (also the SPIFFE Workload API on a socket in the data dir), registers a demo
+//! identity (and one for this user's processes, attested by uid), writes a join token to a
+//! 0600 file and prints the exact `sigil fetch` commands to use.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -25,12 +26,17 @@ pub struct DevArgs {
     /// HTTP listen address, or `off`.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub http_listen: String,
+    /// The SPIFFE Workload API socket (default: `workload.sock` in the data dir), or `off`.
+    #[arg(long)]
+    pub workload_socket: Option<String>,
 }
 
 /// Trust domain of a dev data dir.
 pub(crate) const DEV_TRUST_DOMAIN: &str = "demo.sigil.test";
 /// The demo identity.
 pub(crate) const DEMO_SPIFFE_ID: &str = "spiffe://demo.sigil.test/demo/web";
+/// The demo identity of this user's processes on the Workload API socket.
+pub(crate) const DEMO_LOCAL_SPIFFE_ID: &str = "spiffe://demo.sigil.test/demo/local";
 
 fn shown(p: &Path) -> String {
     let cwd = std::env::current_dir().ok();
@@ -67,12 +73,26 @@ pub(crate) async fn run(a: DevArgs) -> Result<()> {
             r.trust_domain
         );
     }
-    let cfg = load_config(
+    let mut cfg = load_config(
         &a.data_dir,
         Some(a.listen),
         Some(&a.http_listen),
         &crate::serve::StoreArgs::default(),
     )?;
+    // The SPIFFE path too: a Workload API socket in the data dir, by default.
+    let socket = match a.workload_socket.as_deref() {
+        Some("off") => None,
+        Some(p) => Some(PathBuf::from(p)),
+        None => Some(
+            a.data_dir
+                .canonicalize()
+                .unwrap_or(a.data_dir.clone())
+                .join("workload.sock"),
+        ),
+    };
+    if socket.is_some() {
+        cfg.workload_socket = socket.clone();
+    }
     let master = sigil_broker::server::load_master_key(&cfg)?;
     let running = sigil_broker::server::start(
         cfg,
@@ -118,6 +138,41 @@ pub(crate) async fn run(a: DevArgs) -> Result<()> {
             .await
             .map_err(sigil_sdk::SdkError::from)?;
     }
+    // A second demo identity for this user's processes on the Workload API socket, attested
+    // by uid.
+    let uid = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    if socket.is_some()
+        && !uid.is_empty()
+        && admin
+            .get_identity(pb::GetIdentityRequest {
+                id_or_spiffe_id: DEMO_LOCAL_SPIFFE_ID.into(),
+            })
+            .await
+            .is_err()
+    {
+        admin
+            .create_identity(pb::CreateIdentityRequest {
+                spiffe_id: DEMO_LOCAL_SPIFFE_ID.into(),
+                owner: "you (sigil dev)".into(),
+                purpose: "your processes on the Workload API socket, attested by uid".into(),
+                labels: [("env".to_owned(), "dev".to_owned())].into(),
+                selectors: vec![format!("unix:uid:{uid}")],
+                entitlements: Some(pb::Entitlements {
+                    kinds: vec!["x509".into(), "jwt".into()],
+                    max_ttl_seconds: 3600,
+                    audiences: vec!["demo-api".into()],
+                    ..Default::default()
+                }),
+                expires_in_seconds: 0,
+            })
+            .await
+            .map_err(sigil_sdk::SdkError::from)?;
+    }
     let token = admin
         .create_join_token(pb::CreateJoinTokenRequest {
             id_or_spiffe_id: DEMO_SPIFFE_ID.into(),
@@ -126,6 +181,14 @@ pub(crate) async fn run(a: DevArgs) -> Result<()> {
         .await
         .map_err(sigil_sdk::SdkError::from)?
         .into_inner();
+    // The token goes to a 0600 file, never onto a command line (where `ps` shows it).
+    let token_file = a
+        .data_dir
+        .canonicalize()
+        .unwrap_or(a.data_dir.clone())
+        .join("demo-join-token");
+    sigil_broker::fsutil::write_atomic(&token_file, token.token.as_bytes(), 0o600)
+        .with_context(|| format!("writing {}", token_file.display()))?;
 
     let exe = std::env::current_exe()
         .map(|p| shown(&p))
@@ -142,14 +205,32 @@ pub(crate) async fn run(a: DevArgs) -> Result<()> {
     println!("  data dir:      {dir}");
     println!("  demo identity: {DEMO_SPIFFE_ID} (audience demo-api, scope demo.read)");
     println!();
-    println!("Fetch credentials as the demo workload (the join token works once, within 1h):");
-    println!();
     println!(
-        "  {exe} fetch --broker {} --trust-bundle {dir}/bundle.pem --join-token {} --out ./demo-creds --audience demo-api",
-        running.url(),
-        token.token
+        "Fetch credentials as the demo workload (the join token in {} works once, within 1h):",
+        shown(&token_file)
     );
     println!();
+    println!(
+        "  {exe} fetch --broker {} --trust-bundle {dir}/bundle.pem --join-token-file {} --out ./demo-creds --audience demo-api --scope demo.read",
+        running.url(),
+        shown(&token_file)
+    );
+    println!();
+    if let Some(sock) = &socket {
+        // Socket URLs take absolute paths.
+        let sock = sock.display();
+        println!(
+            "Or take the SPIFFE path: the Workload API on {sock} knows your processes by uid as {DEMO_LOCAL_SPIFFE_ID}:"
+        );
+        println!();
+        println!(
+            "  {exe} fetch --broker unix://{sock} --trust-bundle {dir}/bundle.pem --out ./demo-local --audience demo-api"
+        );
+        println!(
+            "  export SPIFFE_ENDPOINT_SOCKET=unix://{sock}   # then any SPIFFE client (go-spiffe, py-spiffe, spiffe-helper)"
+        );
+        println!();
+    }
     println!("Then look around:");
     println!("  openssl x509 -in ./demo-creds/svid.pem -noout -text");
     println!("  {exe} identity list --data-dir {dir}");

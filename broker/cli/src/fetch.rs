@@ -54,6 +54,13 @@ pub struct FetchArgs {
     /// DNS name to include in the certificate (repeatable).
     #[arg(long = "dns")]
     pub dns_names: Vec<String>,
+    /// Scope to ask for in every JWT-SVID (repeatable; each must be one the identity may
+    /// hold).
+    #[arg(long = "scope")]
+    pub scopes: Vec<String>,
+    /// Print what was written as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 fn file_safe(aud: &str) -> String {
@@ -91,7 +98,11 @@ pub(super) async fn run(a: FetchArgs) -> Result<()> {
     let jwts: Vec<JwtRequest> = a
         .audiences
         .iter()
-        .map(|aud| JwtRequest::audience(aud.clone()))
+        .map(|aud| {
+            let mut r = JwtRequest::audience(aud.clone());
+            r.scopes = a.scopes.clone();
+            r
+        })
         .collect();
     let creds = client
         .attest(
@@ -116,6 +127,35 @@ pub(super) async fn run(a: FetchArgs) -> Result<()> {
     let key_path = w("svid.key", svid.private_key_pem().expose_secret(), 0o600)?;
     let cert_path = w("svid.pem", svid.cert_chain_pem().as_bytes(), 0o644)?;
     let bundle_path = w("bundle.pem", creds.bundle.x509_pem().as_bytes(), 0o644)?;
+    let mut jwt_files = Vec::new();
+    for j in &creds.jwts {
+        let name = format!("jwt-{}.txt", file_safe(&j.audiences[0]));
+        let p = w(
+            &name,
+            format!("{}\n", j.token.expose_secret()).as_bytes(),
+            0o600,
+        )?;
+        jwt_files.push((p, j));
+    }
+    if a.json {
+        let out = serde_json::json!({
+            "spiffe_id": svid.spiffe_id.to_string(),
+            "serial": svid.serial,
+            "expires_at": rfc3339(svid.expires_at),
+            "certificate": cert_path,
+            "key": key_path,
+            "bundle": bundle_path,
+            "notice": (!svid.grant.notice.is_empty()).then_some(&svid.grant.notice),
+            "jwt_svids": jwt_files.iter().map(|(p, j)| serde_json::json!({
+                "file": p,
+                "audiences": j.audiences,
+                "scopes": j.scopes,
+                "expires_at": rfc3339(j.expires_at),
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
     println!("{} ({})", svid.spiffe_id, svid.serial);
     println!(
         "  certificate: {} (expires {})",
@@ -127,15 +167,14 @@ pub(super) async fn run(a: FetchArgs) -> Result<()> {
     if !svid.grant.notice.is_empty() {
         println!("  note:        {}", svid.grant.notice);
     }
-    for j in &creds.jwts {
-        let name = format!("jwt-{}.txt", file_safe(&j.audiences[0]));
-        let p = w(
-            &name,
-            format!("{}\n", j.token.expose_secret()).as_bytes(),
-            0o600,
-        )?;
+    for (p, j) in &jwt_files {
+        let scopes = if j.scopes.is_empty() {
+            String::new()
+        } else {
+            format!(", scopes {}", j.scopes.join(","))
+        };
         println!(
-            "  jwt-svid:    {} (aud {}, expires {})",
+            "  jwt-svid:    {} (aud {}{scopes}, expires {})",
             p.display(),
             j.audiences.join(","),
             rfc3339(j.expires_at)

@@ -80,7 +80,12 @@ fn sigil_dev_prints_a_fetch_command_that_works_as_printed() {
             &[],
         );
         let fetch = dev.wait_for(" fetch --broker ");
+        let unix_fetch = dev.wait_for(" fetch --broker unix://");
         let list = dev.wait_for(" identity list ");
+        assert!(
+            !fetch.contains("sigil_jt_") && fetch.contains("--join-token-file"),
+            "the token is in a file, not on the command line (where ps shows it): {fetch}"
+        );
         let out_dir = format!("demo-creds-{round}");
         let fetch = fetch
             .trim()
@@ -100,6 +105,31 @@ fn sigil_dev_prints_a_fetch_command_that_works_as_printed() {
         for f in ["svid.pem", "svid.key", "bundle.pem", "jwt-demo-api.txt"] {
             assert!(tmp.path().join(&out_dir).join(f).exists(), "{f} written");
         }
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("scopes demo.read"),
+            "the scope dev advertises can be fetched: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        // The SPIFFE path, from the same one command: the Workload API socket, by uid.
+        let unix_fetch = unix_fetch
+            .trim()
+            .replace("./demo-local", &format!("./demo-local-{round}"));
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(&unix_fetch)
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "`{unix_fetch}` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("spiffe://demo.sigil.test/demo/local"),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         let out = Command::new("sh")
             .arg("-c")
             .arg(list.trim())
