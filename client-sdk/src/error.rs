@@ -143,20 +143,41 @@ impl From<tonic::Status> for SdkError {
         if message.is_empty() {
             message = format!("{s}");
         }
-        let (mut kind, mut code) = (kind, s.code());
+        let (mut kind, mut code) = (kind, Some(s.code()));
         match tls_cause(&s) {
             // A peer that refuses our certificate outright: attest again.
             Some(TlsCause::CertificateRevoked) => {
                 kind = ErrorKind::Reattest;
-                code = Code::Unauthenticated;
+                code = Some(Code::Unauthenticated);
                 message = "the broker refused this workload's certificate in the TLS handshake: it was revoked; attest again with fresh evidence".into();
             }
+            Some(TlsCause::UnknownIssuer(e)) => {
+                // Misconfiguration, not an outage: retrying will not help.
+                kind = ErrorKind::Fatal;
+                code = None;
+                message = format!(
+                    "the broker's certificate does not chain to the trust bundle given ({e}): the bundle is another broker's, or out of date; get this broker's current bundle.pem"
+                );
+            }
+            Some(TlsCause::NotTls) => {
+                kind = ErrorKind::Fatal;
+                code = None;
+                message = "the other end does not speak TLS: is this the broker's gRPC port (not its HTTP port)?".into();
+            }
+            Some(TlsCause::NotGrpc) => {
+                kind = ErrorKind::Fatal;
+                code = None;
+                message = "the other end speaks TLS but not gRPC (no HTTP/2): is this the broker's gRPC port (not its HTTP port)?".into();
+            }
             Some(TlsCause::Other(e)) => message = format!("TLS with the broker failed: {e}"),
+            None if connection_refused(&s) => {
+                message = "nothing is listening there (connection refused): is the broker running, and is this its gRPC address?".into();
+            }
             None => {}
         }
         SdkError {
             kind,
-            code: Some(code),
+            code,
             gate: meta("sigil-gate"),
             request_id: meta("sigil-request-id"),
             retry_after: meta("sigil-retry-after-ms")
@@ -171,8 +192,46 @@ impl From<tonic::Status> for SdkError {
 enum TlsCause {
     /// The broker sent alert `certificate_revoked`.
     CertificateRevoked,
+    /// The broker's certificate does not chain to our roots.
+    UnknownIssuer(String),
+    /// The other end answered with something that is not TLS.
+    NotTls,
+    /// The other end speaks TLS but not HTTP/2 (an HTTP/1 server).
+    NotGrpc,
     /// Anything else, in words.
     Other(String),
+}
+
+/// Whether the transport error behind `s` is a refused connection.
+fn connection_refused(s: &tonic::Status) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::ConnectionRefused
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
+fn classify(e: &rustls::Error) -> TlsCause {
+    match e {
+        rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked) => {
+            TlsCause::CertificateRevoked
+        }
+        rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer | rustls::CertificateError::BadSignature,
+        ) => TlsCause::UnknownIssuer(e.to_string()),
+        rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType) => {
+            TlsCause::NotTls
+        }
+        rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol) => {
+            TlsCause::NotGrpc
+        }
+        other => TlsCause::Other(other.to_string()),
+    }
 }
 
 /// The TLS failure behind a transport error, if that is what it was. tokio-rustls hands
@@ -185,12 +244,8 @@ fn tls_cause(s: &tonic::Status) -> Option<TlsCause> {
                 .and_then(|io| io.get_ref())
                 .and_then(|inner| inner.downcast_ref::<rustls::Error>())
         });
-        match tls {
-            Some(rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked)) => {
-                return Some(TlsCause::CertificateRevoked);
-            }
-            Some(other) => return Some(TlsCause::Other(other.to_string())),
-            None => {}
+        if let Some(t) = tls {
+            return Some(classify(t));
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>()
             && io.kind() == std::io::ErrorKind::InvalidData
@@ -198,6 +253,15 @@ fn tls_cause(s: &tonic::Status) -> Option<TlsCause> {
             let text = io.to_string();
             if text.contains("CertificateRevoked") {
                 return Some(TlsCause::CertificateRevoked);
+            }
+            if text.contains("UnknownIssuer") {
+                return Some(TlsCause::UnknownIssuer(text));
+            }
+            if text.contains("InvalidContentType") {
+                return Some(TlsCause::NotTls);
+            }
+            if text.contains("NoApplicationProtocol") {
+                return Some(TlsCause::NotGrpc);
             }
             return Some(TlsCause::Other(text));
         }

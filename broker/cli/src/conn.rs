@@ -30,6 +30,22 @@ pub struct Conn {
     pub admin_key: Option<PathBuf>,
 }
 
+/// Which broker (and trust bundle file) this command talks to, for error messages.
+static TARGET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Remembers the broker and bundle a command uses, so a failure can name them.
+pub(crate) fn note_target(broker: &str, bundle: &Path) {
+    let _ = TARGET.set(format!(
+        "broker {broker}, trust bundle {}",
+        bundle.display()
+    ));
+}
+
+/// The broker (and bundle file) this command talked to, if it talked to one.
+pub fn target() -> Option<&'static str> {
+    TARGET.get().map(String::as_str)
+}
+
 /// A connection resolved from [`Conn`]: everything read, nothing connected yet.
 struct Resolved {
     broker: String,
@@ -105,6 +121,7 @@ impl Conn {
                 key.display()
             );
         }
+        note_target(&broker, &bundle);
         Ok(Resolved {
             broker,
             bundle_pem: read(&bundle, "trust bundle")?,

@@ -53,7 +53,7 @@ mod report;
 mod revoke;
 mod serve;
 
-pub use conn::{Conn, broker_url_of};
+pub use conn::{Conn, broker_url_of, target};
 pub use fetch::FetchArgs;
 
 /// Sigil: short-lived credentials (X.509-SVIDs and JWT-SVIDs) for services, jobs and agents.

@@ -24,6 +24,18 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            // A failure reaching the broker names which broker and which bundle file.
+            let talking = e.chain().any(|c| {
+                c.downcast_ref::<sigil_sdk::SdkError>().is_some_and(|s| {
+                    matches!(
+                        s.code(),
+                        None | Some(tonic::Code::Unavailable | tonic::Code::Unknown)
+                    )
+                })
+            });
+            if talking && let Some(t) = sigil_cli::target() {
+                eprintln!("  ({t})");
+            }
             std::process::ExitCode::from(sigil_cli::exit_code(&e))
         }
     }

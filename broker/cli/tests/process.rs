@@ -664,10 +664,38 @@ async fn exit_codes_version_completions_man_pages_and_a_port_in_use() {
     assert_eq!(err.matches("Address already in use").count(), 1, "{err}");
     assert!(err.contains("--listen"), "{err}");
 
-    // The broker gone: unavailable.
+    // A trust bundle of another broker: a misconfiguration (not retryable), named as such,
+    // with the bundle file.
+    let other = tmp.path().join("other-bundle.pem");
+    let other_dir = tmp.path().join("other");
+    init_at(tmp.path(), &other_dir, false);
+    std::fs::copy(other_dir.join("bundle.pem"), &other).unwrap();
+    let (c, err) = code(&[
+        "identity",
+        "list",
+        "--data-dir",
+        d,
+        "--trust-bundle",
+        other.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        c,
+        Some(1),
+        "a wrong bundle is an error, not an outage: {err}"
+    );
+    assert!(
+        err.contains("does not chain to the trust bundle") && err.contains("other-bundle.pem"),
+        "{err}"
+    );
+
+    // The broker gone: unavailable, naming the address.
     assert!(broker.sigterm().success());
     let (c, err) = code(&["identity", "list", "--data-dir", d, "--broker", &url]);
     assert_eq!(c, Some(5), "unavailable: {err}");
+    assert!(
+        err.contains("connection refused") && err.contains(&url),
+        "names what failed and where: {err}"
+    );
 
     let v = String::from_utf8_lossy(&sigil(&["--version"], tmp.path()).stdout).into_owned();
     assert!(v.starts_with("sigil ") && v.contains("commit "), "{v}");
