@@ -19,6 +19,9 @@ pub enum AuditCmd {
         /// data dir or a copy of one (needs the master key).
         #[arg(long)]
         offline: bool,
+        /// Print JSON ({"intact", "entries", "first_bad_sequence", "reason"}).
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Conn,
         /// With --offline: where the store is, when not the data dir's own.
@@ -56,6 +59,9 @@ pub enum AuditCmd {
         /// Only entries whose action starts with this.
         #[arg(long)]
         action: Option<String>,
+        /// Print the entries as stored (JSON lines) instead of one readable line each.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -66,6 +72,7 @@ pub(crate) async fn run(cmd: AuditCmd) -> Result<()> {
     match cmd {
         AuditCmd::Verify {
             offline: true,
+            json,
             conn,
             store: store_args,
         } => {
@@ -89,6 +96,9 @@ pub(crate) async fn run(cmd: AuditCmd) -> Result<()> {
             let chain = sigil_broker::store::read_audit_offline(&store)?;
             let report = sigil_broker::audit::verify_stored(&sealer, &chain);
             let checkpoint = chain.checkpoint;
+            if json {
+                return print_verify_json(&report);
+            }
             match report {
                 sigil_broker::audit::ChainReport::Intact { entries } => match &checkpoint {
                     None => println!("audit log intact: {entries} entries, ending at its anchor"),
@@ -106,6 +116,7 @@ pub(crate) async fn run(cmd: AuditCmd) -> Result<()> {
         }
         AuditCmd::Verify {
             offline: false,
+            json,
             conn,
             ..
         } => {
@@ -115,6 +126,20 @@ pub(crate) async fn run(cmd: AuditCmd) -> Result<()> {
                 .await
                 .map_err(sigil_sdk::SdkError::from)?
                 .into_inner();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "intact": r.intact, "entries": r.entries,
+                        "first_bad_sequence": (!r.intact).then_some(r.first_bad_sequence),
+                        "reason": (!r.intact).then_some(&r.reason),
+                    }))?
+                );
+                if !r.intact {
+                    bail!("audit log is broken at entry {}", r.first_bad_sequence);
+                }
+                return Ok(());
+            }
             if r.intact {
                 println!("audit log intact: {} entries", r.entries);
             } else {
@@ -165,8 +190,16 @@ pub(crate) async fn run(cmd: AuditCmd) -> Result<()> {
             follow,
             identity,
             action,
+            json,
             conn,
         } => {
+            let show = |e: &String| {
+                if json {
+                    println!("{e}");
+                } else {
+                    println!("{}", readable(e));
+                }
+            };
             let mut c = conn.connect()?;
             let base = pb::ListAuditRequest {
                 identity: identity.unwrap_or_default(),
@@ -182,7 +215,7 @@ pub(crate) async fn run(cmd: AuditCmd) -> Result<()> {
                 .map_err(sigil_sdk::SdkError::from)?
                 .into_inner();
             for e in &r.entries {
-                println!("{e}");
+                show(e);
             }
             let mut next = r.next_sequence;
             if follow {
@@ -201,7 +234,7 @@ pub(crate) async fn run(cmd: AuditCmd) -> Result<()> {
                         .map_err(sigil_sdk::SdkError::from)?
                         .into_inner();
                     for e in &r.entries {
-                        println!("{e}");
+                        show(e);
                     }
                     next = r.next_sequence;
                 }
@@ -225,4 +258,52 @@ fn parse_since(s: &str) -> Result<i64> {
     Ok(sigil_broker::clock::unix_nanos(
         now.checked_sub(ago).unwrap_or(std::time::UNIX_EPOCH),
     ))
+}
+
+/// An audit entry in one line for people: sequence, RFC 3339 time, decision, action, target,
+/// actor and reason.
+fn readable(e: &str) -> String {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(e) else {
+        return e.to_owned();
+    };
+    let time = v["time"]
+        .as_i64()
+        .map(|ns| sigil_broker::clock::rfc3339(ns.div_euclid(1_000_000_000)))
+        .unwrap_or_default();
+    let s = |k: &str| v[k].as_str().unwrap_or("").to_owned();
+    let gate = v["gate"]
+        .as_str()
+        .map(|g| format!(" [{g}]"))
+        .unwrap_or_default();
+    let target = match v["detail"]["spiffe_id"].as_str() {
+        Some(id) if id != s("target") => format!("{} ({id})", s("target")),
+        _ => s("target"),
+    };
+    format!(
+        "{:>8} {time} {:<5} {:<28} {target} by {}{gate}: {}",
+        v["seq"].as_u64().unwrap_or(0),
+        s("decision").to_uppercase(),
+        s("action"),
+        s("actor"),
+        s("reason")
+    )
+}
+
+fn print_verify_json(report: &sigil_broker::audit::ChainReport) -> Result<()> {
+    let (intact, entries, bad, reason) = match report {
+        sigil_broker::audit::ChainReport::Intact { entries } => (true, *entries, None, None),
+        sigil_broker::audit::ChainReport::Broken { seq, reason } => {
+            (false, 0, Some(*seq), Some(reason.clone()))
+        }
+    };
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({
+            "intact": intact, "entries": entries, "first_bad_sequence": bad, "reason": reason,
+        }))?
+    );
+    if let Some(seq) = bad {
+        bail!("audit log is broken at entry {seq}");
+    }
+    Ok(())
 }

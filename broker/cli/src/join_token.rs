@@ -21,6 +21,9 @@ pub enum JoinTokenCmd {
         /// Lifetime.
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
+        /// Print JSON ({"token", "spiffe_id", "identity_id", "expires_at"}).
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -32,6 +35,7 @@ pub(crate) async fn run(cmd: JoinTokenCmd) -> Result<()> {
         JoinTokenCmd::Create {
             spiffe_id,
             ttl,
+            json,
             conn,
         } => {
             let mut c = conn.connect()?;
@@ -43,6 +47,16 @@ pub(crate) async fn run(cmd: JoinTokenCmd) -> Result<()> {
                 .await
                 .map_err(sigil_sdk::SdkError::from)?
                 .into_inner();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "token": r.token, "spiffe_id": r.spiffe_id,
+                        "identity_id": r.identity_id, "expires_at": rfc3339(r.expires_at),
+                    }))?
+                );
+                return Ok(());
+            }
             println!(
                 "join token for {} (identity {}), expires {}; it works once and is not stored by the broker:",
                 r.spiffe_id,

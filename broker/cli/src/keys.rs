@@ -17,6 +17,12 @@ pub struct RotateArgs {
     /// key before their next bundle refresh; watch streams carry it immediately).
     #[arg(long)]
     pub now: bool,
+    /// Show the keys and what the rotation would do, without doing it.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub conn: Conn,
 }
@@ -40,6 +46,15 @@ pub enum KeysCmd {
         /// Why.
         #[arg(long, default_value = "")]
         reason: String,
+        /// Show the key and what revoking it would do, without doing it.
+        #[arg(long)]
+        dry_run: bool,
+        /// Do it without asking (revoking a key cannot be undone).
+        #[arg(long)]
+        yes: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -48,6 +63,50 @@ pub enum KeysCmd {
 /// `sigil rotate`.
 pub(crate) async fn rotate(a: RotateArgs) -> Result<()> {
     let mut c = a.conn.connect()?;
+    if !["jwt", "x509", "root"].contains(&a.kind.as_str()) {
+        anyhow::bail!("rotate {:?}: the kinds are jwt, x509 and root", a.kind);
+    }
+    if a.dry_run {
+        let keys = c
+            .list_keys(pb::ListKeysRequest {})
+            .await
+            .map_err(sigil_sdk::SdkError::from)?
+            .into_inner();
+        let kind = if a.kind == "x509" {
+            "intermediate"
+        } else {
+            a.kind.as_str()
+        };
+        let mine: Vec<&pb::Key> = keys.keys.iter().filter(|k| k.kind.contains(kind)).collect();
+        let plan = if a.now {
+            format!(
+                "a new {} key would be made current at once; the current one would move to previous (still published until what it signed expires)",
+                a.kind
+            )
+        } else if mine.iter().any(|k| k.state == "next") {
+            format!(
+                "a next {} key is already published; the schedule makes it current after the prepare period",
+                a.kind
+            )
+        } else {
+            format!(
+                "a next {} key would be published now (verifiers see it first) and become current after the prepare period",
+                a.kind
+            )
+        };
+        if a.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &json!({"dry_run": true, "kind": a.kind, "plan": plan, "keys": keys_json(&keys)})
+                )?
+            );
+        } else {
+            println!("DRY RUN: nothing was changed. {plan}.");
+            print_keys(&keys, false);
+        }
+        return Ok(());
+    }
     let r = c
         .rotate(pb::RotateRequest {
             kind: a.kind,
@@ -56,7 +115,7 @@ pub(crate) async fn rotate(a: RotateArgs) -> Result<()> {
         .await
         .map_err(sigil_sdk::SdkError::from)?
         .into_inner();
-    print_keys(&r, false);
+    print_keys(&r, a.json);
     Ok(())
 }
 
@@ -75,31 +134,66 @@ pub(crate) async fn keys(cmd: KeysCmd) -> Result<()> {
         KeysCmd::Revoke {
             key_id,
             reason,
+            dry_run,
+            yes,
+            json,
             conn,
         } => {
-            let r = conn
-                .connect()?
+            let mut c = conn.connect()?;
+            let keys = c
+                .list_keys(pb::ListKeysRequest {})
+                .await
+                .map_err(sigil_sdk::SdkError::from)?
+                .into_inner();
+            let Some(k) = keys
+                .keys
+                .iter()
+                .find(|k| k.id == key_id || (!k.ski.is_empty() && k.ski == key_id))
+            else {
+                anyhow::bail!("no key {key_id:?} (see `sigil keys list`)");
+            };
+            let what = format!(
+                "revoking {} key {} ({}): a new one takes over at once and everything it signed stops verifying",
+                k.kind, k.id, k.state
+            );
+            if dry_run {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(
+                            &json!({"dry_run": true, "would": what, "key": key_json(k)})
+                        )?
+                    );
+                } else {
+                    println!("DRY RUN: nothing was changed. Would be {what}.");
+                }
+                return Ok(());
+            }
+            crate::output::confirm(yes, &format!("Key revocation ({what})"), &k.id)?;
+            let r = c
                 .revoke_key(pb::RevokeKeyRequest { key_id, reason })
                 .await
                 .map_err(sigil_sdk::SdkError::from)?
                 .into_inner();
-            print_keys(&r, false);
+            print_keys(&r, json);
         }
     }
     Ok(())
 }
 
+fn key_json(k: &pb::Key) -> serde_json::Value {
+    json!({"id": k.id, "kind": k.kind, "state": k.state, "created_at": k.created_at, "not_after": k.not_after, "activated_at": k.activated_at, "retire_at": k.retire_at, "ski": k.ski})
+}
+
+fn keys_json(k: &pb::ListKeysResponse) -> serde_json::Value {
+    json!({"keys": k.keys.iter().map(key_json).collect::<Vec<_>>(), "bundle_sequence": k.bundle_sequence})
+}
+
 fn print_keys(k: &pb::ListKeysResponse, as_json: bool) {
     if as_json {
-        let v: Vec<_> = k
-            .keys
-            .iter()
-            .map(|k| json!({"id": k.id, "kind": k.kind, "state": k.state, "created_at": k.created_at, "not_after": k.not_after, "activated_at": k.activated_at, "retire_at": k.retire_at, "ski": k.ski}))
-            .collect();
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({"keys": v, "bundle_sequence": k.bundle_sequence}))
-                .unwrap_or_default()
+            serde_json::to_string_pretty(&keys_json(k)).unwrap_or_default()
         );
         return;
     }

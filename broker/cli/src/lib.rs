@@ -154,6 +154,9 @@ pub enum Command {
     OperatorCred(operator::OperatorCmd),
     /// Show which operator and role the current credential is.
     Whoami {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -211,7 +214,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Approvals(c) => approve::approvals(c).await,
         Command::Policy(c) => policy::run(c).await,
         Command::OperatorCred(c) => operator::operator_cred(c).await,
-        Command::Whoami { conn } => operator::whoami(conn).await,
+        Command::Whoami { json, conn } => operator::whoami(conn, json).await,
         Command::Fetch(a) => fetch::run(a).await,
         Command::Bench(b) => bench::run(b).await,
         Command::Completion(a) => completion::completion(a),

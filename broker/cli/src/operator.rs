@@ -89,13 +89,22 @@ pub(crate) async fn operator_cred(cmd: OperatorCmd) -> Result<()> {
 }
 
 /// `sigil whoami`.
-pub(crate) async fn whoami(conn: Conn) -> Result<()> {
+pub(crate) async fn whoami(conn: Conn, json: bool) -> Result<()> {
     let mut c = conn.connect()?;
     let r = c
         .who_am_i(pb::WhoAmIRequest {})
         .await
         .map_err(sigil_sdk::SdkError::from)?
         .into_inner();
-    println!("{} (role {}) {}", r.name, r.role, r.spiffe_id);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "name": r.name, "role": r.role, "spiffe_id": r.spiffe_id,
+            }))?
+        );
+    } else {
+        println!("{} (role {}) {}", r.name, r.role, r.spiffe_id);
+    }
     Ok(())
 }

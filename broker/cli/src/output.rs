@@ -181,3 +181,25 @@ pub(crate) fn ttl32(d: Option<Duration>) -> u32 {
     d.map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
         .unwrap_or(0)
 }
+
+/// For an irreversible command: proceeds with `--yes`; on a terminal, asks for `expected` to
+/// be typed back; otherwise (a script without --yes) refuses, saying how to proceed.
+pub(crate) fn confirm(yes: bool, what: &str, expected: &str) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, IsTerminal as _, Write as _};
+    if yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!(
+            "{what} cannot be undone: pass --yes to do it (or --dry-run to see what it would do)"
+        );
+    }
+    eprint!("{what} cannot be undone. Type {expected:?} to go on: ");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    if line.trim() != expected {
+        anyhow::bail!("not confirmed; nothing was changed");
+    }
+    Ok(())
+}

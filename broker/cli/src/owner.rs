@@ -17,6 +17,12 @@ pub enum OwnerCmd {
         /// Why.
         #[arg(long, default_value = "")]
         reason: String,
+        /// Show the identities that would be flagged, without changing anything.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -42,7 +48,7 @@ pub enum OwnerCmd {
 
 /// `sigil owner ...`.
 pub(crate) async fn run(cmd: OwnerCmd) -> Result<()> {
-    let (name, active, reason, conn) = match cmd {
+    let (name, active, reason, conn, json) = match cmd {
         OwnerCmd::List { json, conn } => {
             let r = conn
                 .connect()?
@@ -66,8 +72,53 @@ pub(crate) async fn run(cmd: OwnerCmd) -> Result<()> {
             }
             return Ok(());
         }
-        OwnerCmd::Deactivate { name, reason, conn } => (name, false, reason, conn),
-        OwnerCmd::Activate { name, reason, conn } => (name, true, reason, conn),
+        OwnerCmd::Deactivate {
+            name,
+            dry_run: true,
+            json,
+            conn,
+            ..
+        } => {
+            let r = conn
+                .connect()?
+                .list_owners(pb::ListOwnersRequest {})
+                .await
+                .map_err(sigil_sdk::SdkError::from)?
+                .into_inner();
+            let Some(owned) = r
+                .owners
+                .iter()
+                .find(|o| o.name == name)
+                .map(|o| o.identities.clone())
+            else {
+                anyhow::bail!("no owner {name:?} (see `sigil owner list`)");
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &json!({"dry_run": true, "owner": name, "identities": owned})
+                    )?
+                );
+            } else {
+                println!(
+                    "DRY RUN: nothing was changed. Deactivating {name:?} would flag {} identities in `sigil report` until reassigned or retired:",
+                    owned.len()
+                );
+                for i in owned {
+                    println!("  {i}");
+                }
+            }
+            return Ok(());
+        }
+        OwnerCmd::Deactivate {
+            name,
+            reason,
+            json,
+            conn,
+            ..
+        } => (name, false, reason, conn, json),
+        OwnerCmd::Activate { name, reason, conn } => (name, true, reason, conn, false),
     };
     let o = conn
         .connect()?
@@ -79,6 +130,15 @@ pub(crate) async fn run(cmd: OwnerCmd) -> Result<()> {
         .await
         .map_err(sigil_sdk::SdkError::from)?
         .into_inner();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"owner": o.name, "active": o.active, "identities": o.identities})
+            )?
+        );
+        return Ok(());
+    }
     if active {
         println!(
             "owner {:?} is active again ({} identities)",

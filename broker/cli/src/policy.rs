@@ -14,6 +14,9 @@ pub enum PolicyCmd {
     Check {
         /// A .cedar file or a directory of them.
         path: PathBuf,
+        /// Print JSON ({"files", "policies"}).
+        #[arg(long)]
+        json: bool,
     },
     /// Make the broker re-read its policy files (as SIGHUP does).
     Reload {
@@ -27,13 +30,27 @@ pub enum PolicyCmd {
 /// `sigil policy ...`.
 pub(crate) async fn run(cmd: PolicyCmd) -> Result<()> {
     match cmd {
-        PolicyCmd::Check { path } => {
+        PolicyCmd::Check { path, json } => {
             let e = sigil_broker::policy::PolicyEngine::load(
                 Some(path),
                 sigil_broker::config::PolicyDefault::Permit,
             )
             .map_err(|e| anyhow!("{e}"))?;
             let r = e.report();
+            if json {
+                let ids: Vec<&String> = r
+                    .policy_ids
+                    .iter()
+                    .filter(|i| !i.starts_with("sigil."))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "ok": true, "files": r.files, "policies": ids,
+                    }))?
+                );
+                return Ok(());
+            }
             println!(
                 "ok: {} policies in {} file(s) validate against the Sigil schema",
                 r.policy_ids

@@ -19,6 +19,12 @@ pub enum RevokeCmd {
         /// Why (recorded in the audit log).
         #[arg(long, default_value = "")]
         reason: String,
+        /// Show the credential and its state, without revoking it.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -64,8 +70,46 @@ pub struct LeakArgs {
 /// `sigil revoke ...`.
 pub(crate) async fn revoke(cmd: RevokeCmd) -> Result<()> {
     match cmd {
-        RevokeCmd::Credential { id, reason, conn } => {
+        RevokeCmd::Credential {
+            id,
+            reason,
+            dry_run,
+            json,
+            conn,
+        } => {
             let mut c = conn.connect()?;
+            if dry_run {
+                let cr = c
+                    .get_credential(pb::GetCredentialRequest { credential_id: id })
+                    .await
+                    .map_err(sigil_sdk::SdkError::from)?
+                    .into_inner();
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&serde_json::json!({
+                            "dry_run": true, "credential": crate::output::credential_json(&cr),
+                        }))?
+                    );
+                } else {
+                    match &cr.revocation {
+                        Some(v) => println!(
+                            "DRY RUN: nothing was changed. {} {} is already {}",
+                            cr.kind,
+                            cr.credential_id,
+                            crate::output::revocation_line(v).replacen("REVOKED", "revoked", 1)
+                        ),
+                        None => println!(
+                            "DRY RUN: nothing was changed. Would revoke {} {} of {} (it expires {}); exchanged tokens made from it stop working with it",
+                            cr.kind,
+                            cr.credential_id,
+                            cr.spiffe_id,
+                            rfc3339(cr.expires_at)
+                        ),
+                    }
+                }
+                return Ok(());
+            }
             let r = c
                 .revoke_credential(pb::RevokeCredentialRequest {
                     credential_id: id,
@@ -75,6 +119,16 @@ pub(crate) async fn revoke(cmd: RevokeCmd) -> Result<()> {
                 .map_err(sigil_sdk::SdkError::from)?
                 .into_inner();
             let cr = r.credential.unwrap_or_default();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "already_revoked": r.already_revoked,
+                        "credential": crate::output::credential_json(&cr),
+                    }))?
+                );
+                return Ok(());
+            }
             match (&cr.revocation, r.already_revoked) {
                 (Some(v), true) => println!(
                     "{} {} of {} was already {}; nothing changed",

@@ -723,3 +723,122 @@ async fn exit_codes_version_completions_man_pages_and_a_port_in_use() {
     assert!(page.contains(".TH sigil-serve"), "{page}");
     assert!(man.join("sigil-identity-create.1").exists());
 }
+
+/// What scripts and careful operators rely on: `--json` that parses, `--dry-run` that changes
+/// nothing, and an irreversible command that a script without `--yes` cannot run by accident.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_output_dry_runs_and_confirmation_for_irreversible_commands() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = init(tmp.path());
+    let (_broker, _url) = serve(tmp.path(), &data);
+    let d = data.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--data-dir", d]);
+        let out = sigil(&all, tmp.path());
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let json = |args: &[&str]| -> serde_json::Value {
+        let (c, out, err) = run(args);
+        assert_eq!(c, Some(0), "{args:?}: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} prints JSON ({e}): {out}"))
+    };
+    let (c, _, err) = run(&[
+        "identity",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/billing",
+        "--owner",
+        "team-billing",
+        "--purpose",
+        "invoices",
+    ]);
+    assert_eq!(c, Some(0), "{err}");
+
+    let me = json(&["whoami", "--json"]);
+    assert!(me["role"].is_string(), "{me}");
+    let before = json(&["keys", "list", "--json"]);
+    let jwt = before["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kind"].as_str().unwrap().contains("jwt") && k["state"] == "current")
+        .unwrap_or_else(|| panic!("a current jwt key: {before}"))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Dry runs say what would happen and change nothing.
+    let plan = json(&["keys", "revoke", &jwt, "--dry-run", "--json"]);
+    assert_eq!(plan["dry_run"], true);
+    assert_eq!(plan["key"]["id"], jwt.as_str());
+    let plan = json(&["rotate", "jwt", "--dry-run", "--json"]);
+    assert!(
+        plan["plan"].as_str().unwrap().contains("next jwt key"),
+        "{plan}"
+    );
+    let plan = json(&["owner", "deactivate", "team-billing", "--dry-run", "--json"]);
+    assert_eq!(
+        plan["identities"],
+        serde_json::json!(["spiffe://example.org/billing"])
+    );
+    let (c, _, err) = run(&["owner", "deactivate", "nobody", "--dry-run"]);
+    assert_eq!(c, Some(1));
+    assert!(err.contains("no owner \"nobody\""), "{err}");
+    assert_eq!(
+        json(&["keys", "list", "--json"]),
+        before,
+        "dry runs changed nothing"
+    );
+    let owners = json(&["owner", "list", "--json"]);
+    assert!(owners.to_string().contains("team-billing"), "{owners}");
+    assert!(
+        !owners.to_string().contains("\"active\":false"),
+        "the owner is still active: {owners}"
+    );
+
+    // Revoking a key from a script without --yes is refused, and nothing changes.
+    let (c, _, err) = run(&["keys", "revoke", &jwt]);
+    assert_eq!(c, Some(1), "{err}");
+    assert!(err.contains("--yes") && err.contains("--dry-run"), "{err}");
+    assert_eq!(json(&["keys", "list", "--json"]), before);
+    let after = json(&[
+        "keys", "revoke", &jwt, "--yes", "--reason", "test", "--json",
+    ]);
+    let old = after["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == jwt.as_str())
+        .cloned();
+    assert!(
+        old.is_none_or(|k| k["state"] != "current"),
+        "the revoked key is no longer current: {after}"
+    );
+
+    // The audit log: verification as JSON, entries readable by default and raw with --json.
+    let v = json(&["audit", "verify", "--json"]);
+    assert_eq!(v["intact"], true, "{v}");
+    assert!(v["entries"].as_u64().unwrap() >= 3, "{v}");
+    let (c, out, err) = run(&["audit", "tail"]);
+    assert_eq!(c, Some(0), "{err}");
+    let line = out
+        .lines()
+        .find(|l| l.contains("identity.create"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains("ALLOW")
+            && line.contains("spiffe://example.org/billing")
+            && line.contains('T'),
+        "one readable line with time, decision, action and target: {line}"
+    );
+    let (_, out, _) = run(&["audit", "tail", "--json"]);
+    for l in out.lines() {
+        serde_json::from_str::<serde_json::Value>(l)
+            .unwrap_or_else(|e| panic!("each line is JSON ({e}): {l}"));
+    }
+}
