@@ -612,6 +612,29 @@ mod tests {
     }
 
     #[test]
+    fn entries_with_fractional_numbers_verify() {
+        // Timings such as `enforced_in_ms` are floats: read back, each must be the same
+        // number, or an untouched entry reads as edited (serde_json's `float_roundtrip`).
+        let s = Sealer::new(&MasterKey::generate());
+        let mut head = ChainHead::default();
+        let mut stored = Vec::new();
+        let mut x = 0.123_456_789_f64;
+        for i in 0..2000u64 {
+            x = (x * 7.31 + 0.017).fract() * 1000.0;
+            let d = AuditDraft::new(0, "op", "incident.enforced", "t", Decision::Allow, "", "r")
+                .with("enforced_in_ms", x)
+                .with("tiny", x * 1e-9);
+            let (e, b) = head.append(&s, d);
+            stored.push((e.seq, b));
+            assert_eq!(e.seq, i + 1);
+        }
+        assert_eq!(
+            verify_chain(&s, stored),
+            ChainReport::Intact { entries: 2000 }
+        );
+    }
+
+    #[test]
     fn intact_chain_verifies() {
         let s = Sealer::new(&MasterKey::generate());
         assert_eq!(
