@@ -772,6 +772,11 @@ impl Config {
                     .into(),
             ));
         }
+        if let Some(bad) = self.server_names.iter().find(|n| !is_dns_name(n)) {
+            return Err(ConfigError::Invalid(format!(
+                "server_names: {bad:?} is not a DNS name (letters, digits and '-' in labels separated by '.')"
+            )));
+        }
         match (&self.http_tls_cert_file, &self.http_tls_key_file) {
             (Some(_), None) | (None, Some(_)) => {
                 return Err(ConfigError::Invalid(
@@ -956,6 +961,19 @@ pub mod dur {
             ))
         })
     }
+}
+
+/// A DNS name as certificates carry it: labels of letters, digits and '-', not starting or
+/// ending with '-', separated by '.'.
+fn is_dns_name(n: &str) -> bool {
+    n.len() <= 253
+        && n.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 #[cfg(test)]

@@ -40,6 +40,9 @@ pub struct InitOptions {
     pub store: Option<String>,
     /// CA certificates to verify the PostgreSQL server with.
     pub store_ca_file: Option<PathBuf>,
+    /// DNS names for the broker's certificate besides `localhost`: the names workloads and
+    /// operators dial it by.
+    pub server_names: Vec<String>,
 }
 
 /// What was created.
@@ -153,6 +156,13 @@ async fn init_inner(opts: &InitOptions, clock: &dyn Clock) -> Result<InitReport,
     if let Some(h) = opts.http_listen {
         cfg.http_listen = h;
     }
+    for n in &opts.server_names {
+        if !cfg.server_names.contains(n) {
+            cfg.server_names.push(n.clone());
+        }
+    }
+    cfg.validate()
+        .map_err(|e| InitError::Invalid(e.to_string()))?;
     // A URL with a password stays out of the config file: replicas get it from SIGIL_STORE.
     let mut store_cfg = cfg.clone();
     if let Some(url) = &opts.store {

@@ -17,6 +17,22 @@ pub fn connect_admin(
     cert_pem: &[u8],
     key_pem: &[u8],
 ) -> Result<AdminClient<Failover>, SdkError> {
+    Ok(AdminClient::new(admin_channel(
+        broker_url,
+        trust_bundle_pem,
+        cert_pem,
+        key_pem,
+    )?))
+}
+
+/// The channel [`connect_admin`] uses, for other services on the same connection (health,
+/// reflection).
+pub fn admin_channel(
+    broker_url: &str,
+    trust_bundle_pem: &[u8],
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<Failover, SdkError> {
     let targets = std::sync::Arc::new(Targets::parse(broker_url)?);
     let roots = transport::roots_from_pem(trust_bundle_pem)?;
     let chain = sigil_pki::certs_from_pem(cert_pem)
@@ -30,9 +46,5 @@ pub fn connect_admin(
     let pkcs8 = key.to_pkcs8().map_err(|e| SdkError::fatal(e.to_string()))?;
     slot.set(chain, pkcs8.expose_secret())?;
     let tls = transport::client_config(roots, Some(slot))?;
-    Ok(AdminClient::new(Failover::new(
-        targets,
-        tls,
-        Duration::from_secs(30),
-    )?))
+    Failover::new(targets, tls, Duration::from_secs(30))
 }

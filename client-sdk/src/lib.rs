@@ -43,7 +43,7 @@ pub mod verifier;
 mod watch;
 pub mod workload;
 
-pub use admin::connect_admin;
+pub use admin::{admin_channel, connect_admin};
 pub use error::{ErrorKind, SdkError};
 pub use evidence::{EvidenceSource, JoinTokenFile, OidcTokenFile, OneTimeEvidence, UnixEvidence};
 pub use failover::{Failover, Targets};

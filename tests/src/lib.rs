@@ -84,6 +84,7 @@ impl TestBroker {
                 master_key: Some(master.clone()),
                 store: None,
                 store_ca_file: None,
+                server_names: Vec::new(),
             },
             clock.as_ref(),
         )

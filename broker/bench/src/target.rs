@@ -152,6 +152,7 @@ pub(crate) async fn embedded_on(store: Option<&str>) -> Result<Target> {
             master_key: Some(master.clone()),
             store: store.map(str::to_owned),
             store_ca_file: None,
+            server_names: Vec::new(),
         },
         &sigil_broker::clock::SystemClock,
     )

@@ -16,10 +16,11 @@ pub struct BenchCmd {
 
 /// Runs `sigil bench`: against the broker the flags name, or (without any) an embedded one.
 pub(crate) async fn run(b: BenchCmd) -> Result<()> {
-    let external = if b.conn.broker.is_some() || b.conn.data_dir.is_some() {
-        Some(b.conn.for_bench()?)
-    } else {
-        None
-    };
+    let external =
+        if b.conn.broker.is_some() || b.conn.data_dir.is_some() || b.conn.profile.is_some() {
+            Some(b.conn.for_bench()?)
+        } else {
+            None
+        };
     sigil_bench::run(b.args, external).await
 }

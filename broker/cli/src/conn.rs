@@ -28,15 +28,32 @@ pub struct Conn {
     /// Operator key (PEM, mode 0600).
     #[arg(long, env = "SIGIL_ADMIN_KEY")]
     pub admin_key: Option<PathBuf>,
+    /// A saved connection (`sigil profile add`); without this and without --data-dir, the
+    /// current profile is used if there is one. Flags given beside it override its parts.
+    #[arg(long, env = "SIGIL_PROFILE")]
+    pub profile: Option<String>,
+}
+
+/// Where a command's connection comes from: paths, nothing read yet.
+pub(crate) struct Paths {
+    pub broker: String,
+    pub bundle: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The profile used, if one was.
+    pub profile: Option<String>,
 }
 
 /// Which broker (and trust bundle file) this command talks to, for error messages.
 static TARGET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// Remembers the broker and bundle a command uses, so a failure can name them.
-pub(crate) fn note_target(broker: &str, bundle: &Path) {
+pub(crate) fn note_target(broker: &str, bundle: &Path, profile: Option<&str>) {
+    let profile = profile
+        .map(|p| format!(", profile {p}"))
+        .unwrap_or_default();
     let _ = TARGET.set(format!(
-        "broker {broker}, trust bundle {}",
+        "broker {broker}, trust bundle {}{profile}",
         bundle.display()
     ));
 }
@@ -81,34 +98,86 @@ impl Conn {
         })
     }
 
-    fn resolve(&self) -> Result<Resolved> {
-        let dir = self.data_dir.as_deref();
-        let pick =
-            |flag: &Option<PathBuf>, default: Option<PathBuf>, name: &str| -> Result<PathBuf> {
-                flag.clone().or(default).ok_or_else(|| {
-                    anyhow!("no {name}: pass --{name} (or --data-dir of the broker)")
+    /// The broker URL and the files to read: each from its flag (or `SIGIL_*` variable), else
+    /// from `--profile`, else from `--data-dir`, else from the current profile.
+    pub(crate) fn resolve_paths(&self) -> Result<Paths> {
+        let explicit = self.profile.is_some();
+        let profile = if explicit || self.data_dir.is_none() {
+            crate::profile::find(self.profile.as_deref())?
+        } else {
+            None
+        };
+        let dir = if explicit {
+            None
+        } else {
+            self.data_dir.as_deref()
+        };
+        let from_dir = |f: &dyn Fn(&Path) -> PathBuf| dir.map(f);
+        let pick = |flag: &Option<PathBuf>,
+                    from_profile: Option<PathBuf>,
+                    from_data_dir: Option<PathBuf>,
+                    name: &str|
+         -> Result<PathBuf> {
+            flag.clone()
+                .or(from_data_dir)
+                .or(from_profile)
+                .ok_or_else(|| {
+                    anyhow!(
+                        "no {name}: pass --{name}, --data-dir of the broker, or --profile (see `sigil profile add`)"
+                    )
                 })
-            };
+        };
+        let p = profile.as_ref();
         let bundle = pick(
             &self.trust_bundle,
-            dir.map(|d| d.join(BUNDLE_FILE)),
+            p.map(|p| p.bundle.clone()),
+            from_dir(&|d| d.join(BUNDLE_FILE)),
             "trust-bundle",
         )?;
         let cert = pick(
             &self.admin_cert,
-            dir.map(|d| d.join(ADMIN_DIR).join("admin.crt")),
+            p.map(|p| p.cert.clone()),
+            from_dir(&|d| d.join(ADMIN_DIR).join("admin.crt")),
             "admin-cert",
         )?;
         let key = pick(
             &self.admin_key,
-            dir.map(|d| d.join(ADMIN_DIR).join("admin.key")),
+            p.map(|p| p.key.clone()),
+            from_dir(&|d| d.join(ADMIN_DIR).join("admin.key")),
             "admin-key",
         )?;
-        let broker = match (&self.broker, dir) {
-            (Some(b), _) => b.clone(),
-            (None, Some(d)) => broker_url_of(d)?,
-            (None, None) => bail!("no broker: pass --broker URL (or --data-dir of the broker)"),
+        let broker = match (&self.broker, dir, p) {
+            (Some(b), _, _) => b.clone(),
+            (None, Some(d), _) => broker_url_of(d)?,
+            (None, None, Some(p)) => p.broker.clone(),
+            (None, None, None) => bail!(
+                "no broker: pass --broker URL, --data-dir of the broker, or --profile (see `sigil profile add`)"
+            ),
         };
+        // Named only if it supplied something.
+        let profile = profile.filter(|p| {
+            [&bundle, &cert, &key]
+                .iter()
+                .any(|f| **f == p.bundle || **f == p.cert || **f == p.key)
+                || (self.broker.is_none() && dir.is_none())
+        });
+        Ok(Paths {
+            broker,
+            bundle,
+            cert,
+            key,
+            profile: profile.map(|p| p.name),
+        })
+    }
+
+    fn resolve(&self) -> Result<Resolved> {
+        let Paths {
+            broker,
+            bundle,
+            cert,
+            key,
+            profile,
+        } = self.resolve_paths()?;
         let mode = std::fs::metadata(&key)
             .with_context(|| format!("operator key {}", key.display()))?
             .permissions()
@@ -121,13 +190,21 @@ impl Conn {
                 key.display()
             );
         }
-        note_target(&broker, &bundle);
+        note_target(&broker, &bundle, profile.as_deref());
         Ok(Resolved {
             broker,
             bundle_pem: read(&bundle, "trust bundle")?,
             cert_pem: read(&cert, "operator certificate")?,
             key_pem: zeroize::Zeroizing::new(read(&key, "operator key")?),
         })
+    }
+
+    /// A channel to the broker with the operator credential, for services beside Admin
+    /// (health).
+    pub(crate) fn channel(&self) -> Result<(sigil_sdk::Failover, String)> {
+        let r = self.resolve()?;
+        let ch = sigil_sdk::admin_channel(&r.broker, &r.bundle_pem, &r.cert_pem, &r.key_pem)?;
+        Ok((ch, r.broker))
     }
 }
 

@@ -13,6 +13,8 @@ pub enum CredentialCmd {
     /// Show the ledger record of a serial number (hex) or JWT id.
     Show {
         /// Serial or jti.
+        /// (A jti is base64url, so it may start with `-`.)
+        #[arg(allow_hyphen_values = true)]
         id: String,
         /// Print JSON instead of a table.
         #[arg(long)]

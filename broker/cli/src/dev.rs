@@ -63,6 +63,7 @@ pub(crate) async fn run(a: DevArgs) -> Result<()> {
                 master_key: None,
                 store: None,
                 store_ca_file: None,
+                server_names: Vec::new(),
             },
             &sigil_broker::clock::SystemClock,
         )
@@ -110,6 +111,7 @@ pub(crate) async fn run(a: DevArgs) -> Result<()> {
         trust_bundle: None,
         admin_cert: None,
         admin_key: None,
+        profile: None,
     };
     let mut admin = conn.connect()?;
     let existing = admin

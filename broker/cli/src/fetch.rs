@@ -92,7 +92,7 @@ pub(super) async fn run(a: FetchArgs) -> Result<()> {
             "no evidence: pass --join-token, --join-token-file, --oidc-token-file, or --broker unix:///PATH to attest by this process"
         ),
     };
-    crate::conn::note_target(&a.broker, &a.trust_bundle);
+    crate::conn::note_target(&a.broker, &a.trust_bundle, None);
     let bundle = std::fs::read(&a.trust_bundle)
         .with_context(|| format!("reading trust bundle {}", a.trust_bundle.display()))?;
     let client = WorkloadClient::new(ClientConfig::new(a.broker.clone(), bundle))?;

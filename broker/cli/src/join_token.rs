@@ -24,6 +24,10 @@ pub enum JoinTokenCmd {
         /// Print JSON ({"token", "spiffe_id", "identity_id", "expires_at"}).
         #[arg(long)]
         json: bool,
+        /// Write the token to this file (mode 0600, for `sigil fetch --join-token-file`)
+        /// instead of printing it; an existing file is refused.
+        #[arg(long, value_name = "FILE")]
+        out: Option<std::path::PathBuf>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -36,8 +40,17 @@ pub(crate) async fn run(cmd: JoinTokenCmd) -> Result<()> {
             spiffe_id,
             ttl,
             json,
+            out,
             conn,
         } => {
+            if let Some(f) = &out
+                && std::fs::symlink_metadata(f).is_ok()
+            {
+                anyhow::bail!(
+                    "--out {}: the file exists; refusing to overwrite it",
+                    f.display()
+                );
+            }
             let mut c = conn.connect()?;
             let r = c
                 .create_join_token(pb::CreateJoinTokenRequest {
@@ -47,13 +60,29 @@ pub(crate) async fn run(cmd: JoinTokenCmd) -> Result<()> {
                 .await
                 .map_err(sigil_sdk::SdkError::from)?
                 .into_inner();
+            if let Some(f) = &out {
+                sigil_broker::fsutil::write_atomic(f, r.token.as_bytes(), 0o600)
+                    .map_err(|e| anyhow::anyhow!("--out {}: {e}", f.display()))?;
+            }
             if json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&serde_json::json!({
-                        "token": r.token, "spiffe_id": r.spiffe_id,
+                        "token": if out.is_some() { None } else { Some(&r.token) },
+                        "token_file": out.as_ref().map(|f| f.display().to_string()),
+                        "spiffe_id": r.spiffe_id,
                         "identity_id": r.identity_id, "expires_at": rfc3339(r.expires_at),
                     }))?
+                );
+                return Ok(());
+            }
+            if let Some(f) = &out {
+                println!(
+                    "join token for {} (identity {}), expires {}, written to {} (0600); it works once and is not stored by the broker",
+                    r.spiffe_id,
+                    r.identity_id,
+                    rfc3339(r.expires_at),
+                    f.display()
                 );
                 return Ok(());
             }

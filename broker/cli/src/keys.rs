@@ -32,6 +32,15 @@ pub struct RotateArgs {
 pub enum KeysCmd {
     /// List signing keys and their rotation state.
     List {
+        /// Only keys of this kind: jwt, x509 (signing intermediates) or root.
+        #[arg(long, value_parser = ["jwt", "x509", "root"])]
+        kind: Option<String>,
+        /// Only keys in this state (e.g. current, next, previous).
+        #[arg(long)]
+        state: Option<String>,
+        /// Print only the key ids, one per line (for scripts).
+        #[arg(long, short, conflicts_with = "json")]
+        quiet: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -41,7 +50,8 @@ pub enum KeysCmd {
     /// Emergency: withdraw a JWT key or intermediate; a new one takes over at once and
     /// everything the old one signed stops verifying.
     Revoke {
-        /// Key id (or a CA's key identifier).
+        /// Key id (or a CA's key identifier). Ids are base64url, so one may start with `-`.
+        #[arg(allow_hyphen_values = true)]
         key_id: String,
         /// Why.
         #[arg(long, default_value = "")]
@@ -72,11 +82,7 @@ pub(crate) async fn rotate(a: RotateArgs) -> Result<()> {
             .await
             .map_err(sigil_sdk::SdkError::from)?
             .into_inner();
-        let kind = if a.kind == "x509" {
-            "intermediate"
-        } else {
-            a.kind.as_str()
-        };
+        let kind = kind_name(&a.kind);
         let mine: Vec<&pb::Key> = keys.keys.iter().filter(|k| k.kind.contains(kind)).collect();
         let plan = if a.now {
             format!(
@@ -122,14 +128,31 @@ pub(crate) async fn rotate(a: RotateArgs) -> Result<()> {
 /// `sigil keys ...`.
 pub(crate) async fn keys(cmd: KeysCmd) -> Result<()> {
     match cmd {
-        KeysCmd::List { json, conn } => {
-            let r = conn
+        KeysCmd::List {
+            kind,
+            state,
+            quiet,
+            json,
+            conn,
+        } => {
+            let mut r = conn
                 .connect()?
                 .list_keys(pb::ListKeysRequest {})
                 .await
                 .map_err(sigil_sdk::SdkError::from)?
                 .into_inner();
-            print_keys(&r, json);
+            r.keys.retain(|k| {
+                kind.as_deref()
+                    .is_none_or(|want| k.kind.contains(kind_name(want)))
+                    && state.as_deref().is_none_or(|want| k.state == want)
+            });
+            if quiet {
+                for k in &r.keys {
+                    println!("{}", k.id);
+                }
+            } else {
+                print_keys(&r, json);
+            }
         }
         KeysCmd::Revoke {
             key_id,
@@ -179,6 +202,11 @@ pub(crate) async fn keys(cmd: KeysCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// How a kind given on the command line (jwt, x509, root) shows in a key's `kind`.
+fn kind_name(kind: &str) -> &str {
+    if kind == "x509" { "intermediate" } else { kind }
 }
 
 fn key_json(k: &pb::Key) -> serde_json::Value {

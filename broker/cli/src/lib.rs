@@ -49,9 +49,11 @@ mod operator;
 mod output;
 mod owner;
 mod policy;
+mod profile;
 mod report;
 mod revoke;
 mod serve;
+mod status;
 
 pub use conn::{Conn, broker_url_of, target};
 pub use fetch::FetchArgs;
@@ -152,6 +154,13 @@ pub enum Command {
     /// Operator credentials with a role: admin, operator, auditor, revoker (operator).
     #[command(subcommand, name = "operator")]
     OperatorCred(operator::OperatorCmd),
+    /// Is each broker up and able to issue, and as whom this CLI talks to it; `--wait 30s`
+    /// waits for it (exit code 5 while any broker is not serving).
+    Status(status::StatusArgs),
+    /// Saved connections to brokers (URL, trust bundle, operator credential) for remote
+    /// operators, picked with --profile or SIGIL_PROFILE.
+    #[command(subcommand)]
+    Profile(profile::ProfileCmd),
     /// Show which operator and role the current credential is.
     Whoami {
         /// Print JSON.
@@ -214,6 +223,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Approvals(c) => approve::approvals(c).await,
         Command::Policy(c) => policy::run(c).await,
         Command::OperatorCred(c) => operator::operator_cred(c).await,
+        Command::Status(a) => status::run(a).await,
+        Command::Profile(c) => profile::run(c).await,
         Command::Whoami { json, conn } => operator::whoami(conn, json).await,
         Command::Fetch(a) => fetch::run(a).await,
         Command::Bench(b) => bench::run(b).await,
@@ -229,5 +240,20 @@ mod tests {
         // clap's own consistency checks (unique flags across flattened groups, ...), which
         // otherwise only fire when a debug build parses that command.
         <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
+
+    #[test]
+    fn ids_that_start_with_a_dash_are_ids_not_flags() {
+        // Key ids and jtis are base64url: one in 64 starts with `-`.
+        use clap::Parser as _;
+        for args in [
+            &["sigil", "keys", "revoke", "-02a-v8Ey", "--dry-run"][..],
+            &["sigil", "revoke", "credential", "-xJ3kq"][..],
+            &["sigil", "credential", "show", "-xJ3kq", "--json"][..],
+        ] {
+            if let Err(e) = super::Cli::try_parse_from(args) {
+                panic!("{args:?}: {e}");
+            }
+        }
     }
 }

@@ -15,6 +15,8 @@ pub enum RevokeCmd {
     /// Revoke one certificate (serial) or JWT-SVID (jti).
     Credential {
         /// Serial (hex) or jti.
+        /// (A jti is base64url, so it may start with `-`.)
+        #[arg(allow_hyphen_values = true)]
         id: String,
         /// Why (recorded in the audit log).
         #[arg(long, default_value = "")]

@@ -24,6 +24,11 @@ pub struct InitArgs {
     /// HTTP listen address to configure, or `off`.
     #[arg(long)]
     pub http_listen: Option<String>,
+    /// A DNS name workloads and operators reach the broker by, for its certificate (besides
+    /// `localhost` and the loopback addresses); repeat for several. Written to
+    /// `server_names` in sigil.toml.
+    #[arg(long, value_name = "NAME")]
+    pub server_name: Vec<String>,
     /// Name of the first operator.
     #[arg(long, default_value = "admin")]
     pub operator: String,
@@ -103,6 +108,7 @@ pub(crate) async fn init(a: InitArgs) -> Result<()> {
             master_key,
             store: a.store.url.clone(),
             store_ca_file: a.store.ca_file.clone(),
+            server_names: a.server_name,
         },
         &sigil_broker::clock::SystemClock,
     )

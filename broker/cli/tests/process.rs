@@ -842,3 +842,224 @@ async fn json_output_dry_runs_and_confirmation_for_irreversible_commands() {
             .unwrap_or_else(|e| panic!("each line is JSON ({e}): {l}"));
     }
 }
+
+/// A remote operator's setup: a profile saved once (checked against the broker, credential
+/// copied with its mode), used with no other flag, picked by name, listed and removed;
+/// `sigil status` waits for a starting broker; `init --server-name` puts the name workloads
+/// dial into the broker's certificate, and a name that is not a DNS name is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profiles_status_and_the_names_in_the_brokers_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    init_with(
+        tmp.path(),
+        &data,
+        false,
+        &["--server-name", "sigil.internal"],
+    );
+    let d = data.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let out = sigil(args, tmp.path());
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    // Nothing listens yet: status says so with exit code 5, at once.
+    let (c, out, _) = run(&["status", "--data-dir", d]);
+    assert_eq!(c, Some(5), "{out}");
+    assert!(out.contains("unreachable"), "{out}");
+    // `status --wait` sees the broker come up.
+    let waiter = {
+        let dir = tmp.path().to_owned();
+        let d = d.to_owned();
+        std::thread::spawn(move || sigil(&["status", "--wait", "30s", "--data-dir", &d], &dir))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let (broker, url) = serve(tmp.path(), &data);
+    let w = waiter.join().unwrap();
+    let out = String::from_utf8_lossy(&w.stdout);
+    assert!(
+        w.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&w.stderr)
+    );
+    assert!(out.contains(&url) && out.contains("serving"), "{out}");
+    assert!(out.contains("operator \"admin\" (role admin)"), "{out}");
+
+    // The certificate names sigil.internal.
+    let s_client = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            url.trim_start_matches("https://"),
+            "-servername",
+            "sigil.internal",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl s_client");
+    let cert = String::from_utf8_lossy(&s_client.stdout).into_owned();
+    let pem_start = cert
+        .find("-----BEGIN CERTIFICATE-----")
+        .expect("a certificate");
+    let pem_end = cert.find("-----END CERTIFICATE-----").unwrap() + 25;
+    std::fs::write(tmp.path().join("server.pem"), &cert[pem_start..pem_end]).unwrap();
+    let san = Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+        .arg(tmp.path().join("server.pem"))
+        .output()
+        .unwrap();
+    let san = String::from_utf8_lossy(&san.stdout);
+    assert!(
+        san.contains("DNS:sigil.internal") && san.contains("DNS:localhost"),
+        "{san}"
+    );
+    let (c, _, err) = run(&[
+        "init",
+        "--data-dir",
+        tmp.path().join("other").to_str().unwrap(),
+        "--trust-domain",
+        "example.org",
+        "--server-name",
+        "not a name",
+    ]);
+    assert_eq!(c, Some(1));
+    assert!(err.contains("\"not a name\" is not a DNS name"), "{err}");
+    assert!(!tmp.path().join("other/sigil.redb").exists());
+
+    // A profile: saved from explicit files, then used with no flag at all.
+    let (c, out, err) = run(&[
+        "profile",
+        "add",
+        "prod",
+        "--broker",
+        &url,
+        "--trust-bundle",
+        data.join("bundle.pem").to_str().unwrap(),
+        "--admin-cert",
+        data.join("admin/admin.crt").to_str().unwrap(),
+        "--admin-key",
+        data.join("admin/admin.key").to_str().unwrap(),
+    ]);
+    assert_eq!(c, Some(0), "{err}");
+    assert!(
+        out.contains("as operator \"admin\"") && out.contains("current"),
+        "{out}"
+    );
+    let saved = tmp.path().join(".sigil-config/profiles/prod/operator.key");
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&saved).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let (c, out, err) = run(&["whoami"]);
+    assert_eq!(c, Some(0), "{err}");
+    assert!(out.starts_with("admin (role admin)"), "{out}");
+    // A second profile that points nowhere: saving it is refused after the check...
+    let (c, _, err) = run(&[
+        "profile",
+        "add",
+        "gone",
+        "--profile",
+        "prod",
+        "--broker",
+        "https://127.0.0.1:1",
+    ]);
+    assert_eq!(c, Some(5), "{err}");
+    // ... unless asked not to check; picking it by name uses it, and says so when it fails.
+    let (c, _, err) = run(&[
+        "profile",
+        "add",
+        "gone",
+        "--profile",
+        "prod",
+        "--broker",
+        "https://127.0.0.1:1",
+        "--no-verify",
+    ]);
+    assert_eq!(c, Some(0), "{err}");
+    let (c, _, err) = run(&["identity", "list", "--profile", "gone"]);
+    assert_eq!(c, Some(5));
+    assert!(err.contains("profile gone"), "{err}");
+    let (_, out, _) = run(&["profile", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["profiles"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(run(&["profile", "use", "gone"]).0, Some(0));
+    assert_eq!(run(&["whoami"]).0, Some(5), "the current profile is used");
+    assert_eq!(
+        run(&["whoami", "--data-dir", d]).0,
+        Some(0),
+        "--data-dir beats it"
+    );
+    assert_eq!(run(&["profile", "remove", "gone"]).0, Some(0));
+    assert!(!tmp.path().join(".sigil-config/profiles/gone").exists());
+    let (c, _, err) = run(&["whoami", "--profile", "gone"]);
+    assert_eq!(c, Some(1));
+    assert!(err.contains("no profile \"gone\""), "{err}");
+    let (c, _, err) = run(&["profile", "add", "../x", "--data-dir", d]);
+    assert_eq!(c, Some(1));
+    assert!(err.contains("profile name"), "{err}");
+
+    // Scripts: a key id by kind and state, and a join token to a file that is never
+    // overwritten.
+    let (_, ids, _) = run(&[
+        "keys",
+        "list",
+        "--kind",
+        "jwt",
+        "--state",
+        "current",
+        "-q",
+        "--data-dir",
+        d,
+    ]);
+    assert_eq!(ids.lines().count(), 1, "{ids}");
+    assert!(!ids.contains(' '), "{ids}");
+    let (c, _, err) = run(&[
+        "identity",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/a",
+        "--owner",
+        "o",
+        "--purpose",
+        "p",
+        "--data-dir",
+        d,
+    ]);
+    assert_eq!(c, Some(0), "{err}");
+    let tok = tmp.path().join("a.token");
+    let args = [
+        "join-token",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/a",
+        "--out",
+    ];
+    let mut with_out = args.to_vec();
+    with_out.extend([tok.to_str().unwrap(), "--data-dir", d]);
+    let (c, out, err) = run(&with_out);
+    assert_eq!(c, Some(0), "{err}");
+    assert!(
+        !out.contains("sigil_jt_"),
+        "the token is not printed: {out}"
+    );
+    assert!(
+        std::fs::read_to_string(&tok)
+            .unwrap()
+            .starts_with("sigil_jt_")
+    );
+    assert_eq!(
+        std::fs::metadata(&tok).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let before = std::fs::read(&tok).unwrap();
+    let (c, _, err) = run(&with_out);
+    assert_eq!(c, Some(1));
+    assert!(err.contains("exists"), "{err}");
+    assert_eq!(std::fs::read(&tok).unwrap(), before);
+    drop(broker);
+}

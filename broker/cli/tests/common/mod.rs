@@ -30,6 +30,7 @@ impl Proc {
         let mut child = Command::new(SIGIL)
             .args(args)
             .current_dir(cwd)
+            .env("SIGIL_CONFIG_DIR", cwd.join(".sigil-config"))
             .envs(envs.iter().copied())
             .env_remove("SIGIL_MASTER_KEY")
             .stdout(Stdio::piped())
@@ -88,6 +89,8 @@ pub(crate) fn sigil(args: &[&str], cwd: &Path) -> std::process::Output {
         .args(args)
         .current_dir(cwd)
         .env_remove("SIGIL_MASTER_KEY")
+        // Profiles of whoever runs the tests stay out of them.
+        .env("SIGIL_CONFIG_DIR", cwd.join(".sigil-config"))
         .output()
         .expect("run sigil")
 }
