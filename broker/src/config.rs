@@ -677,6 +677,21 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Reads the config from `file`, which must exist, for a broker whose data dir is
+    /// `data_dir` (`sigil serve --config`): the config can then live apart from the data,
+    /// e.g. in a Kubernetes ConfigMap, with the master key in a Secret (`master_key_file`).
+    /// Relative paths in it are still relative to the data dir.
+    pub fn load_file(file: &Path, data_dir: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|cause| ConfigError::Io {
+            path: file.display().to_string(),
+            cause,
+        })?;
+        let mut cfg = Self::parse(&text, &file.display().to_string())?;
+        cfg.data_dir = data_dir.to_owned();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
     /// Parses TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Parse {

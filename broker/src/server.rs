@@ -311,7 +311,7 @@ pub async fn start(
 
     // The Unix socket: Unix attestation, the SPIFFE Workload API and the Sigil Broker API.
     if let Some(path) = cfg.workload_socket.clone() {
-        let listener = crate::api::unix::bind(&path, cfg.workload_socket_mode)
+        let (listener, guard) = crate::api::unix::bind(&path, cfg.workload_socket_mode)
             .map_err(|e| StartError::Other(format!("workload socket {}: {e}", path.display())))?;
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<BrokerServer<WorkloadApi>>().await;
@@ -342,7 +342,7 @@ pub async fn start(
         let c = cancel.clone();
         tracing::info!(socket = %path.display(), "serving the Workload API on the Unix socket");
         tasks.push(tokio::spawn(async move {
-            let _guard = crate::api::unix::SocketGuard(path);
+            let _guard = guard;
             if let Err(e) = router
                 .serve_with_incoming_shutdown(incoming, c.cancelled_owned())
                 .await

@@ -76,6 +76,7 @@ pub(crate) async fn run(a: DevArgs) -> Result<()> {
     }
     let mut cfg = load_config(
         &a.data_dir,
+        None,
         Some(a.listen),
         Some(&a.http_listen),
         &crate::serve::StoreArgs::default(),

@@ -82,6 +82,11 @@ pub struct ServeArgs {
     /// Broker API (overrides `workload_socket` in the config).
     #[arg(long, env = "SIGIL_WORKLOAD_SOCKET")]
     pub workload_socket: Option<PathBuf>,
+    /// Read the configuration from this file instead of DATA_DIR/sigil.toml (e.g. a mounted
+    /// ConfigMap); the data dir stays where --data-dir says, and the master key where
+    /// `master_key_file` (or SIGIL_MASTER_KEY) says.
+    #[arg(long, env = "SIGIL_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     #[command(flatten)]
     pub store: StoreArgs,
 }
@@ -138,7 +143,13 @@ pub(crate) async fn init(a: InitArgs) -> Result<()> {
 
 /// `sigil serve`.
 pub(crate) async fn serve(a: ServeArgs) -> Result<()> {
-    let mut cfg = load_config(&a.data_dir, a.listen, a.http_listen.as_deref(), &a.store)?;
+    let mut cfg = load_config(
+        &a.data_dir,
+        a.config.as_deref(),
+        a.listen,
+        a.http_listen.as_deref(),
+        &a.store,
+    )?;
     if let Some(p) = a.workload_socket {
         cfg.workload_socket = Some(p);
     }
@@ -170,14 +181,18 @@ pub(crate) async fn serve(a: ServeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Loads the config of a data dir and applies flag overrides.
+/// Loads the config of a data dir (or from `config_file`) and applies flag overrides.
 pub(crate) fn load_config(
     data_dir: &Path,
+    config_file: Option<&Path>,
     listen: Option<SocketAddr>,
     http_listen: Option<&str>,
     store: &StoreArgs,
 ) -> Result<sigil_broker::config::Config> {
-    let mut cfg = sigil_broker::config::Config::load(data_dir)?;
+    let mut cfg = match config_file {
+        Some(f) => sigil_broker::config::Config::load_file(f, data_dir)?,
+        None => sigil_broker::config::Config::load(data_dir)?,
+    };
     store.apply(&mut cfg)?;
     let store = cfg.store()?;
     if !store.shared() && !store.exists() {

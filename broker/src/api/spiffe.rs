@@ -104,9 +104,14 @@ async fn caller_identities(
         .map_err(|r| Status::permission_denied(format!("no identity issued: {}", r.message)))?;
     let ids = broker.registry().matching(&info.selectors());
     if ids.is_empty() {
+        let why = match &info.binary_unreadable {
+            Some(w) => format!("; {w}, {}", crate::attest::unix::UNREADABLE_HINT),
+            None => String::new(),
+        };
         return Err(Status::permission_denied(format!(
-            "no identity issued: this process (uid {}, {}) matches no identity",
-            info.uid, info.path
+            "no identity issued: this process (uid {}, {}) matches no identity{why}",
+            info.uid,
+            info.path.as_deref().unwrap_or("binary unreadable")
         )));
     }
     Ok(ids)

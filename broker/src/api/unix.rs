@@ -12,14 +12,17 @@ use crate::attest::unix::UnixPeer;
 /// A Unix connection that tells tonic who is on the other end.
 pub type UnixConn = super::Conn<UnixStream, UnixPeer>;
 
-/// Binds the socket at `path` with permissions `mode`, replacing a stale socket file (but
-/// never another kind of file).
-pub fn bind(path: &Path, mode: u32) -> io::Result<UnixListener> {
-    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+/// Binds the socket at `path` with permissions `mode`.
+///
+/// A socket file left by a broker that died is replaced; one that a live process still
+/// listens on is not (a second broker configured with the same path would otherwise unlink
+/// the first one's socket and leave it running but unreachable), and neither is any other
+/// kind of file. The guard removes the socket at exit only if the path still names the
+/// socket this call made.
+pub fn bind(path: &Path, mode: u32) -> io::Result<(UnixListener, SocketGuard)> {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _};
     if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if meta.file_type().is_socket() {
-            std::fs::remove_file(path)?;
-        } else {
+        if !meta.file_type().is_socket() {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
                 format!(
@@ -27,6 +30,30 @@ pub fn bind(path: &Path, mode: u32) -> io::Result<UnixListener> {
                     path.display()
                 ),
             ));
+        }
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "another process is listening on {} (a second broker with the same workload_socket?); stop it or set another path with --workload-socket",
+                        path.display()
+                    ),
+                ));
+            }
+            // Nobody listens: a stale file from a broker that did not exit cleanly.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path)?;
+            }
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot tell whether a process listens on {}: {e}",
+                        path.display()
+                    ),
+                ));
+            }
         }
     }
     if let Some(dir) = path.parent()
@@ -36,7 +63,12 @@ pub fn bind(path: &Path, mode: u32) -> io::Result<UnixListener> {
     }
     let l = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    Ok(l)
+    let meta = std::fs::symlink_metadata(path)?;
+    let guard = SocketGuard {
+        path: path.to_owned(),
+        id: (meta.dev(), meta.ino()),
+    };
+    Ok((l, guard))
 }
 
 /// Accepted connections with their peer credentials, until `cancel`.
@@ -88,12 +120,61 @@ pub fn incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// Removes the socket file when dropped.
+/// Removes the socket file this broker made when dropped, and only that one: if the path
+/// now names another file (another broker's socket), it is left alone.
 #[derive(Debug)]
-pub struct SocketGuard(pub PathBuf);
+pub struct SocketGuard {
+    path: PathBuf,
+    /// Device and inode of the socket file `bind` made.
+    id: (u64, u64),
+}
 
 impl Drop for SocketGuard {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        use std::os::unix::fs::MetadataExt as _;
+        if let Ok(m) = std::fs::symlink_metadata(&self.path)
+            && (m.dev(), m.ino()) == self.id
+        {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_live_socket_is_never_taken_and_a_stale_one_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.sock");
+        let (live, guard) = bind(&path, 0o600).unwrap();
+        // A second broker on the same path is refused and the first one's socket stays.
+        let e = bind(&path, 0o600).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        assert!(
+            e.to_string().contains("another process is listening"),
+            "{e}"
+        );
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+        // Once nobody listens, the file is stale and is replaced.
+        drop(live);
+        std::mem::forget(guard);
+        let (_l, guard2) = bind(&path, 0o600).unwrap();
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+        // A guard whose socket was replaced by another's leaves the new one alone.
+        let stale_guard = SocketGuard {
+            path: path.clone(),
+            id: (0, 0),
+        };
+        drop(stale_guard);
+        assert!(path.exists());
+        drop(guard2);
+        assert!(!path.exists());
+        // Any other kind of file is never replaced.
+        std::fs::write(&path, b"x").unwrap();
+        let e = bind(&path, 0o600).unwrap_err();
+        assert!(e.to_string().contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"x");
     }
 }

@@ -97,11 +97,20 @@ pub struct ProcessInfo {
     pub pid: i32,
     /// Supplementary groups.
     pub groups: Vec<u32>,
-    /// The binary's path (as the kernel reports it; ` (deleted)` when replaced on disk).
-    pub path: String,
-    /// Hex SHA-256 of the binary's contents.
-    pub sha256: String,
+    /// The binary's path (as the kernel reports it; ` (deleted)` when replaced on disk), or
+    /// `None` when the broker may not read it (see `binary_unreadable`).
+    pub path: Option<String>,
+    /// Hex SHA-256 of the binary's contents, when readable.
+    pub sha256: Option<String>,
+    /// Why the binary could not be read: a broker without the right to inspect another
+    /// user's process (not root, no `CAP_SYS_PTRACE`) still attests by uid and gid, but no
+    /// `unix:path:` or `unix:sha256:` selector can match.
+    pub binary_unreadable: Option<String>,
 }
+
+/// What a broker needs to read another user's program, said where a pinned identity could
+/// not be matched for want of it.
+pub const UNREADABLE_HINT: &str = "so `unix:path:` and `unix:sha256:` selectors cannot match; run the broker as root, as the workload's own user, or with CAP_SYS_PTRACE (systemd: AmbientCapabilities=CAP_SYS_PTRACE) to attest by binary";
 
 impl ProcessInfo {
     /// The selectors this process yields.
@@ -117,14 +126,23 @@ impl ProcessInfo {
         for g in &self.groups {
             add(format!("supplementary_gid:{g}"));
         }
-        add(format!("path:{}", self.path));
-        add(format!("sha256:{}", self.sha256));
+        if let Some(p) = &self.path {
+            add(format!("path:{p}"));
+        }
+        if let Some(h) = &self.sha256 {
+            add(format!("sha256:{h}"));
+        }
         out
     }
 
     /// How the process appears in audit entries.
     pub fn actor(&self) -> String {
-        format!("unix:uid={},pid={},path={}", self.uid, self.pid, self.path)
+        format!(
+            "unix:uid={},pid={},path={}",
+            self.uid,
+            self.pid,
+            self.path.as_deref().unwrap_or("(unreadable)")
+        )
     }
 }
 
@@ -164,7 +182,20 @@ pub async fn attest(
         .map_err(|r| fail(r.reason, r.message))?;
     let selectors = info.selectors();
     let actor = info.actor();
-    let identity = super::select(registry, Method::Unix, &selectors, spiffe_id, &actor)?;
+    let identity =
+        super::select(registry, Method::Unix, &selectors, spiffe_id, &actor).map_err(|mut e| {
+            // Say why a binary-pinned identity could not match, and what fixes it.
+            if let (Some(why), AttestError::Failed { detail, public, .. }) =
+                (&info.binary_unreadable, &mut e)
+            {
+                let more = format!("; {why}, {UNREADABLE_HINT}");
+                detail.push_str(&more);
+                if let Some(p) = public {
+                    p.push_str(&more);
+                }
+            }
+            e
+        })?;
     Ok(Attested {
         identity,
         method: Method::Unix,
@@ -261,15 +292,64 @@ impl HashCache {
                 ),
             ));
         }
-        let path = std::fs::read_link(format!("/proc/{pid}/exe"))
-            .map_err(|e| {
-                reject(
+        let binary = match std::fs::read_link(format!("/proc/{pid}/exe")) {
+            Ok(path) => Ok(self.identify(pid, peer, path.to_string_lossy().into_owned())?),
+            // Another user's process and no right to inspect it: uid and gid still hold (the
+            // kernel's word), the binary stays unknown. Only when it was unreadable at
+            // connect too; readable then and not now means it exec'd something else.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && peer.exe.is_none() => {
+                Err(format!(
+                    "the broker may not read process {pid}'s binary ({e})"
+                ))
+            }
+            Err(e) => {
+                return Err(reject(
                     Reason::Unreadable,
                     format!("cannot read process {pid}'s binary: {e}"),
-                )
-            })?
-            .to_string_lossy()
-            .into_owned();
+                ));
+            }
+        };
+        let (uids, groups) = status_ids(pid)?;
+        let after = start_time(pid)?;
+        if after != before {
+            return Err(reject(
+                Reason::PidReused,
+                format!("process {pid} was replaced while it was being inspected"),
+            ));
+        }
+        // Real, effective, saved, filesystem: the reported uid must still be the effective one.
+        if uids.get(1) != Some(&peer.uid) {
+            return Err(reject(
+                Reason::UidChanged,
+                format!(
+                    "process {pid} no longer runs as uid {} (it connected as that uid)",
+                    peer.uid
+                ),
+            ));
+        }
+        let (path, sha256, binary_unreadable) = match binary {
+            Ok((path, sha256)) => (Some(path), Some(sha256), None),
+            Err(why) => (None, None, Some(why)),
+        };
+        Ok(ProcessInfo {
+            uid: peer.uid,
+            gid: peer.gid,
+            pid,
+            groups: groups.into_iter().filter(|g| *g != peer.gid).collect(),
+            path,
+            sha256,
+            binary_unreadable,
+        })
+    }
+
+    /// The program process `pid` runs (its `path`), checked to be the one it ran when it
+    /// connected, and its hash: `(path, sha256)`.
+    fn identify(
+        &self,
+        pid: i32,
+        peer: &UnixPeer,
+        path: String,
+    ) -> Result<(String, String), Rejection> {
         // /proc/<pid>/exe opens the very file the process runs, even if it was replaced.
         let mut f = std::fs::File::open(format!("/proc/{pid}/exe")).map_err(|e| {
             reject(
@@ -339,32 +419,7 @@ impl HashCache {
                 h
             }
         };
-        let (uids, groups) = status_ids(pid)?;
-        let after = start_time(pid)?;
-        if after != before {
-            return Err(reject(
-                Reason::PidReused,
-                format!("process {pid} was replaced while it was being inspected"),
-            ));
-        }
-        // Real, effective, saved, filesystem: the reported uid must still be the effective one.
-        if uids.get(1) != Some(&peer.uid) {
-            return Err(reject(
-                Reason::UidChanged,
-                format!(
-                    "process {pid} no longer runs as uid {} (it connected as that uid)",
-                    peer.uid
-                ),
-            ));
-        }
-        Ok(ProcessInfo {
-            uid: peer.uid,
-            gid: peer.gid,
-            pid,
-            groups: groups.into_iter().filter(|g| *g != peer.gid).collect(),
-            path,
-            sha256,
-        })
+        Ok((path, sha256))
     }
 }
 
@@ -404,8 +459,9 @@ mod tests {
         let cache = HashCache::default();
         let info = cache.inspect(&me()).unwrap();
         let exe = std::env::current_exe().unwrap();
-        assert_eq!(info.path, exe.to_string_lossy());
-        assert_eq!(info.sha256, file_sha256(&exe).unwrap());
+        assert_eq!(info.path.as_deref(), Some(&*exe.to_string_lossy()));
+        assert_eq!(info.sha256, Some(file_sha256(&exe).unwrap()));
+        assert_eq!(info.binary_unreadable, None);
         let sel: Vec<String> = info.selectors().iter().map(|s| s.to_string()).collect();
         assert!(sel.contains(&format!("unix:uid:{}", me().uid)), "{sel:?}");
         assert!(sel.contains(&format!("unix:sha256:{}", info.sha256)));

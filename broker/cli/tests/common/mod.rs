@@ -27,7 +27,22 @@ pub(crate) struct Proc {
 
 impl Proc {
     pub(crate) fn spawn(args: &[&str], cwd: &Path, envs: &[(&str, &str)]) -> Proc {
-        let mut child = Command::new(SIGIL)
+        Self::spawn_as(args, cwd, envs, None)
+    }
+
+    /// As [`Proc::spawn`], running as `uid` (and the same gid) when given.
+    pub(crate) fn spawn_as(
+        args: &[&str],
+        cwd: &Path,
+        envs: &[(&str, &str)],
+        uid: Option<u32>,
+    ) -> Proc {
+        let mut cmd = Command::new(SIGIL);
+        if let Some(uid) = uid {
+            use std::os::unix::process::CommandExt as _;
+            cmd.uid(uid).gid(uid);
+        }
+        let mut child = cmd
             .args(args)
             .current_dir(cwd)
             .env("SIGIL_CONFIG_DIR", cwd.join(".sigil-config"))
