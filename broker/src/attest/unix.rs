@@ -464,7 +464,7 @@ mod tests {
         assert_eq!(info.binary_unreadable, None);
         let sel: Vec<String> = info.selectors().iter().map(|s| s.to_string()).collect();
         assert!(sel.contains(&format!("unix:uid:{}", me().uid)), "{sel:?}");
-        assert!(sel.contains(&format!("unix:sha256:{}", info.sha256)));
+        assert!(sel.contains(&format!("unix:sha256:{}", info.sha256.as_deref().unwrap())));
         // Cached the second time, same answer.
         assert_eq!(cache.inspect(&me()).unwrap(), info);
     }
