@@ -61,6 +61,9 @@ pub(crate) async fn run(
     let mut since = 0u64;
     let mut failures = 0u32;
     loop {
+        // The stream opens with the current certificate: a change before now is not a reason
+        // to reopen it.
+        svids.borrow_and_update();
         let stream = tokio::select! {
             _ = cancel.cancelled() => return,
             s = client.watch(since) => s,
@@ -68,6 +71,16 @@ pub(crate) async fn run(
         let mut stream = match stream {
             Ok(s) => s,
             Err(e) => {
+                // Refused for who we are: our certificate was revoked (or expired) while the
+                // stream was down, so its notice could not reach us. Renew now (the renewal is
+                // refused too, and the source attests again) instead of waiting for the
+                // schedule, which for a long-lived certificate is far off.
+                if e.kind() == crate::ErrorKind::Reattest {
+                    let _ = hooks.events.send(SourceEvent::Revoked {
+                        reason: format!("the broker refused this workload's watch stream: {e}"),
+                    });
+                    hooks.renew_now.notify_one();
+                }
                 failures += 1;
                 let wait = backoff(
                     failures,
@@ -81,6 +94,7 @@ pub(crate) async fn run(
                 }
             }
         };
+        tracing::debug!(since, "watch stream open");
         loop {
             let msg = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -89,10 +103,24 @@ pub(crate) async fn run(
             };
             let ev = match msg {
                 Ok(Some(ev)) => ev,
-                Ok(None) | Err(_) => break,
+                Ok(None) => {
+                    tracing::debug!("watch stream ended by the broker");
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "watch stream broke");
+                    break;
+                }
             };
+            tracing::trace!(sequence = ev.sequence, "watch event");
             failures = 0;
-            since = ev.sequence;
+            // Resume after the last revocation or directive seen. A bundle event does not
+            // move the mark: a snapshot is a bundle and a revocation list under one sequence,
+            // and a stream cut between the two must not resume past the list. (A bundle seen
+            // twice is harmless.)
+            if !matches!(ev.kind, Some(pb::watch_event::Kind::Bundle(_))) {
+                since = ev.sequence;
+            }
             match ev.kind {
                 Some(pb::watch_event::Kind::Bundle(b)) => {
                     let before = client.bundle().map(|b| b.bundle.sequence);
