@@ -9,6 +9,18 @@ use std::path::Path;
 /// `mode`), fsync, rename over `path`, fsync of the directory. Readers see the old file or the
 /// new one, never a partial one.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    write_atomic_owned(path, bytes, mode, None, None)
+}
+
+/// [`write_atomic`], the file owned by `uid`/`gid` where given (set on the temporary file
+/// before the rename, so the file never appears under the path with the wrong owner).
+pub fn write_atomic_owned(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> std::io::Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -28,6 +40,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
             .mode(mode)
             .open(&tmp)?;
         f.write_all(bytes)?;
+        if uid.is_some() || gid.is_some() {
+            std::os::unix::fs::fchown(&f, uid, gid)?;
+        }
+        // The mode asked for, not the one the umask left.
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
         fs::File::open(dir)?.sync_all()

@@ -32,6 +32,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod agent;
 mod approve;
 mod audit;
 mod backup;
@@ -172,6 +173,10 @@ pub enum Command {
     /// Attest (join token, OIDC token, or Unix peer credentials over the broker's socket) and
     /// write the workload's credentials to files.
     Fetch(FetchArgs),
+    /// Keep a workload's credentials in files, renewed, following revocations, running a
+    /// command or signalling a process on every change (a sidecar; `--once` for init
+    /// containers).
+    Agent(agent::AgentArgs),
     /// Measure issuance throughput and latency.
     Bench(bench::BenchCmd),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -227,6 +232,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Profile(c) => profile::run(c).await,
         Command::Whoami { json, conn } => operator::whoami(conn, json).await,
         Command::Fetch(a) => fetch::run(a).await,
+        Command::Agent(a) => agent::run(a).await,
         Command::Bench(b) => bench::run(b).await,
         Command::Completion(a) => completion::completion(a),
         Command::Man(a) => completion::man(a),
