@@ -1082,6 +1082,60 @@ mod tests {
         assert_eq!(c.server_names, vec!["localhost", "sigil.internal"]);
     }
 
+    /// deploy/sigil.toml is the configuration reference: every setting the broker reads is
+    /// in it (set, or commented out with its default), so the reference cannot drift.
+    #[test]
+    fn the_reference_in_deploy_names_every_setting() {
+        let text = include_str!("../../deploy/sigil.toml");
+        let defaults: toml::Table = toml::from_str(&Config::default().to_toml()).unwrap();
+        let mentioned = |section: Option<&str>, key: &str| {
+            // Within its section: from the header to the next one.
+            let body = match section {
+                None => text.split("\n[").next().unwrap_or_default(),
+                Some(s) => text
+                    .split(&format!("[{s}]\n"))
+                    .nth(1)
+                    .map(|rest| rest.split("\n[").next().unwrap_or_default())
+                    .unwrap_or_default(),
+            };
+            body.lines().any(|l| {
+                let l = l.trim_start().trim_start_matches('#').trim_start();
+                l.strip_prefix(key)
+                    .is_some_and(|rest| rest.trim_start().starts_with('='))
+            })
+        };
+        let mut missing = Vec::new();
+        for (k, v) in &defaults {
+            match v {
+                toml::Value::Table(t) => {
+                    for sk in t.keys() {
+                        if !mentioned(Some(k), sk) {
+                            missing.push(format!("[{k}] {sk}"));
+                        }
+                    }
+                }
+                _ if !mentioned(None, k) => missing.push(k.clone()),
+                _ => {}
+            }
+        }
+        // Settings without a default value (not serialized) are listed by hand.
+        for k in [
+            "store",
+            "store_ca_file",
+            "jwt_issuer",
+            "master_key_file",
+            "workload_socket",
+        ] {
+            if !mentioned(None, k) {
+                missing.push(k.to_owned());
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "deploy/sigil.toml does not mention: {missing:?}"
+        );
+    }
+
     #[test]
     fn errors_name_the_file_line_and_field() {
         let e = Config::parse("listen = \"127.0.0.1:9000\"\nbogus = 1\n", "sigil.toml")

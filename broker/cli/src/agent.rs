@@ -813,6 +813,11 @@ mod tests {
         assert_eq!(plan.files.key_mode, 0o600);
         assert_eq!(plan.files.jwt, "jwt-{audience}.txt");
 
+        // The example in deploy/ is a valid agent config.
+        let example: AgentArgs = toml::from_str(include_str!("../../../deploy/agent.toml"))
+            .unwrap_or_else(|e| panic!("deploy/agent.toml: {e}"));
+        Plan::from_args(example).unwrap();
+
         let e = toml::from_str::<AgentArgs>("brokr = \"x\"\n").unwrap_err();
         assert!(e.to_string().contains("brokr"), "{e}");
         for (bad, needle) in [

@@ -87,6 +87,10 @@ pub struct ServeArgs {
     /// `master_key_file` (or SIGIL_MASTER_KEY) says.
     #[arg(long, env = "SIGIL_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// The master key file (overrides `master_key_file`; SIGIL_MASTER_KEY, the key itself,
+    /// still wins): e.g. a mounted Secret or a systemd credential.
+    #[arg(long, env = "SIGIL_MASTER_KEY_FILE", value_name = "FILE")]
+    pub master_key_file: Option<PathBuf>,
     #[command(flatten)]
     pub store: StoreArgs,
 }
@@ -153,6 +157,9 @@ pub(crate) async fn serve(a: ServeArgs) -> Result<()> {
     if let Some(p) = a.workload_socket {
         cfg.workload_socket = Some(p);
     }
+    if let Some(p) = a.master_key_file {
+        cfg.master_key_file = Some(p);
+    }
     let master = sigil_broker::server::load_master_key(&cfg)?;
     let running = match sigil_broker::server::start(
         cfg,
@@ -175,7 +182,9 @@ pub(crate) async fn serve(a: ServeArgs) -> Result<()> {
     if let Some(h) = running.http_url() {
         println!("sigil http listening on {h}");
     }
+    sd_notify("READY=1");
     shutdown_signal().await;
+    sd_notify("STOPPING=1");
     tracing::info!("shutting down");
     running.shutdown().await;
     Ok(())
@@ -242,4 +251,30 @@ pub(crate) async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// Tells systemd (`Type=notify`) how the service is doing, when it runs under it: the
+/// datagram protocol of sd_notify(3) on $NOTIFY_SOCKET (a path, or `@` for an abstract name).
+pub(crate) fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = (|| -> std::io::Result<()> {
+        let sock = std::os::unix::net::UnixDatagram::unbound()?;
+        let bytes = path.as_encoded_bytes();
+        match bytes.strip_prefix(b"@") {
+            Some(name) => {
+                use std::os::linux::net::SocketAddrExt as _;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+                sock.send_to_addr(state.as_bytes(), &addr)?;
+            }
+            None => {
+                sock.send_to(state.as_bytes(), &path)?;
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, state, "could not notify systemd (NOTIFY_SOCKET)");
+    }
 }

