@@ -1084,6 +1084,35 @@ mod tests {
 
     /// deploy/sigil.toml is the configuration reference: every setting the broker reads is
     /// in it (set, or commented out with its default), so the reference cannot drift.
+    /// The `sigil.toml` inside the Kubernetes ConfigMap (a YAML block scalar) is a config the
+    /// broker accepts, so the manifests cannot drift from the config types.
+    #[test]
+    fn the_kubernetes_configmap_holds_a_valid_config() {
+        let yaml = include_str!("../../deploy/kubernetes/broker/20-configmap.yaml");
+        let mut lines = yaml
+            .lines()
+            .skip_while(|l| l.trim() != "sigil.toml: |")
+            .skip(1);
+        let first = lines
+            .clone()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or_default();
+        let indent = first.len() - first.trim_start().len();
+        assert!(indent > 0, "a sigil.toml block in the ConfigMap");
+        let text: String = lines
+            .by_ref()
+            .take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() >= indent)
+            .map(|l| format!("{}\n", l.get(indent..).unwrap_or_default()))
+            .collect();
+        let cfg = Config::parse(&text, "deploy/kubernetes/broker/20-configmap.yaml")
+            .unwrap_or_else(|e| panic!("{e}"));
+        cfg.validate().unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            !cfg.oidc.is_empty(),
+            "the ConfigMap configures the cluster's issuer"
+        );
+    }
+
     #[test]
     fn the_reference_in_deploy_names_every_setting() {
         let text = include_str!("../../deploy/sigil.toml");

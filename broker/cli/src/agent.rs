@@ -817,6 +817,22 @@ mod tests {
         let example: AgentArgs = toml::from_str(include_str!("../../../deploy/agent.toml"))
             .unwrap_or_else(|e| panic!("deploy/agent.toml: {e}"));
         Plan::from_args(example).unwrap();
+        // And so is the one in the Kubernetes example's ConfigMap (a YAML block scalar).
+        let yaml = include_str!("../../../deploy/kubernetes/example/20-configmap.yaml");
+        let block: String = yaml
+            .lines()
+            .skip_while(|l| l.trim() != "agent.toml: |")
+            .skip(1)
+            .take_while(|l| l.trim().is_empty() || l.starts_with("    "))
+            .map(|l| format!("{}\n", l.get(4..).unwrap_or_default()))
+            .collect();
+        assert!(
+            block.contains("broker"),
+            "an agent.toml block in the ConfigMap"
+        );
+        let k8s: AgentArgs = toml::from_str(&block)
+            .unwrap_or_else(|e| panic!("deploy/kubernetes/example/20-configmap.yaml: {e}"));
+        Plan::from_args(k8s).unwrap();
 
         let e = toml::from_str::<AgentArgs>("brokr = \"x\"\n").unwrap_err();
         assert!(e.to_string().contains("brokr"), "{e}");

@@ -37,9 +37,9 @@ pub enum SealError {
         /// The cause (part of the message, not a separate `source`, so it is said once).
         cause: std::io::Error,
     },
-    /// The key file can be read by group or others.
+    /// The key file can be read by others, or by its group when the broker's own user owns it.
     #[error(
-        "master key file {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`"
+        "master key file {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}` (a root-owned file may be 0640, e.g. a Kubernetes Secret mounted with fsGroup)"
     )]
     InsecurePermissions {
         /// The file.
@@ -103,15 +103,19 @@ impl MasterKey {
         }
     }
 
-    /// Loads a key file, refusing one that group or others can read.
+    /// Loads a key file, refusing one that others can read, or that its group can read while
+    /// it is not owned by root. PostgreSQL's rule for its key files: 0600 when the server's
+    /// user owns the file, 0640 when root does, so that a group the administrator controls
+    /// (a Kubernetes Secret volume with `fsGroup`, a `sigil` group) may hand it over.
     pub fn load_file(path: &Path) -> Result<Self, SealError> {
+        use std::os::unix::fs::MetadataExt as _;
         let io = |cause| SealError::Io {
             path: path.display().to_string(),
             cause,
         };
         let meta = fs::metadata(path).map_err(io)?;
         let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
+        if !key_file_mode_ok(mode, meta.uid()) {
             return Err(SealError::InsecurePermissions {
                 path: path.display().to_string(),
                 mode,
@@ -287,9 +291,33 @@ impl Sealer {
     }
 }
 
+/// Whether a master key file with permission bits `mode` owned by `uid` may be used: 0600 or
+/// stricter, or 0640 or stricter when root owns it.
+fn key_file_mode_ok(mode: u32, uid: u32) -> bool {
+    mode & 0o077 == 0 || (uid == 0 && mode & 0o037 == 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_files_follow_postgresqls_rule() {
+        for (mode, uid, ok) in [
+            (0o600, 1000, true),
+            (0o400, 1000, true),
+            (0o640, 1000, false),
+            (0o440, 1000, false),
+            (0o604, 1000, false),
+            (0o640, 0, true),
+            (0o440, 0, true),
+            (0o660, 0, false),
+            (0o644, 0, false),
+            (0o604, 0, false),
+        ] {
+            assert_eq!(key_file_mode_ok(mode, uid), ok, "mode {mode:o} uid {uid}");
+        }
+    }
 
     #[test]
     fn sealed_values_open_only_in_their_slot_and_with_their_key() {
@@ -334,13 +362,18 @@ mod tests {
         let k2 = MasterKey::load_file(&p).unwrap();
         assert_eq!(k.to_base64(), k2.to_base64());
         assert!(k.write_new_file(&p).is_err(), "must not overwrite");
-        fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
         let e = MasterKey::load_file(&p).unwrap_err();
         assert!(
             e.to_string()
-                .contains("readable by group or others (mode 640)"),
+                .contains("readable by group or others (mode 644)"),
             "{e}"
         );
+        // Group-readable: only when root owns the file (a Secret volume with fsGroup).
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
+        use std::os::unix::fs::MetadataExt as _;
+        let root_owned = fs::metadata(&p).unwrap().uid() == 0;
+        assert_eq!(MasterKey::load_file(&p).is_ok(), root_owned);
     }
 
     #[test]
