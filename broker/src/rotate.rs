@@ -431,9 +431,15 @@ impl Broker {
         let kind = match rec.kind {
             KeyKind::Jwt => RotateKind::Jwt,
             KeyKind::IntermediateCa => RotateKind::X509,
-            _ => {
+            KeyKind::RootCa => {
                 return Err(BrokerError::FailedPrecondition(
-                    "root and operator CAs are replaced with `sigil rotate root`, not revoked"
+                    "a root CA is not revoked: replace it with `sigil rotate root`, which publishes the new root beside the old one first"
+                        .into(),
+                ));
+            }
+            KeyKind::OperatorCa => {
+                return Err(BrokerError::FailedPrecondition(
+                    "the operator CA can be neither revoked nor rotated through the broker (yet); keep operator credentials short-lived (`sigil operator create --for`)"
                         .into(),
                 ));
             }

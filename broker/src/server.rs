@@ -245,6 +245,13 @@ pub async fn start(
     .map_err(|e| StartError::Other(format!("TLS setup: {e}")))?;
 
     crate::telemetry::prometheus();
+    // The store's writer updates it on every leadership check; this covers the one made
+    // before /metrics existed (and a store with one writer, which always leads).
+    metrics::gauge!("sigil_schedule_leader").set(if broker.store().is_leader() {
+        1.0
+    } else {
+        0.0
+    });
     let limit = cfg.limits.max_request_bytes;
     // gRPC health (grpc.health.v1) and server reflection, so grpcurl and load balancers work.
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -413,7 +420,16 @@ pub async fn start(
         cancel.clone(),
     )));
 
-    let url = format!("https://{grpc_addr}\n");
+    // Listening on every address (0.0.0.0, ::): commands on this host dial loopback, which
+    // the broker's certificate names.
+    let mut dial = grpc_addr;
+    if dial.ip().is_unspecified() {
+        dial.set_ip(match dial.ip() {
+            std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let url = format!("https://{dial}\n");
     if let Err(e) =
         crate::fsutil::write_atomic(&cfg.data_dir.join(BROKER_URL_FILE), url.as_bytes(), 0o644)
     {

@@ -133,6 +133,10 @@ fn describe() {
         "Times this replica found itself further behind the shared commit log than it keeps."
     );
     describe_gauge!(
+        "sigil_schedule_leader",
+        "1 when this replica runs the schedules (key rotation, pruning); exactly one replica on a shared database does."
+    );
+    describe_gauge!(
         "sigil_build_info",
         "Always 1: the version and commit of this broker, as labels."
     );

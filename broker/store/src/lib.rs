@@ -147,7 +147,7 @@ pub async fn open(
     }
 }
 
-/// Brings a database's schema up to this build's (`sigil migrate --store URL`); returns the
+/// Brings a database's schema up to this build's (`sigil migrate --to URL`); returns the
 /// version it found. A database newer than this build is refused.
 pub async fn migrate_schema(cfg: &StoreConfig) -> Result<Option<(i64, i64)>, StoreError> {
     match cfg {

@@ -246,6 +246,7 @@ async fn writer_loop<B: Backend>(
             _ = lead.tick(), if shared => {
                 let leads = backend.lead().await;
                 let was = state.leader.swap(leads, std::sync::atomic::Ordering::SeqCst);
+                metrics::gauge!("sigil_schedule_leader").set(if leads { 1.0 } else { 0.0 });
                 if was != leads {
                     tracing::info!(leader = leads, "schedules (rotation, pruning) {}", if leads { "run here now" } else { "run on another replica now" });
                 }

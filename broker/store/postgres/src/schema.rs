@@ -86,7 +86,7 @@ pub async fn check(client: &tokio_postgres::Client, cfg: &PgConfig) -> Result<()
             cfg.describe()
         ))),
         v => Err(StoreError::Incompatible(format!(
-            "the database {} has schema version {v}, older than this build's {VERSION}: run `sigil migrate --store URL` once, then start the replicas",
+            "the database {} has schema version {v}, older than this build's {VERSION}: run `sigil migrate --to URL` once, then start the replicas",
             cfg.describe()
         ))),
     }
