@@ -189,7 +189,15 @@ pub(crate) async fn restore(a: RestoreArgs) -> Result<()> {
             dir.display()
         );
     }
-    println!("start it with: sigil serve --data-dir {}", dir.display());
+    match &a.master_key_file {
+        // The key stays where it was: serve needs to be told, as restore was.
+        Some(k) if !dir.join(sigil_broker::config::MASTER_KEY_FILE).exists() => println!(
+            "start it with: sigil serve --data-dir {} --master-key-file {}",
+            dir.display(),
+            k.display()
+        ),
+        _ => println!("start it with: sigil serve --data-dir {}", dir.display()),
+    }
     Ok(())
 }
 

@@ -1063,3 +1063,193 @@ async fn profiles_status_and_the_names_in_the_brokers_certificate() {
     assert_eq!(std::fs::read(&tok).unwrap(), before);
     drop(broker);
 }
+
+/// The rest of what scripts and operators read: `--json` on `join-token create`, `fetch` and
+/// `policy check`; `credential show` as text; `revoke credential` with `--dry-run`, and a
+/// second revocation that says when the first was and changes nothing; a gRPC client pointed
+/// at the HTTP port told so; and colour in logs only on a terminal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_read_back_scripts_parse_and_logs_are_plain_off_a_terminal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    init_at(tmp.path(), &data, true);
+    let p = Proc::spawn(
+        &["serve", "--data-dir", data.to_str().unwrap()],
+        tmp.path(),
+        &[],
+    );
+    p.wait_for("sigil broker listening on ");
+    let http = p
+        .wait_for("sigil http listening on ")
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .to_owned();
+    let d = data.to_str().unwrap();
+    let run = |args: &[&str], with_data_dir: bool| {
+        let mut all = args.to_vec();
+        if with_data_dir {
+            all.extend(["--data-dir", d]);
+        }
+        let out = sigil(&all, tmp.path());
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let json = |args: &[&str], with_data_dir: bool| -> serde_json::Value {
+        let (c, out, err) = run(args, with_data_dir);
+        assert_eq!(c, Some(0), "{args:?}: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} prints JSON ({e}): {out}"))
+    };
+    let (c, _, err) = run(
+        &[
+            "identity",
+            "create",
+            "--spiffe-id",
+            "spiffe://example.org/billing",
+            "--owner",
+            "team-billing",
+            "--purpose",
+            "invoices",
+            "--kind",
+            "x509,jwt",
+            "--audience",
+            "db",
+        ],
+        true,
+    );
+    assert_eq!(c, Some(0), "{err}");
+
+    // join-token create --json: the token file, not the token, when written to a file.
+    let token_file = tmp.path().join("jt");
+    let t = json(
+        &[
+            "join-token",
+            "create",
+            "--spiffe-id",
+            "spiffe://example.org/billing",
+            "--out",
+            token_file.to_str().unwrap(),
+            "--json",
+        ],
+        true,
+    );
+    assert_eq!(t["spiffe_id"], "spiffe://example.org/billing", "{t}");
+    assert!(t["token"].is_null(), "the token stays in its file: {t}");
+    assert_eq!(t["token_file"], token_file.to_str().unwrap());
+    let broker = std::fs::read_to_string(data.join("broker.url")).unwrap();
+    let out = tmp.path().join("creds");
+    let f = json(
+        &[
+            "fetch",
+            "--broker",
+            broker.trim(),
+            "--trust-bundle",
+            data.join("bundle.pem").to_str().unwrap(),
+            "--join-token-file",
+            token_file.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--audience",
+            "db",
+            "--json",
+        ],
+        false,
+    );
+    let serial = f["serial"].as_str().unwrap().to_owned();
+    assert_eq!(f["jwt_svids"][0]["audiences"], serde_json::json!(["db"]));
+    assert!(
+        std::path::Path::new(f["certificate"].as_str().unwrap()).exists(),
+        "{f}"
+    );
+
+    // credential show: text for people, one field per line, live.
+    let (c, shown, err) = run(&["credential", "show", &serial], true);
+    assert_eq!(c, Some(0), "{err}");
+    assert!(shown.contains(&serial) && shown.contains("live"), "{shown}");
+    // A dry run changes nothing…
+    let (c, said, err) = run(&["revoke", "credential", &serial, "--dry-run"], true);
+    assert_eq!(c, Some(0), "{err}");
+    assert!(said.starts_with("DRY RUN: nothing was changed"), "{said}");
+    assert_eq!(run(&["credential", "show", &serial], true).1, shown);
+    // …the revocation is shown with when, who and why…
+    let (c, said, err) = run(
+        &["revoke", "credential", &serial, "--reason", "laptop stolen"],
+        true,
+    );
+    assert_eq!(c, Some(0), "{err}");
+    assert!(said.starts_with("revoked x509"), "{said}");
+    let (_, shown, _) = run(&["credential", "show", &serial], true);
+    assert!(
+        shown.contains("REVOKED at ") && shown.contains("laptop stolen"),
+        "{shown}"
+    );
+    // …and revoking again says it already was (and when), and changes nothing.
+    let (c, said, err) = run(&["revoke", "credential", &serial], true);
+    assert_eq!(c, Some(0), "{err}");
+    assert!(
+        said.contains("was already revoked at ") && said.contains("nothing changed"),
+        "{said}"
+    );
+    let again = json(&["revoke", "credential", &serial, "--json"], true);
+    assert_eq!(again["already_revoked"], true, "{again}");
+    assert_eq!(run(&["credential", "show", &serial], true).1, shown);
+
+    // policy check --json.
+    let policies = tmp.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::write(
+        policies.join("p.cedar"),
+        "@id(\"no-ledger\")\nforbid(principal, action == Sigil::Action::\"mint_jwt\", resource == Sigil::Audience::\"ledger\");\n",
+    )
+    .unwrap();
+    let v = json(
+        &["policy", "check", policies.to_str().unwrap(), "--json"],
+        false,
+    );
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["policies"], serde_json::json!(["no-ledger"]));
+
+    // gRPC sent to the HTTP port: told which port to use.
+    let (c, _, err) = run(&["whoami", "--broker", &http], true);
+    assert_ne!(c, Some(0));
+    assert!(
+        err.contains("is this the broker's gRPC port (not its HTTP port)?"),
+        "{err}"
+    );
+
+    // Logs: plain text when stderr is a file, colour on a terminal (`script` gives one).
+    let second = tmp.path().join("second");
+    init_at(tmp.path(), &second, false);
+    let log = |through_a_terminal: bool| -> String {
+        let serve = format!(
+            "{SIGIL} serve --data-dir {} & pid=$!; sleep 2; kill $pid; wait $pid",
+            second.display()
+        );
+        let out = if through_a_terminal {
+            std::process::Command::new("script")
+                .args(["-qec", &serve, "/dev/null"])
+                .env_remove("NO_COLOR")
+                .output()
+                .unwrap()
+        } else {
+            std::process::Command::new("sh")
+                .args(["-c", &serve])
+                .env_remove("NO_COLOR")
+                .output()
+                .unwrap()
+        };
+        // `script` hands the terminal's output on its stdout.
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let plain = log(false);
+    assert!(plain.contains("INFO"), "serve logs at start: {plain}");
+    assert!(
+        !plain.contains('\u{1b}'),
+        "no escape codes off a terminal: {plain:?}"
+    );
+    let tty = log(true);
+    assert!(tty.contains('\u{1b}'), "colour on a terminal: {tty:?}");
+}
