@@ -28,6 +28,10 @@ pub enum JoinTokenCmd {
         /// instead of printing it; an existing file is refused.
         #[arg(long, value_name = "FILE")]
         out: Option<std::path::PathBuf>,
+        /// With --out: replace an existing file (atomically), e.g. the token an agent
+        /// re-attests with after its identity was revoked.
+        #[arg(long, requires = "out")]
+        overwrite: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -41,13 +45,15 @@ pub(crate) async fn run(cmd: JoinTokenCmd) -> Result<()> {
             ttl,
             json,
             out,
+            overwrite,
             conn,
         } => {
             if let Some(f) = &out
+                && !overwrite
                 && std::fs::symlink_metadata(f).is_ok()
             {
                 anyhow::bail!(
-                    "--out {}: the file exists; refusing to overwrite it",
+                    "--out {}: the file exists; refusing to overwrite it (--overwrite replaces it)",
                     f.display()
                 );
             }

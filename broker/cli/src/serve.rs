@@ -35,6 +35,11 @@ pub struct InitArgs {
     /// Lifetime of the first operator credential.
     #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
     pub operator_ttl: Duration,
+    /// When the data dir already holds a config (an earlier `sigil init`), say so and exit 0
+    /// without changing anything: for init containers and compose jobs that run on every
+    /// start.
+    #[arg(long)]
+    pub if_missing: bool,
     #[command(flatten)]
     pub store: StoreArgs,
 }
@@ -97,6 +102,15 @@ pub struct ServeArgs {
 
 /// `sigil init`.
 pub(crate) async fn init(a: InitArgs) -> Result<()> {
+    let existing = a.data_dir.join(sigil_broker::config::CONFIG_FILE);
+    if a.if_missing && existing.exists() {
+        println!(
+            "{} exists: {} is initialized already; nothing changed",
+            existing.display(),
+            a.data_dir.display()
+        );
+        return Ok(());
+    }
     let td = a
         .trust_domain
         .parse()
