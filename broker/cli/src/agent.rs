@@ -108,12 +108,17 @@ pub struct AgentArgs {
     /// `nginx -s reload`; it sees SIGIL_SVID_SERIAL and SIGIL_SVID_EXPIRES_AT.
     #[arg(long)]
     pub exec: Option<String>,
-    /// Send this signal (HUP, USR1, ...) after every change to the process in --pid-file.
-    #[arg(long, requires = "pid_file")]
+    /// Send this signal (HUP, USR1, ...) after every change to the process in --pid-file,
+    /// or to every process named --signal-process.
+    #[arg(long)]
     pub signal: Option<String>,
     /// The file holding the pid to signal.
-    #[arg(long, requires = "signal")]
+    #[arg(long, requires = "signal", conflicts_with = "signal_process")]
     pub pid_file: Option<PathBuf>,
+    /// Signal every process with this name (its command name, as `pkill -x` matches it)
+    /// instead of the one in --pid-file.
+    #[arg(long, requires = "signal")]
+    pub signal_process: Option<String>,
     /// Write the files once and exit (0 when written; non-zero with the reason otherwise):
     /// for init containers and scripts.
     #[arg(long)]
@@ -154,6 +159,7 @@ impl AgentArgs {
             exec: self.exec.or(file.exec),
             signal: self.signal.or(file.signal),
             pid_file: self.pid_file.or(file.pid_file),
+            signal_process: self.signal_process.or(file.signal_process),
             once: self.once || file.once,
             health_listen: self.health_listen.or(file.health_listen),
         }
@@ -200,7 +206,16 @@ struct Files {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Hook {
     exec: Option<String>,
-    signal: Option<(rustix::process::Signal, PathBuf)>,
+    signal: Option<(rustix::process::Signal, SignalTarget)>,
+}
+
+/// Which process(es) the signal goes to.
+#[derive(Debug, Clone)]
+enum SignalTarget {
+    /// The pid in this file (read again each time: the process may have restarted).
+    PidFile(PathBuf),
+    /// Every process with this command name.
+    Name(String),
 }
 
 fn parse_mode(v: &str, key: &str) -> Result<u32> {
@@ -310,10 +325,22 @@ impl Plan {
             uid: a.owner_uid,
             gid: a.owner_gid,
         };
-        let signal = match (a.signal, a.pid_file) {
-            (Some(s), Some(p)) => Some((parse_signal(&s)?, p)),
-            (None, None) => None,
-            _ => bail!("signal and pid_file go together"),
+        let signal = match (a.signal, a.pid_file, a.signal_process) {
+            (Some(s), Some(p), None) => Some((parse_signal(&s)?, SignalTarget::PidFile(p))),
+            (Some(s), None, Some(n)) => {
+                if n.is_empty() || n.contains('/') {
+                    bail!("signal_process {n:?}: a process name, without a path");
+                }
+                Some((parse_signal(&s)?, SignalTarget::Name(n)))
+            }
+            (None, None, None) => None,
+            (Some(_), None, None) => {
+                bail!("signal needs pid_file or signal_process: which process to signal")
+            }
+            (Some(_), Some(_), Some(_)) => {
+                bail!("pid_file and signal_process: give one of them")
+            }
+            _ => bail!("pid_file and signal_process need signal: which signal to send"),
         };
         let health_listen = a
             .health_listen
@@ -548,11 +575,15 @@ impl Hook {
                 }
             }
         }
-        if let Some((sig, pid_file)) = &self.signal
-            && let Err(e) = send_signal(*sig, pid_file)
-        {
-            stats.hook_failures.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(pid_file = %pid_file.display(), error = %e, "signal not sent");
+        if let Some((sig, target)) = &self.signal {
+            let sent = match target {
+                SignalTarget::PidFile(f) => send_signal(*sig, f),
+                SignalTarget::Name(n) => signal_by_name(*sig, n).map(|_| ()),
+            };
+            if let Err(e) = sent {
+                stats.hook_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(target = ?target, error = %e, "signal not sent");
+            }
         }
     }
 }
@@ -574,6 +605,50 @@ fn send_signal(sig: rustix::process::Signal, pid_file: &Path) -> Result<()> {
         })?;
     rustix::process::kill_process(pid, sig).with_context(|| format!("signalling pid {raw}"))?;
     Ok(())
+}
+
+/// Sends `sig` to every process (but this one) whose command name is `name`, as `pkill -x`
+/// does: the kernel keeps the first 15 bytes of a name, so a longer `name` is compared by
+/// those. Returns how many were signalled; none is an error.
+fn signal_by_name(sig: rustix::process::Signal, name: &str) -> Result<usize> {
+    let want = &name.as_bytes()[..name.len().min(15)];
+    let me = std::process::id();
+    let mut sent = 0;
+    let mut refused = None;
+    for entry in std::fs::read_dir("/proc")
+        .context("reading /proc")?
+        .flatten()
+    {
+        let Some(raw) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if raw as u32 == me {
+            continue;
+        }
+        // A process may exit between the listing and the read: skip it.
+        let Ok(comm) = std::fs::read(entry.path().join("comm")) else {
+            continue;
+        };
+        if comm.strip_suffix(b"\n").unwrap_or(&comm) != want {
+            continue;
+        }
+        let Some(pid) = rustix::process::Pid::from_raw(raw) else {
+            continue;
+        };
+        match rustix::process::kill_process(pid, sig) {
+            Ok(()) => sent += 1,
+            Err(e) => refused = Some(format!("pid {raw}: {e}")),
+        }
+    }
+    match (sent, refused) {
+        (0, Some(why)) => bail!("no process named {name:?} could be signalled ({why})"),
+        (0, None) => bail!("no process is named {name:?}"),
+        (n, _) => Ok(n),
+    }
 }
 
 fn evidence(e: &Evidence) -> Arc<dyn EvidenceSource> {
@@ -793,6 +868,33 @@ mod health {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_signal_goes_to_every_process_of_a_name_and_none_is_an_error() {
+        // A process with a name no other has: a copy of sleep(1) under that name.
+        let dir = tempfile::tempdir().unwrap();
+        let name = format!("sgl-{}", std::process::id());
+        let bin = dir.path().join(&name);
+        std::fs::copy("/bin/sleep", &bin).unwrap();
+        let mut a = std::process::Command::new(&bin).arg("30").spawn().unwrap();
+        let mut b = std::process::Command::new(&bin).arg("30").spawn().unwrap();
+        // Wait until both have exec'd (their comm is the new name).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let named = |pid: u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == name)
+        };
+        while !(named(a.id()) && named(b.id())) {
+            assert!(std::time::Instant::now() < deadline, "the copies start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let n = signal_by_name(rustix::process::Signal::TERM, &name).unwrap();
+        assert_eq!(n, 2);
+        use std::os::unix::process::ExitStatusExt as _;
+        assert_eq!(a.wait().unwrap().signal(), Some(15));
+        assert_eq!(b.wait().unwrap().signal(), Some(15));
+        let e = signal_by_name(rustix::process::Signal::HUP, &name).unwrap_err();
+        assert!(e.to_string().contains("no process is named"), "{e}");
+    }
     use super::*;
 
     #[test]
@@ -858,6 +960,21 @@ mod tests {
                     ..merged.clone()
                 },
                 "--signal",
+            ),
+            (
+                AgentArgs {
+                    signal: Some("HUP".into()),
+                    ..merged.clone()
+                },
+                "which process to signal",
+            ),
+            (
+                AgentArgs {
+                    signal: Some("HUP".into()),
+                    signal_process: Some("/usr/sbin/nginx".into()),
+                    ..merged.clone()
+                },
+                "without a path",
             ),
             (
                 AgentArgs {

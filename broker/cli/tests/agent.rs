@@ -468,3 +468,171 @@ fn agent_once_writes_and_exits_and_says_why_when_it_cannot() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("brokr"));
     let _keep: PathBuf = out;
 }
+
+/// A Kubernetes-style projected token for `key`: ES256, issuer `K8S_ISS`, audience `sigil`,
+/// service account `payments/api`.
+fn projected_token(key: &sigil_pki::EcKey, kid: &str) -> String {
+    use base64::Engine as _;
+    let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let header = serde_json::json!({"alg": "ES256", "kid": kid, "typ": "JWT"});
+    let claims = serde_json::json!({
+        "iss": K8S_ISS, "sub": "system:serviceaccount:payments:api", "aud": ["sigil"],
+        "iat": now, "nbf": now, "exp": now + 600,
+        "kubernetes.io": {"namespace": "payments", "serviceaccount": {"name": "api", "uid": "5c1e"}},
+    });
+    let signing_input = format!(
+        "{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(claims.to_string().as_bytes())
+    );
+    let sig = key.sign_es256(signing_input.as_bytes()).unwrap();
+    format!("{signing_input}.{}", b64(&sig))
+}
+
+const K8S_ISS: &str = "https://kubernetes.default.svc.cluster.local";
+
+/// The agent on a projected service-account token file, as in a Kubernetes pod: it reads the
+/// file again at every attestation (the kubelet rewrites it), keeps its files while the file
+/// holds nothing usable, and writes them with the owner and modes asked for.
+#[test]
+fn the_agent_attests_with_a_projected_token_file_and_reads_it_again_each_time() {
+    use base64::Engine as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = init(tmp.path());
+    // A cluster issuer whose keys Sigil reads from a file.
+    let key = sigil_pki::EcKey::generate().unwrap();
+    let p = key.public_point();
+    let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+    let jwks = tmp.path().join("cluster-jwks.json");
+    std::fs::write(
+        &jwks,
+        serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "c1",
+            "x": b64(&p[1..33]), "y": b64(&p[33..65])}]})
+        .to_string(),
+    )
+    .unwrap();
+    let mut toml = std::fs::read_to_string(data.join("sigil.toml")).unwrap();
+    toml.push_str(&format!(
+        "\n[[oidc]]\nname = \"cluster\"\npreset = \"kubernetes\"\nissuer = \"{K8S_ISS}\"\naudiences = [\"sigil\"]\njwks_file = {jwks:?}\nalgorithms = [\"ES256\"]\n"
+    ));
+    std::fs::write(data.join("sigil.toml"), toml).unwrap();
+    let broker = start_broker(tmp.path(), &data, free_port());
+    let bundle = data.join("bundle.pem");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _rt = rt.enter();
+    let mut admin = admin(&data, &broker.url);
+    rt.block_on(async {
+        admin
+            .create_identity(pb::CreateIdentityRequest {
+                spiffe_id: "spiffe://example.org/k8s/payments/api".into(),
+                owner: "payments".into(),
+                purpose: "agent on a projected token".into(),
+                selectors: vec![
+                    format!("oidc:iss:{K8S_ISS}"),
+                    "k8s:ns:payments".into(),
+                    "k8s:sa:api".into(),
+                ],
+                entitlements: Some(pb::Entitlements {
+                    kinds: vec!["x509".into()],
+                    max_ttl_seconds: 3600,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    });
+    let token = tmp.path().join("token");
+    std::fs::write(&token, projected_token(&key, "c1")).unwrap();
+    let out = tmp.path().join("creds");
+    let _agent = Proc::spawn(
+        &[
+            "agent",
+            "--broker",
+            &broker.url,
+            "--trust-bundle",
+            bundle.to_str().unwrap(),
+            "--oidc-token-file",
+            token.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--owner-uid",
+            "65534",
+            "--owner-gid",
+            "65534",
+            "--file-mode",
+            "0640",
+        ],
+        tmp.path(),
+        &[],
+    );
+    let cert = out.join("svid.pem");
+    wait_until("the first certificate", Duration::from_secs(20), || {
+        leaf_id(&cert).is_some()
+    });
+    let first = leaf_id(&cert).unwrap();
+    let uri = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&uri.stdout).contains("spiffe://example.org/k8s/payments/api"),
+        "{}",
+        String::from_utf8_lossy(&uri.stdout)
+    );
+    // Owner and modes as asked (the key stays 0600 whatever --file-mode says).
+    use std::os::unix::fs::MetadataExt as _;
+    for (f, mode) in [
+        ("svid.pem", 0o640),
+        ("bundle.pem", 0o640),
+        ("svid.key", 0o600),
+    ] {
+        let m = std::fs::metadata(out.join(f)).unwrap();
+        assert_eq!((m.uid(), m.gid()), (65534, 65534), "{f} owner");
+        assert_eq!(m.permissions().mode() & 0o777, mode, "{f} mode");
+    }
+
+    // The file stops holding a usable token, and the identity is revoked: the agent cannot
+    // attest again, and keeps the files it has.
+    std::fs::write(&token, "not a token").unwrap();
+    let out_s = sigil(
+        &[
+            "revoke",
+            "identity",
+            "spiffe://example.org/k8s/payments/api",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--broker",
+            &broker.url,
+        ],
+        tmp.path(),
+    );
+    assert!(
+        out_s.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out_s.stderr)
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        leaf_id(&cert).as_deref(),
+        Some(first.as_str()),
+        "the files are kept"
+    );
+    // The kubelet writes a fresh token: the agent reads it at its next attempt.
+    std::fs::write(&token, projected_token(&key, "c1")).unwrap();
+    let took = wait_until(
+        "a new certificate from the rewritten token",
+        Duration::from_secs(40),
+        || leaf_id(&cert).is_some_and(|l| l != first),
+    );
+    eprintln!(
+        "agent on a projected token: new certificate {:.1} s after the token file was rewritten",
+        took.as_secs_f64()
+    );
+    drop(broker);
+}
