@@ -1166,6 +1166,54 @@ mod tests {
     }
 
     #[test]
+    fn the_operations_guide_names_every_setting() {
+        let doc = include_str!("../../docs/OPERATIONS.md");
+        let settings = doc
+            .split("### Settings")
+            .nth(1)
+            .and_then(|s| s.split("\n### ").next())
+            .expect("docs/OPERATIONS.md has a Settings section");
+        let defaults: toml::Table = toml::from_str(&Config::default().to_toml()).unwrap();
+        // `a_per_second` / `_burst` on one row names a_burst too.
+        let named = |section: Option<&str>, key: &str| {
+            settings.contains(&format!("`{key}`"))
+                || section.is_some_and(|s| settings.contains(&format!("`[{s}] {key}`")))
+                || key.strip_suffix("_burst").is_some_and(|stem| {
+                    settings.lines().any(|l| {
+                        l.contains(&format!("`{stem}_per_second`")) && l.contains("`_burst`")
+                    })
+                })
+        };
+        let mut missing = Vec::new();
+        for (k, v) in &defaults {
+            match v {
+                toml::Value::Table(t) => missing.extend(
+                    t.keys()
+                        .filter(|sk| !named(Some(k), sk))
+                        .map(|sk| format!("[{k}] {sk}")),
+                ),
+                _ if !named(None, k) => missing.push(k.clone()),
+                _ => {}
+            }
+        }
+        for k in [
+            "store",
+            "store_ca_file",
+            "jwt_issuer",
+            "master_key_file",
+            "workload_socket",
+        ] {
+            if !named(None, k) {
+                missing.push(k.to_owned());
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "docs/OPERATIONS.md's settings tables do not name: {missing:?}"
+        );
+    }
+
+    #[test]
     fn errors_name_the_file_line_and_field() {
         let e = Config::parse("listen = \"127.0.0.1:9000\"\nbogus = 1\n", "sigil.toml")
             .unwrap_err()

@@ -1220,6 +1220,54 @@ async fn revocations_read_back_scripts_parse_and_logs_are_plain_off_a_terminal()
         "{err}"
     );
 
+    // An irreversible command at a terminal asks, and a wrong answer changes nothing.
+    let keys = json(&["keys", "list", "--json"], true);
+    let jwt = keys["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kind"].as_str().unwrap().contains("jwt") && k["state"] == "current")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let at_terminal = |answer: &str| {
+        let mut child = std::process::Command::new("script")
+            .args([
+                "-qec",
+                &format!("{SIGIL} keys revoke {jwt} --reason test --data-dir {d}"),
+                "/dev/null",
+            ])
+            .current_dir(tmp.path())
+            .env("SIGIL_CONFIG_DIR", tmp.path().join(".sigil-config"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Typed once the prompt is up (script passes it on to the terminal).
+        std::thread::sleep(Duration::from_millis(1500));
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{answer}\n").as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let said = at_terminal("no");
+    assert!(
+        said.contains("cannot be undone") && said.contains("nothing was changed"),
+        "{said}"
+    );
+    assert_eq!(
+        json(&["keys", "list", "--json"], true),
+        keys,
+        "nothing changed"
+    );
+
     // Logs: plain text when stderr is a file, colour on a terminal (`script` gives one).
     let second = tmp.path().join("second");
     init_at(tmp.path(), &second, false);

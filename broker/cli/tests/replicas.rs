@@ -1098,6 +1098,32 @@ async fn sigil_migrate_moves_an_embedded_store_with_100k_ledger_rows_into_postgr
     }
     c.pg.create_database("migrated").unwrap();
     let target = c.pg.url("migrated");
+    // With a wrong master key, migrate refuses and changes nothing on either side (the real
+    // migrate below finds the database empty).
+    let before = digests(&embedded);
+    let wrong = std::process::Command::new(SIGIL)
+        .args([
+            "migrate",
+            "--from",
+            embedded.to_str().unwrap(),
+            "--to",
+            &target,
+        ])
+        .env(
+            "SIGIL_MASTER_KEY",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        )
+        .current_dir(c.tmp.path())
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success());
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(err.contains("master key"), "{err}");
+    assert_eq!(
+        digests(&embedded),
+        before,
+        "the embedded store is unchanged"
+    );
     let started = Instant::now();
     let out = sigil(
         &[
@@ -1176,6 +1202,52 @@ async fn sigil_migrate_moves_an_embedded_store_with_100k_ledger_rows_into_postgr
         v.entries
     );
 
+    // A backup with PostgreSQL's own tools (pg_dump, restored with psql into another
+    // database) verifies offline, chain and anchor intact.
+    let bin = sigil_store::local::binaries().unwrap();
+    let port = c.pg.port().to_string();
+    let dump = c.tmp.path().join("sigil.sql");
+    let pg = |tool: &str, args: &[&str]| {
+        let out = std::process::Command::new(bin.join(tool))
+            .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{tool}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    pg("pg_dump", &["-d", "migrated", "-f", dump.to_str().unwrap()]);
+    c.pg.create_database("restored").unwrap();
+    pg(
+        "psql",
+        &["-q", "-d", "restored", "-f", dump.to_str().unwrap()],
+    );
+    let out = sigil(
+        &[
+            "audit",
+            "verify",
+            "--offline",
+            "--data-dir",
+            embedded.to_str().unwrap(),
+            "--store",
+            &c.pg.url("restored"),
+        ],
+        c.tmp.path(),
+    );
+    assert!(
+        out.status.success(),
+        "audit verify --offline on the restored database: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("intact"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
     // `migrate --to` alone: nothing to do at this build's schema…
     let out = sigil(&["migrate", "--to", &target], c.tmp.path());
     assert!(out.status.success());
@@ -1185,8 +1257,7 @@ async fn sigil_migrate_moves_an_embedded_store_with_100k_ledger_rows_into_postgr
         String::from_utf8_lossy(&out.stdout)
     );
     // …and a database a newer sigil migrated is refused, by migrate and by serve, unchanged.
-    let psql = sigil_store::local::binaries().unwrap().join("psql");
-    let port = c.pg.port().to_string();
+    let psql = bin.join("psql");
     let ok = std::process::Command::new(&psql)
         .args([
             "-h",
