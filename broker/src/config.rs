@@ -1113,10 +1113,40 @@ mod tests {
         );
     }
 
+    /// Every setting (`key` or `[section] key`) that `named(section, key)` says a document
+    /// leaves out.
+    fn settings_not(named: impl Fn(Option<&str>, &str) -> bool) -> Vec<String> {
+        let defaults: toml::Table = toml::from_str(&Config::default().to_toml()).unwrap();
+        let mut missing = Vec::new();
+        for (k, v) in &defaults {
+            match v {
+                toml::Value::Table(t) => missing.extend(
+                    t.keys()
+                        .filter(|sk| !named(Some(k), sk))
+                        .map(|sk| format!("[{k}] {sk}")),
+                ),
+                _ if !named(None, k) => missing.push(k.clone()),
+                _ => {}
+            }
+        }
+        // Settings without a default value (not serialized) are listed by hand.
+        for k in [
+            "store",
+            "store_ca_file",
+            "jwt_issuer",
+            "master_key_file",
+            "workload_socket",
+        ] {
+            if !named(None, k) {
+                missing.push(k.to_owned());
+            }
+        }
+        missing
+    }
+
     #[test]
     fn the_reference_in_deploy_names_every_setting() {
         let text = include_str!("../../deploy/sigil.toml");
-        let defaults: toml::Table = toml::from_str(&Config::default().to_toml()).unwrap();
         let mentioned = |section: Option<&str>, key: &str| {
             // Within its section: from the header to the next one.
             let body = match section {
@@ -1133,32 +1163,7 @@ mod tests {
                     .is_some_and(|rest| rest.trim_start().starts_with('='))
             })
         };
-        let mut missing = Vec::new();
-        for (k, v) in &defaults {
-            match v {
-                toml::Value::Table(t) => {
-                    for sk in t.keys() {
-                        if !mentioned(Some(k), sk) {
-                            missing.push(format!("[{k}] {sk}"));
-                        }
-                    }
-                }
-                _ if !mentioned(None, k) => missing.push(k.clone()),
-                _ => {}
-            }
-        }
-        // Settings without a default value (not serialized) are listed by hand.
-        for k in [
-            "store",
-            "store_ca_file",
-            "jwt_issuer",
-            "master_key_file",
-            "workload_socket",
-        ] {
-            if !mentioned(None, k) {
-                missing.push(k.to_owned());
-            }
-        }
+        let missing = settings_not(mentioned);
         assert!(
             missing.is_empty(),
             "deploy/sigil.toml does not mention: {missing:?}"
@@ -1173,7 +1178,6 @@ mod tests {
             .nth(1)
             .and_then(|s| s.split("\n### ").next())
             .expect("docs/OPERATIONS.md has a Settings section");
-        let defaults: toml::Table = toml::from_str(&Config::default().to_toml()).unwrap();
         // `a_per_second` / `_burst` on one row names a_burst too.
         let named = |section: Option<&str>, key: &str| {
             settings.contains(&format!("`{key}`"))
@@ -1184,29 +1188,7 @@ mod tests {
                     })
                 })
         };
-        let mut missing = Vec::new();
-        for (k, v) in &defaults {
-            match v {
-                toml::Value::Table(t) => missing.extend(
-                    t.keys()
-                        .filter(|sk| !named(Some(k), sk))
-                        .map(|sk| format!("[{k}] {sk}")),
-                ),
-                _ if !named(None, k) => missing.push(k.clone()),
-                _ => {}
-            }
-        }
-        for k in [
-            "store",
-            "store_ca_file",
-            "jwt_issuer",
-            "master_key_file",
-            "workload_socket",
-        ] {
-            if !named(None, k) {
-                missing.push(k.to_owned());
-            }
-        }
+        let missing = settings_not(named);
         assert!(
             missing.is_empty(),
             "docs/OPERATIONS.md's settings tables do not name: {missing:?}"
