@@ -567,6 +567,14 @@ pub struct Limits {
     /// Most `Watch` streams open at once for one client (one certificate, or one process on
     /// the Unix socket); an SDK needs one.
     pub max_watch_streams_per_client: usize,
+    /// Most calls in flight at once for one client (its identity, its uid on the Unix socket,
+    /// or its source address when it presents no credential), across all its connections: a
+    /// unary call counts until it is answered, a stream until it ends.
+    pub max_streams_per_client: usize,
+    /// Changes waiting for the store writer; beyond that, a request that would write is
+    /// refused at once with `Unavailable` rather than queued (counted in
+    /// `sigil_store_shed_total`).
+    pub store_queue: usize,
     /// Calls per second (and burst) from one source address that presents no credential
     /// (attestation, bundle fetches, a `Watch` without a certificate); 0 turns it off.
     pub unauthenticated_per_second: u32,
@@ -611,6 +619,8 @@ impl Default for Limits {
             max_audiences: 16,
             max_dns_names: 32,
             max_watch_streams_per_client: 64,
+            max_streams_per_client: 1024,
+            store_queue: 16_384,
             unauthenticated_per_second: 50,
             unauthenticated_burst: 200,
             authenticated_per_second: 500,
@@ -808,6 +818,16 @@ impl Config {
         if self.limits.max_watch_streams_per_client == 0 {
             return Err(ConfigError::Invalid(
                 "limits.max_watch_streams_per_client must be at least 1".into(),
+            ));
+        }
+        if self.limits.store_queue == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.store_queue must be at least 1".into(),
+            ));
+        }
+        if self.limits.max_streams_per_client == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.max_streams_per_client must be at least 1".into(),
             ));
         }
         if self.limits.max_request_bytes < 1024 {

@@ -3,11 +3,17 @@
 //! HTTP listener. A refused call is `ResourceExhausted` (gRPC) or 429 (HTTP) with a retry
 //! hint (`sigil-retry-after-ms`, `Retry-After`), and counted in `sigil_rate_limited_total`.
 //!
+//! Beside the buckets, a client may have at most `limits.max_streams_per_client` calls in
+//! flight at once across all its connections and listeners ([`StreamBudget`]): a unary call
+//! holds a slot until it is answered, a stream until it ends.
+//!
 //! Health checks are never limited (load balancers and probes must see the truth), and the
 //! buckets of callers gone quiet are dropped on the housekeeping tick, so memory follows the
 //! number of recent callers.
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use governor::clock::{Clock as _, DefaultClock};
@@ -47,6 +53,65 @@ pub struct RateLimits {
     authenticated: Option<Keyed>,
     http: Option<Keyed>,
     clock: DefaultClock,
+    streams: Arc<StreamBudget>,
+}
+
+/// Calls in flight per client, across every connection and listener.
+#[derive(Debug)]
+pub struct StreamBudget {
+    max: usize,
+    open: Mutex<HashMap<String, usize>>,
+}
+
+/// One call in flight; its slot is freed when this is dropped (the call answered, the stream
+/// ended or the client went away).
+#[derive(Debug)]
+pub struct StreamSlot {
+    budget: Arc<StreamBudget>,
+    client: String,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self.budget.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.client);
+            }
+        }
+    }
+}
+
+impl StreamBudget {
+    /// At most `max` calls in flight per client.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(StreamBudget {
+            max: max.max(1),
+            open: Mutex::default(),
+        })
+    }
+
+    /// A slot for one more call of `client`, or `None` when it already has `max` in flight.
+    pub fn admit(self: &Arc<Self>, client: &str) -> Option<StreamSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(client.to_owned()).or_default();
+        if *n >= self.max {
+            drop(open);
+            metrics::counter!("sigil_rate_limited_total", "class" => "streams").increment(1);
+            return None;
+        }
+        *n += 1;
+        Some(StreamSlot {
+            budget: self.clone(),
+            client: client.to_owned(),
+        })
+    }
+
+    /// The cap.
+    pub fn max(&self) -> usize {
+        self.max
+    }
 }
 
 fn bucket(per_second: u32, burst: u32) -> Option<Keyed> {
@@ -65,7 +130,13 @@ impl RateLimits {
             authenticated: bucket(l.authenticated_per_second, l.authenticated_burst),
             http: bucket(l.http_per_second, l.http_burst),
             clock: DefaultClock::default(),
+            streams: StreamBudget::new(l.max_streams_per_client),
         }
+    }
+
+    /// The per-client budget of calls in flight.
+    pub fn streams(&self) -> &Arc<StreamBudget> {
+        &self.streams
     }
 
     /// Takes one token for `key` of `class`: `Err(wait)` when the bucket is empty, with how
@@ -107,6 +178,27 @@ pub fn retry_ms(wait: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn calls_in_flight_are_capped_per_client_and_freed_when_they_end() {
+        let b = StreamBudget::new(2);
+        let one = b.admit("spiffe://example.org/a").unwrap();
+        let _two = b.admit("spiffe://example.org/a").unwrap();
+        assert!(
+            b.admit("spiffe://example.org/a").is_none(),
+            "a third is refused"
+        );
+        assert!(b.admit("uid:1000").is_some(), "another client has its own");
+        drop(one);
+        assert!(
+            b.admit("spiffe://example.org/a").is_some(),
+            "an ended call frees its slot"
+        );
+        assert!(
+            b.open.lock().unwrap().get("uid:1000").is_none(),
+            "idle clients cost nothing"
+        );
+    }
 
     #[test]
     fn a_burst_above_the_limit_is_refused_per_key_with_a_retry_hint() {

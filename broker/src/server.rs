@@ -187,6 +187,7 @@ pub async fn start(
         &cfg.store()?,
         sealer.clone(),
         crate::store::OpenOptions {
+            writer_queue: Some(cfg.limits.store_queue),
             #[cfg(feature = "faults")]
             faults: opts.store_faults.clone(),
         },

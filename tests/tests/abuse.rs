@@ -571,3 +571,222 @@ async fn per_client_connection_caps_and_the_http_header_timeout_hold_end_to_end(
         started.elapsed()
     );
 }
+
+/// One client's calls in flight are capped across all its connections: streams it holds open
+/// on three connections use its budget, a fourth call on a fresh connection is refused with
+/// the limit named, other clients are untouched, and a stream that ends frees its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_in_flight_are_capped_per_client_across_its_connections() {
+    let b = TestBroker::start_configured(Arc::new(SystemClock), |c| {
+        c.limits.max_streams_per_client = 3;
+    })
+    .await;
+    b.identity("svc/app", |_| {}).await;
+    b.identity("svc/other", |_| {}).await;
+    let (_, creds) = b.attested(APP, &[]).await;
+    let (_, other) = b.attested("spiffe://example.org/svc/other", &[]).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = raw::mtls(&b.url, &b.bundle_pem, &creds.svid);
+        let mut s = c
+            .watch(pb::WatchRequest { since_sequence: 0 })
+            .await
+            .expect("within the budget")
+            .into_inner();
+        s.message().await.unwrap().expect("the first event");
+        held.push((c, s));
+    }
+    let mut fresh = raw::mtls(&b.url, &b.bundle_pem, &creds.svid);
+    let e = fresh
+        .fetch_bundle(pb::FetchBundleRequest {})
+        .await
+        .expect_err("a fourth call in flight is refused");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("limits.max_streams_per_client") && e.message().contains('3'),
+        "{e:?}"
+    );
+    raw::mtls(&b.url, &b.bundle_pem, &other.svid)
+        .fetch_bundle(pb::FetchBundleRequest {})
+        .await
+        .expect("another identity has its own budget");
+    raw::anon(&b.url, &b.bundle_pem)
+        .fetch_bundle(pb::FetchBundleRequest {})
+        .await
+        .expect("a caller without a credential from the same address is another client");
+
+    // A stream that ends frees its slot.
+    drop(held.pop());
+    let mut served = false;
+    for _ in 0..50 {
+        if fresh.fetch_bundle(pb::FetchBundleRequest {}).await.is_ok() {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(served, "a closed stream gave its slot back");
+    // Unary calls give theirs back as soon as they are answered.
+    for _ in 0..10 {
+        fresh
+            .fetch_bundle(pb::FetchBundleRequest {})
+            .await
+            .expect("answered calls hold no slot");
+    }
+    let (_, metrics) = b.http_get("/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("sigil_rate_limited_total") && l.contains("streams")),
+        "{metrics}"
+    );
+}
+
+/// The store writer's queue is bounded: a flood of mints beyond it is shed at once, each
+/// refused call reaching the client as `Unavailable` that says nothing was done, counted in
+/// `sigil_store_shed_total`; nothing is issued for a shed call, and the broker serves again
+/// as soon as the flood passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_writer_queue_sheds_calls_as_unavailable_and_issues_nothing_for_them() {
+    let b = TestBroker::start_configured(Arc::new(SystemClock), |c| {
+        c.limits.store_queue = 1;
+    })
+    .await;
+    b.identity("svc/app", |_| {}).await;
+    let (a, _) = b.attested(APP, &["db"]).await;
+    let minted_before = allowed_mints(&b).await;
+    let (mut ok, mut shed) = (0usize, 0usize);
+    for _round in 0..5 {
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..200 {
+            let a = a.clone();
+            calls.spawn(async move { a.fetch_jwt_svid(&JwtRequest::audience("db")).await });
+        }
+        while let Some(r) = calls.join_next().await {
+            match r.unwrap() {
+                Ok(_) => ok += 1,
+                Err(e) => {
+                    assert_eq!(e.code(), Some(Code::Unavailable), "{e}");
+                    assert!(
+                        e.to_string().contains("overloaded")
+                            && e.to_string().contains("before doing anything"),
+                        "{e}"
+                    );
+                    shed += 1;
+                }
+            }
+        }
+        if shed > 0 {
+            break;
+        }
+    }
+    assert!(
+        shed > 0,
+        "200 concurrent mints against a queue of one shed some"
+    );
+    assert!(ok > 0, "the writer kept committing while shedding");
+    assert_eq!(
+        allowed_mints(&b).await - minted_before,
+        ok,
+        "one issuance recorded per mint served, none for a shed one"
+    );
+    a.fetch_jwt_svid(&JwtRequest::audience("db"))
+        .await
+        .expect("served again once the flood passed, without a restart");
+    let (_, metrics) = b.http_get("/metrics").await;
+    let counted: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("sigil_store_shed_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("sigil_store_shed_total missing: {metrics}"));
+    assert!(counted >= shed as f64, "{counted} < {shed}");
+}
+
+async fn allowed_mints(b: &TestBroker) -> usize {
+    b.audit_for("jwt.mint")
+        .await
+        .iter()
+        .filter(|e| e["decision"] == "allow")
+        .count()
+}
+
+/// A rate-limited SDK waits out the broker's retry hint instead of its own (much shorter)
+/// backoff: one refusal, then the next renewal no sooner than the hint said.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_sdk_source_waits_out_the_retry_hint() {
+    use sigil_sdk::{Source, SourceConfig, SourceEvent};
+    let b = TestBroker::start_configured(Arc::new(SystemClock), |c| {
+        // Room for the test's own admin calls (the operator has a bucket of its own).
+        c.limits.authenticated_per_second = 1;
+        c.limits.authenticated_burst = 3;
+    })
+    .await;
+    b.identity("svc/app", |_| {}).await;
+    let w = b.workload();
+    let token = b.join_token(APP).await;
+    let source = Source::start(
+        w,
+        Arc::new(sigil_sdk::OneTimeEvidence::new(
+            sigil_sdk::Evidence::JoinToken(token.into()),
+        )),
+        SourceConfig {
+            backoff_initial: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(20),
+            watch: false,
+            ..SourceConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut events = source.events();
+    // Renew until the identity's bucket is empty: its burst of 3, then a refusal.
+    let mut failed = None;
+    for _ in 0..5 {
+        source.renew_now();
+        let e = sigil_tests::next_event(&mut events, Duration::from_secs(5), |e| {
+            matches!(
+                e,
+                SourceEvent::Renewed { .. } | SourceEvent::RenewalFailed { .. }
+            )
+        })
+        .await;
+        if matches!(e, SourceEvent::RenewalFailed { .. }) {
+            failed = Some(e);
+            break;
+        }
+    }
+    let failed = failed.expect("the identity's burst ran out");
+    let refused_at = Instant::now();
+    let SourceEvent::RenewalFailed { error, retry_in } = failed else {
+        unreachable!()
+    };
+    let hint = error
+        .retry_after()
+        .expect("the refusal carries a retry hint");
+    assert_eq!(error.code(), Some(Code::ResourceExhausted), "{error}");
+    assert!(hint >= Duration::from_millis(500), "{hint:?}");
+    assert!(
+        retry_in >= hint,
+        "the SDK waits {retry_in:?}, not less than the hint {hint:?} (its own backoff is 10 ms)"
+    );
+    sigil_tests::next_event(&mut events, Duration::from_secs(5), |e| {
+        matches!(e, SourceEvent::Renewed { .. })
+    })
+    .await;
+    let waited = refused_at.elapsed();
+    assert!(
+        waited + Duration::from_millis(50) >= hint,
+        "renewed {waited:?} after the refusal, before the hint {hint:?}"
+    );
+    // One refusal in all: the SDK did not hammer the broker while it waited.
+    let (_, metrics) = b.http_get("/metrics").await;
+    let refusals: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("sigil_rate_limited_total") && l.contains("\"authenticated\""))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert_eq!(refusals, 1.0, "{metrics}");
+    source.shutdown().await;
+}

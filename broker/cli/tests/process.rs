@@ -7,6 +7,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sigil_proto::v1 as pb;
@@ -487,9 +488,19 @@ async fn idle_http_connections_beyond_the_cap_do_not_stop_issuance() {
         ])
         .env_remove("SIGIL_MASTER_KEY")
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Its log, kept to count what it says about the refusals (and echoed for the test log).
+    let log = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let kept = log.clone();
+    std::thread::spawn(move || {
+        for l in stderr.lines().map_while(Result::ok) {
+            eprintln!("{l}");
+            kept.lock().unwrap().push(l);
+        }
+    });
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut url = String::new();
     let mut http = String::new();
@@ -574,12 +585,22 @@ async fn idle_http_connections_beyond_the_cap_do_not_stop_issuance() {
     drop(idle);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let m = https_get(http, "/metrics", &bundle).await;
-    assert!(
-        m.lines()
-            .any(|l| l.starts_with("sigil_connections_refused_total")
-                && l.contains("listener=\"http\"")),
-        "{m}"
-    );
+    let refused: f64 = m
+        .lines()
+        .filter(|l| {
+            l.starts_with("sigil_connections_refused_total") && l.contains("listener=\"http\"")
+        })
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum();
+    assert!(refused >= 100.0, "{refused} refusals counted: {m}");
+    // ...and said so once for the interval, not once per refused connection.
+    let said = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("refusing connections on the http listener"))
+        .count();
+    assert_eq!(said, 1, "{refused} refusals logged {said} times");
     let _ = child.kill();
     let _ = child.wait();
 }

@@ -1,16 +1,19 @@
 //! The rate limit in front of every gRPC service: one token per call from the caller's bucket
 //! (its identity when it presents a client certificate or calls over the Unix socket, its
-//! source address otherwise), before any work. Health checks and reflection are never limited.
+//! source address otherwise), before any work, and a slot in that caller's budget of calls in
+//! flight, held until the call is answered or its stream ends. Health checks and reflection
+//! are never limited.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use hyper::body::{Bytes, Frame, SizeHint};
 use tonic::codegen::http;
 
 use crate::attest::unix::UnixPeer;
-use crate::ratelimit::{Class, RateLimits, retry_ms};
+use crate::ratelimit::{Class, RateLimits, StreamSlot, retry_ms};
 
 use super::tls::ConnInfo;
 
@@ -69,29 +72,69 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let path = req.uri().path();
         let exempt = path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.");
-        if !exempt {
-            let (class, key) = bucket(&req);
-            if let Err(wait) = self.limits.check(class, &key) {
-                let ms = retry_ms(wait);
-                let mut status = tonic::Status::resource_exhausted(format!(
-                    "rate limit: too many calls from this {} ({}); retry in {ms} ms",
-                    if class == Class::Authenticated {
-                        "identity"
-                    } else {
-                        "address"
-                    },
-                    if class == Class::Authenticated {
-                        "limits.authenticated_per_second"
-                    } else {
-                        "limits.unauthenticated_per_second"
-                    }
-                ));
-                if let Ok(v) = ms.to_string().parse() {
-                    status.metadata_mut().insert("sigil-retry-after-ms", v);
-                }
-                return Box::pin(async move { Ok(status.into_http()) });
-            }
+        if exempt {
+            return Box::pin(self.inner.call(req));
         }
-        Box::pin(self.inner.call(req))
+        let (class, key) = bucket(&req);
+        // The budget of calls in flight first: a call refused for it takes no token.
+        let Some(slot) = self.limits.streams().admit(&key) else {
+            let status = tonic::Status::resource_exhausted(format!(
+                "this client already has {} calls in flight (limits.max_streams_per_client); \
+                 wait for one to end",
+                self.limits.streams().max()
+            ));
+            return Box::pin(async move { Ok(status.into_http()) });
+        };
+        if let Err(wait) = self.limits.check(class, &key) {
+            let ms = retry_ms(wait);
+            let mut status = tonic::Status::resource_exhausted(format!(
+                "rate limit: too many calls from this {} ({}); retry in {ms} ms",
+                if class == Class::Authenticated {
+                    "identity"
+                } else {
+                    "address"
+                },
+                if class == Class::Authenticated {
+                    "limits.authenticated_per_second"
+                } else {
+                    "limits.unauthenticated_per_second"
+                }
+            ));
+            if let Ok(v) = ms.to_string().parse() {
+                status.metadata_mut().insert("sigil-retry-after-ms", v);
+            }
+            return Box::pin(async move { Ok(status.into_http()) });
+        }
+        let call = self.inner.call(req);
+        Box::pin(async move {
+            let response = call.await?;
+            Ok(response.map(|body| tonic::body::Body::new(Held { body, _slot: slot })))
+        })
+    }
+}
+
+/// A response body that holds its call's slot until the body ends or is dropped.
+struct Held {
+    body: tonic::body::Body,
+    _slot: StreamSlot,
+}
+
+impl hyper::body::Body for Held {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }

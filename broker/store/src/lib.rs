@@ -86,6 +86,9 @@ impl StoreConfig {
 /// Options for opening a store.
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
+    /// Most changes waiting for the writer before new ones are shed
+    /// ([`StoreError::Overloaded`]); `None` is [`WRITER_QUEUE`].
+    pub writer_queue: Option<usize>,
     /// Makes the store's writes fail on demand.
     #[cfg(feature = "faults")]
     pub faults: Option<FaultSwitch>,
@@ -118,6 +121,7 @@ pub async fn open(
     sealer: Arc<Sealer>,
     opts: OpenOptions,
 ) -> Result<Arc<dyn Store>, StoreError> {
+    let queue = opts.writer_queue.unwrap_or(WRITER_QUEUE);
     match cfg {
         StoreConfig::Redb { path } => {
             let (path, s) = (path.clone(), sealer.clone());
@@ -125,23 +129,19 @@ pub async fn open(
             let backend =
                 blocking(move || RedbBackend::open_with_faults(&path, &s, opts.faults)).await?;
             #[cfg(not(feature = "faults"))]
-            let backend = {
-                let _ = &opts;
-                blocking(move || RedbBackend::open(&path, &s)).await?
-            };
-            Ok(Arc::new(GroupCommit::start(backend, sealer)?))
+            let backend = blocking(move || RedbBackend::open(&path, &s)).await?;
+            Ok(Arc::new(GroupCommit::start_with_queue(
+                backend, sealer, queue,
+            )?))
         }
         StoreConfig::Postgres(pg) => {
             #[cfg(feature = "faults")]
             let backend = PostgresBackend::open_with_faults(pg, &sealer, opts.faults).await?;
             #[cfg(not(feature = "faults"))]
-            let backend = {
-                let _ = opts;
-                PostgresBackend::open(pg, &sealer).await?
-            };
+            let backend = PostgresBackend::open(pg, &sealer).await?;
             // GroupCommit::start waits for the writer to read the commit log's position.
             let s = sealer.clone();
-            let store = blocking(move || GroupCommit::start(backend, s)).await?;
+            let store = blocking(move || GroupCommit::start_with_queue(backend, s, queue)).await?;
             Ok(Arc::new(store))
         }
     }

@@ -31,9 +31,9 @@ use crate::{
 
 /// Most changes folded into one transaction.
 pub(crate) const MAX_BATCH: usize = 2048;
-/// Most changes waiting for the writer: beyond that, new ones are shed at once with
-/// [`StoreError::Overloaded`] rather than queued (memory stays bounded under overload, and a
-/// caller learns to back off instead of waiting ever longer).
+/// Most changes waiting for the writer by default: beyond that, new ones are shed at once
+/// with [`StoreError::Overloaded`] rather than queued (memory stays bounded under overload,
+/// and a caller learns to back off instead of waiting ever longer).
 pub const QUEUE: usize = 16_384;
 
 type Observer = Arc<RwLock<Option<Weak<dyn CommitObserver>>>>;
@@ -79,8 +79,17 @@ impl<B: Backend> GroupCommit<B> {
     /// replicas, returns once the writer knows the commit log's position, so that views read
     /// from the store afterwards miss none of the changes it will pass on.
     pub fn start(backend: B, sealer: Arc<Sealer>) -> Result<Self, StoreError> {
+        Self::start_with_queue(backend, sealer, QUEUE)
+    }
+
+    /// [`GroupCommit::start`] with at most `queue` changes waiting (at least 1).
+    pub fn start_with_queue(
+        backend: B,
+        sealer: Arc<Sealer>,
+        queue: usize,
+    ) -> Result<Self, StoreError> {
         let backend = Arc::new(backend);
-        let (tx, rx) = mpsc::channel(QUEUE);
+        let (tx, rx) = mpsc::channel(queue.max(1));
         let state = Arc::new(WriterState {
             leader: std::sync::atomic::AtomicBool::new(!backend.shared()),
             ..WriterState::default()
@@ -823,7 +832,8 @@ impl<B: Backend> Store for GroupCommit<B> {
                 mpsc::error::TrySendError::Full(_) => {
                     metrics::counter!("sigil_store_shed_total").increment(1);
                     StoreError::Overloaded(format!(
-                        "{QUEUE} changes are already waiting for the store"
+                        "{} changes are already waiting for the store",
+                        tx.max_capacity()
                     ))
                 }
                 mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
