@@ -47,6 +47,31 @@ pub struct ExchangeAsk {
 }
 
 impl Broker {
+    /// Audits a refused exchange (every gate's denial is audited) and returns the refusal.
+    async fn refuse_exchange(
+        &self,
+        actor: &crate::attest::Attested,
+        parent_jti: &str,
+        ctx: &RequestContext,
+        gate: GateId,
+        reason: String,
+    ) -> BrokerError {
+        let draft = AuditDraft::new(
+            self.now_nanos(),
+            &actor.actor,
+            "jwt.exchange",
+            &actor.identity.id,
+            Decision::Deny,
+            &reason,
+            &ctx.request_id,
+        )
+        .gate(gate.code())
+        .with("parent_jti", parent_jti.to_owned());
+        self.audit_only(vec![draft]).await;
+        metrics::counter!("sigil_issuance_total", "kind" => "jwt", "result" => "denied", "gate" => gate.code()).increment(1);
+        BrokerError::Denied { gate, reason }
+    }
+
     /// Exchanges a subject's JWT-SVID for a narrower one naming the caller as actor.
     pub async fn exchange_jwt(
         &self,
@@ -72,7 +97,6 @@ impl Broker {
         let now = self.clock.now();
         let now_s = unix_secs(now);
         let ring = self.keys.current();
-        let deny = |gate: GateId, reason: String| BrokerError::Denied { gate, reason };
         let token = ask.subject_token.expose_secret();
         let parent = sigil_pki::jwt::verify(
             token,
@@ -113,32 +137,32 @@ impl Broker {
             BrokerError::invalid("subject_token", "its identity no longer exists")
         })?;
         if subject.status != IdentityStatus::Active || subject.expires_at <= now_s {
-            return Err(deny(
-                GateId::IdentityProof,
-                format!(
-                    "the subject identity {} is {}; nothing can be derived from its tokens",
-                    subject.spiffe_id,
-                    if subject.expires_at <= now_s {
-                        "expired"
-                    } else {
-                        subject.status.as_str()
-                    }
-                ),
-            ));
+            return Err(self
+                .refuse_exchange(
+                    &actor,
+                    &p.jti,
+                    ctx,
+                    GateId::IdentityProof,
+                    format!(
+                        "the subject identity {} is {}; nothing can be derived from its tokens",
+                        subject.spiffe_id,
+                        if subject.expires_at <= now_s {
+                            "expired"
+                        } else {
+                            subject.status.as_str()
+                        }
+                    ),
+                )
+                .await);
         }
         // Only narrower.
-        if let Some(a) = ask.audiences.iter().find(|a| !p.aud.contains(a)) {
-            return Err(deny(
-                GateId::EntitlementScope,
-                format!(
-                    "audience {a:?} is not among the subject token's ({}); an exchange only narrows",
-                    p.aud.join(", ")
-                ),
-            ));
-        }
-        if let Some(s) = ask.scopes.iter().find(|s| !p.scopes.contains(s)) {
-            return Err(deny(
-                GateId::EntitlementScope,
+        let wider = if let Some(a) = ask.audiences.iter().find(|a| !p.aud.contains(a)) {
+            Some(format!(
+                "audience {a:?} is not among the subject token's ({}); an exchange only narrows",
+                p.aud.join(", ")
+            ))
+        } else {
+            ask.scopes.iter().find(|s| !p.scopes.contains(s)).map(|s| {
                 format!(
                     "scope {s:?} is not among the subject token's ({}); an exchange only narrows",
                     if p.scopes.is_empty() {
@@ -146,20 +170,30 @@ impl Broker {
                     } else {
                         p.scopes.join(", ")
                     }
-                ),
-            ));
+                )
+            })
+        };
+        if let Some(reason) = wider {
+            return Err(self
+                .refuse_exchange(&actor, &p.jti, ctx, GateId::EntitlementScope, reason)
+                .await);
         }
         let mut actors = vec![actor.identity.spiffe_id.clone()];
         actors.extend(p.actors.iter().cloned());
         if actors.len() > self.cfg.exchange.max_depth {
-            return Err(deny(
-                GateId::RequestPolicy,
-                format!(
-                    "the actor chain would be {} long; the limit is exchange.max_depth = {}",
-                    actors.len(),
-                    self.cfg.exchange.max_depth
-                ),
-            ));
+            return Err(self
+                .refuse_exchange(
+                    &actor,
+                    &p.jti,
+                    ctx,
+                    GateId::RequestPolicy,
+                    format!(
+                        "the actor chain would be {} long; the limit is exchange.max_depth = {}",
+                        actors.len(),
+                        self.cfg.exchange.max_depth
+                    ),
+                )
+                .await);
         }
         let left = (p.exp - now_s).max(0) as u64;
         let wanted = ask
@@ -228,7 +262,10 @@ impl Broker {
                 .with("actor", actor.identity.spiffe_id.as_str());
                 self.audit_only(vec![draft]).await;
                 metrics::counter!("sigil_issuance_total", "kind" => "jwt", "result" => "denied", "gate" => GateId::RequestPolicy.code()).increment(1);
-                return Err(deny(GateId::RequestPolicy, reason));
+                return Err(BrokerError::Denied {
+                    gate: GateId::RequestPolicy,
+                    reason,
+                });
             }
             policies.extend(d.policies);
         }

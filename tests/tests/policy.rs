@@ -676,3 +676,75 @@ async fn revoking_a_token_disables_every_token_exchanged_from_it_and_nothing_els
     }
     source.shutdown().await;
 }
+
+/// `exchange.max_depth` holds on its own: with a policy that permits exchange at any depth,
+/// the hop that would make the actor chain longer than the limit is refused, naming the
+/// setting, and nothing is minted for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_actor_chain_never_grows_past_exchange_max_depth_whatever_the_policy_says() {
+    const ANY_DEPTH: &str = r#"
+@id("agents-act-at-any-depth")
+permit(principal, action == Sigil::Action::"exchange", resource)
+when { principal.path like "/agents/*" };
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("any.cedar"), ANY_DEPTH).unwrap();
+    let p = dir.path().to_owned();
+    let b = TestBroker::start_configured(Arc::new(SystemClock), move |c| {
+        c.policy.path = Some(p);
+        c.exchange.max_depth = 2;
+    })
+    .await;
+    b.identity("payments/api", |_| {}).await;
+    let mut agents = Vec::new();
+    for name in ["a", "b", "c"] {
+        b.identity(&format!("agents/{name}"), |_| {}).await;
+        agents.push(
+            b.attested(&format!("spiffe://example.org/agents/{name}"), &[])
+                .await
+                .0,
+        );
+    }
+    let (api, _) = b.attested(API, &[]).await;
+    let parent = api
+        .fetch_jwt_svid(&JwtRequest::audience("db"))
+        .await
+        .unwrap();
+    let (one, actors) = agents[0]
+        .exchange_jwt_svid(parent.token.expose_secret(), &JwtRequest::audience("db"))
+        .await
+        .unwrap();
+    assert_eq!(actors.len(), 1);
+    let (two, actors) = agents[1]
+        .exchange_jwt_svid(one.token.expose_secret(), &JwtRequest::audience("db"))
+        .await
+        .expect("a chain of two is within max_depth = 2");
+    assert_eq!(actors.len(), 2);
+    let allowed_before = b
+        .audit_for("jwt.exchange")
+        .await
+        .iter()
+        .filter(|e| e["decision"] == "allow")
+        .count();
+    let e = agents[2]
+        .exchange_jwt_svid(two.token.expose_secret(), &JwtRequest::audience("db"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(Code::PermissionDenied), "{e}");
+    assert!(
+        e.message().contains("exchange.max_depth = 2") && e.message().contains("would be 3"),
+        "{e}"
+    );
+    let ex = b.audit_for("jwt.exchange").await;
+    assert_eq!(
+        ex.iter().filter(|e| e["decision"] == "allow").count(),
+        allowed_before,
+        "nothing minted for the refused hop"
+    );
+    assert!(
+        ex.iter()
+            .any(|e| e["decision"] == "deny"
+                && e["reason"].as_str().unwrap_or("").contains("max_depth")),
+        "the refusal is audited: {ex:#?}"
+    );
+}
