@@ -242,6 +242,7 @@ pub async fn start(
     let tls_config = tls::server_config(
         &[ring.root.cert().clone(), ring.operator_ca.cert().clone()],
         resolver.clone(),
+        broker.clock().clone(),
     )
     .map_err(|e| StartError::Other(format!("TLS setup: {e}")))?;
 

@@ -15,6 +15,7 @@
 //! - [`transport`]: rustls connections that trust only the bundle; [`failover`]: a channel
 //!   over several broker replicas that moves on when one is gone or unavailable.
 //! - [`admin`]: the operator client.
+//! - [`clock`]: the time every schedule and check above reads (injected in tests).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), sigil_sdk::SdkError> {
@@ -31,6 +32,7 @@
 //! ```
 
 pub mod admin;
+pub mod clock;
 pub mod error;
 pub mod evidence;
 pub mod failover;

@@ -14,12 +14,13 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Notify, broadcast, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::Clock;
 use crate::evidence::EvidenceSource;
 use crate::tls::{Authorizer, SvidResolver};
 use crate::watch::{Hooks, backoff, jitter};
@@ -134,19 +135,18 @@ struct Shared {
     last_error: Mutex<Option<SdkError>>,
 }
 
+impl Shared {
+    fn clock(&self) -> &Arc<dyn Clock> {
+        self.client.trust().clock()
+    }
+}
+
 /// Self-renewing credentials of one workload.
 #[derive(Debug)]
 pub struct Source {
     shared: Arc<Shared>,
     cancel: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// Seconds from `now` until a credential valid over [`not_before`, `not_after`] should be
@@ -185,7 +185,7 @@ impl Source {
                     .svid
             }
         };
-        let resolver = Arc::new(SvidResolver::default());
+        let resolver = Arc::new(SvidResolver::with_clock(client.trust().clock().clone()));
         resolver.set(&svid)?;
         let (events, _) = broadcast::channel(256);
         let shared = Arc::new(Shared {
@@ -230,7 +230,7 @@ impl Source {
             .borrow()
             .clone()
             .ok_or_else(|| SdkError::new(ErrorKind::Reattest, "no X.509-SVID"))?;
-        if svid.expires_at <= unix_now() {
+        if svid.expires_at <= self.shared.clock().unix() {
             let last = self.shared.last_error.lock().ok().and_then(|e| e.clone());
             let why = last
                 .map(|e| format!("; the last renewal attempt failed: {e}"))
@@ -270,7 +270,7 @@ impl Source {
     /// kept fresh in the background). If the broker cannot be reached, a cached token that is
     /// still valid is returned.
     pub async fn jwt_svid(&self, req: &JwtRequest) -> Result<JwtSvid, SdkError> {
-        let now = unix_now();
+        let now = self.shared.clock().unix();
         let cached = self
             .shared
             .jwts
@@ -387,11 +387,9 @@ fn publish(shared: &Shared, svid: Arc<X509Svid>) {
 
 async fn renew_x509(shared: &Shared) -> Result<(), SdkError> {
     // An expired certificate cannot prove anything over mTLS: go straight to fresh evidence.
-    let (expired, generation) = shared
-        .svid
-        .borrow()
-        .as_ref()
-        .map_or((false, 0), |s| (s.expires_at <= unix_now(), s.generation));
+    let (expired, generation) = shared.svid.borrow().as_ref().map_or((false, 0), |s| {
+        (s.expires_at <= shared.clock().unix(), s.generation)
+    });
     let renewed = if expired {
         Err(SdkError::new(ErrorKind::Reattest, "the X.509-SVID expired"))
     } else {
@@ -523,8 +521,10 @@ fn issued_at(not_before: i64, expires_at: i64, ttl_seconds: u32) -> i64 {
     }
 }
 
-fn x509_deadline(shared: &Shared) -> tokio::time::Instant {
-    let now = unix_now();
+/// When the current X.509-SVID is due for renewal, on the source's clock.
+fn x509_deadline(shared: &Shared) -> SystemTime {
+    let clock = shared.clock();
+    let now = clock.unix();
     let wait = match shared.svid.borrow().as_ref() {
         // The lifetime runs from issuance, not from `not_before`: the broker backdates that for
         // clock skew (30 s by default), which would make a short-lived certificate look
@@ -538,24 +538,26 @@ fn x509_deadline(shared: &Shared) -> tokio::time::Instant {
         ),
         None => Duration::ZERO,
     };
-    tokio::time::Instant::now() + wait
+    // From the same whole second the delay was computed from, so the renewal lands on its
+    // share of the lifetime rather than up to a second after it.
+    std::time::UNIX_EPOCH + Duration::from_secs(now.max(0) as u64) + wait
 }
 
 async fn renew_loop(shared: Arc<Shared>, cancel: CancellationToken) {
+    let clock = shared.clock().clone();
     let mut failures = 0u32;
     let mut forced = false;
     let mut expired_reported = false;
     let mut x509_at = x509_deadline(&shared);
     loop {
-        let now = unix_now();
         let jwt_at = shared
             .jwts
             .lock()
             .ok()
             .and_then(|m| m.values().map(|e| e.next).min())
-            .map(|t| tokio::time::Instant::now() + Duration::from_secs((t - now).max(0) as u64));
+            .map(|t| std::time::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64));
         let wake = if forced {
-            tokio::time::Instant::now()
+            clock.now()
         } else {
             jwt_at.map_or(x509_at, |j| j.min(x509_at))
         };
@@ -563,9 +565,9 @@ async fn renew_loop(shared: Arc<Shared>, cancel: CancellationToken) {
             _ = cancel.cancelled() => return,
             _ = shared.renew_now.notified() => forced = true,
             _ = shared.reschedule.notified() => continue,
-            _ = tokio::time::sleep_until(wake) => {}
+            _ = clock.sleep_until(wake) => {}
         }
-        if forced || tokio::time::Instant::now() >= x509_at {
+        if forced || clock.now() >= x509_at {
             forced = false;
             match renew_x509(&shared).await {
                 Ok(()) => {
@@ -579,7 +581,7 @@ async fn renew_loop(shared: Arc<Shared>, cancel: CancellationToken) {
                     let retry_in =
                         backoff(failures, shared.cfg.backoff_initial, shared.cfg.backoff_max)
                             .max(e.retry_after().unwrap_or_default());
-                    x509_at = tokio::time::Instant::now() + retry_in;
+                    x509_at = clock.now() + retry_in;
                     tracing::warn!(error = %e, ?retry_in, "SVID renewal failed; keeping the current one while it is valid");
                     if let Ok(mut l) = shared.last_error.lock() {
                         *l = Some(e.clone());
@@ -592,7 +594,7 @@ async fn renew_loop(shared: Arc<Shared>, cancel: CancellationToken) {
                         .borrow()
                         .as_ref()
                         .map(|s| s.expires_at)
-                        .filter(|at| *at <= unix_now());
+                        .filter(|at| *at <= clock.unix());
                     if let (Some(at), false) = (expired, expired_reported) {
                         expired_reported = true;
                         let _ = shared.events.send(SourceEvent::Expired { at });
@@ -600,7 +602,7 @@ async fn renew_loop(shared: Arc<Shared>, cancel: CancellationToken) {
                 }
             }
         }
-        refresh_jwts(&shared, unix_now()).await;
+        refresh_jwts(&shared, clock.unix()).await;
     }
 }
 

@@ -21,6 +21,7 @@ use sigil_pki::{SpiffeId, TrustDomain};
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use crate::clock::Clock as _;
 use crate::trust::TrustState;
 use crate::{SdkError, X509Svid};
 
@@ -280,9 +281,19 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 #[derive(Debug, Default)]
 pub struct SvidResolver {
     key: ArcSwapOption<(CertifiedKey, i64)>,
+    /// Expiry is judged by this clock (the system's when `None`).
+    clock: Option<Arc<dyn crate::clock::Clock>>,
 }
 
 impl SvidResolver {
+    /// A resolver that judges expiry by `clock`.
+    pub fn with_clock(clock: Arc<dyn crate::clock::Clock>) -> Self {
+        SvidResolver {
+            key: ArcSwapOption::empty(),
+            clock: Some(clock),
+        }
+    }
+
     /// Presents `svid` from the next handshake on.
     pub fn set(&self, svid: &X509Svid) -> Result<(), SdkError> {
         let provider = rustls::crypto::aws_lc_rs::default_provider();
@@ -303,10 +314,10 @@ impl SvidResolver {
 
     fn current(&self) -> Option<Arc<CertifiedKey>> {
         let k = self.key.load_full()?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
+        let now = match &self.clock {
+            Some(c) => c.unix(),
+            None => crate::clock::SystemClock.unix(),
+        };
         // An expired certificate is not presented: the handshake fails with a clear cause
         // instead of the peer rejecting a stale one.
         (k.1 > now).then(|| Arc::new(k.0.clone()))
@@ -337,12 +348,13 @@ pub fn server_config(
     authorizer: Authorizer,
 ) -> Result<Arc<rustls::ServerConfig>, SdkError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let time = trust.time_provider();
     let verifier = Arc::new(SpiffeClientVerifier {
         trust,
         authorizer,
         provider: provider.clone(),
     });
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+    let mut cfg = rustls::ServerConfig::builder_with_details(provider, time)
         .with_safe_default_protocol_versions()
         .map_err(|e| SdkError::fatal(format!("TLS setup: {e}")))?
         .with_client_cert_verifier(verifier)
@@ -360,12 +372,13 @@ pub fn client_config(
     authorizer: Authorizer,
 ) -> Result<Arc<rustls::ClientConfig>, SdkError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let time = trust.time_provider();
     let verifier = Arc::new(SpiffeServerVerifier {
         trust,
         authorizer,
         provider: provider.clone(),
     });
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+    let mut cfg = rustls::ClientConfig::builder_with_details(provider, time)
         .with_safe_default_protocol_versions()
         .map_err(|e| SdkError::fatal(format!("TLS setup: {e}")))?
         .dangerous()

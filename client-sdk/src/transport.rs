@@ -286,12 +286,13 @@ pub fn dynamic_client_config(
     client: Option<Arc<dyn ResolvesClientCert>>,
 ) -> Result<Arc<rustls::ClientConfig>, SdkError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let time = trust.time_provider();
     let verifier = Arc::new(BrokerVerifier {
         trust,
         provider: provider.clone(),
         cache: std::sync::Mutex::new(None),
     });
-    let b = rustls::ClientConfig::builder_with_provider(provider)
+    let b = rustls::ClientConfig::builder_with_details(provider, time)
         .with_safe_default_protocol_versions()
         .map_err(|e| SdkError::fatal(format!("TLS setup: {e}")))?
         .dangerous()

@@ -149,12 +149,21 @@ pub struct TrustState {
     bundle: ArcSwapOption<TrustBundle>,
     revocations: ArcSwap<RevocationView>,
     changed: tokio::sync::watch::Sender<u64>,
+    clock: Arc<dyn crate::clock::Clock>,
 }
 
 impl TrustState {
     /// Trust state that starts from `bootstrap_roots` (the PEM an operator handed out) until
     /// the broker sends its bundle.
     pub fn new(bootstrap_roots: Vec<CertificateDer<'static>>) -> Result<Self, SdkError> {
+        Self::with_clock(bootstrap_roots, Arc::new(crate::clock::SystemClock))
+    }
+
+    /// [`TrustState::new`], judging validity by `clock`.
+    pub fn with_clock(
+        bootstrap_roots: Vec<CertificateDer<'static>>,
+        clock: Arc<dyn crate::clock::Clock>,
+    ) -> Result<Self, SdkError> {
         let td = trust_domain_of(&bootstrap_roots)?;
         let empty = SpiffeBundle {
             trust_domain: td,
@@ -173,7 +182,18 @@ impl TrustState {
             bundle: ArcSwapOption::empty(),
             revocations: ArcSwap::from_pointee(RevocationView::default()),
             changed: tokio::sync::watch::channel(0).0,
+            clock,
         })
+    }
+
+    /// The clock validity is judged by.
+    pub fn clock(&self) -> &Arc<dyn crate::clock::Clock> {
+        &self.clock
+    }
+
+    /// The clock for rustls.
+    pub(crate) fn time_provider(&self) -> Arc<dyn rustls::time_provider::TimeProvider> {
+        Arc::new(crate::clock::ClockTime(self.clock.clone()))
     }
 
     /// The broker's bundle, once received.

@@ -5,9 +5,9 @@
 //! [`TrustState`] it was built on).
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use rustls_pki_types::{CertificateDer, UnixTime};
+use rustls_pki_types::CertificateDer;
 use sigil_pki::{JwtError, SpiffeId, VerifiedJwt, VerifyOptions};
 
 use crate::tls::Authorizer;
@@ -77,7 +77,7 @@ impl Verifier {
             return Err(VerifyError::KeyRevoked(kid.to_owned()));
         }
         let opts = VerifyOptions {
-            now: SystemTime::now(),
+            now: self.trust.clock().now(),
             skew: self.skew,
             audience: Some(audience),
             trust_domain: Some(&bundle.bundle.trust_domain),
@@ -115,7 +115,7 @@ impl Verifier {
             authorizer,
             leaf,
             rest,
-            UnixTime::now(),
+            crate::clock::unix_time(self.trust.clock().now()),
             webpki::KeyUsage::client_auth(),
         )
         .map_err(|e| VerifyError::Peer(e.to_string()))

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use rustls_pki_types::{CertificateDer, UnixTime};
+use rustls_pki_types::CertificateDer;
 use sigil_pki::{EcKey, SecretString, SpiffeBundle, SpiffeId, TrustDomain};
 use sigil_proto::v1 as pb;
 use tonic::service::interceptor::InterceptedService;
@@ -45,6 +45,8 @@ pub struct ClientConfig {
     pub trust_bundle_pem: Vec<u8>,
     /// Per-call deadline.
     pub timeout: Duration,
+    /// The time renewal schedules and certificate checks read: the system's, except in tests.
+    pub clock: Arc<dyn crate::clock::Clock>,
 }
 
 impl ClientConfig {
@@ -54,7 +56,14 @@ impl ClientConfig {
             broker_url: broker_url.into(),
             trust_bundle_pem: trust_bundle_pem.into(),
             timeout: Duration::from_secs(10),
+            clock: Arc::new(crate::clock::SystemClock),
         }
+    }
+
+    /// The same config reading time from `clock`.
+    pub fn with_clock(mut self, clock: Arc<dyn crate::clock::Clock>) -> Self {
+        self.clock = clock;
+        self
     }
 }
 
@@ -157,7 +166,7 @@ impl WorkloadClient {
         let targets = Arc::new(crate::failover::Targets::parse(&cfg.broker_url)?);
         let roots = sigil_pki::certs_from_pem(&cfg.trust_bundle_pem)
             .map_err(|e| SdkError::fatal(format!("trust bundle: {e}")))?;
-        let trust = Arc::new(TrustState::new(roots)?);
+        let trust = Arc::new(TrustState::with_clock(roots, cfg.clock.clone())?);
         let anon = pb::broker_client::BrokerClient::with_interceptor(
             crate::failover::Failover::new(
                 targets.clone(),
@@ -379,7 +388,7 @@ impl WorkloadClient {
             webpki::ALL_VERIFICATION_ALGS,
             roots.anchors(),
             &chain[1..],
-            UnixTime::now(),
+            crate::clock::unix_time(self.inner.trust.clock().now()),
             webpki::KeyUsage::client_auth(),
             None,
             None,

@@ -38,6 +38,8 @@ pub struct TestBroker {
     pub master: MasterKey,
     /// The clock it runs on.
     pub clock: Arc<dyn Clock>,
+    /// The clock its SDK clients run on, when the test shares one with the broker.
+    sdk_clock: Option<Arc<dyn sigil_sdk::clock::Clock>>,
     /// Flip to make the store's disk writes fail.
     pub faults: FaultSwitch,
     running: Option<RunningBroker>,
@@ -56,6 +58,17 @@ impl TestBroker {
     /// A new broker on `clock`.
     pub async fn start_with_clock(clock: Arc<dyn Clock>) -> Self {
         Self::start_configured(clock, |_| {}).await
+    }
+
+    /// A new broker whose clients (from [`TestBroker::workload`], and so `attested` and any
+    /// `Source` built on them) share `clock` with it: time moves only when the test moves it.
+    pub async fn start_on(
+        clock: &SharedClock,
+        edit: impl FnOnce(&mut sigil_broker::config::Config),
+    ) -> Self {
+        let mut b = Self::start_configured(Arc::new(clock.clone()), edit).await;
+        b.sdk_clock = Some(clock.0.clone());
+        b
     }
 
     /// A new broker on `clock` whose config `edit` changes before it starts. Set `RUST_LOG`
@@ -99,6 +112,7 @@ impl TestBroker {
             data,
             master,
             clock,
+            sdk_clock: None,
             faults: FaultSwitch::default(),
             running: None,
             url: String::new(),
@@ -221,8 +235,11 @@ impl TestBroker {
 
     /// A fresh SDK client.
     pub fn workload(&self) -> WorkloadClient {
-        WorkloadClient::new(ClientConfig::new(self.url.clone(), self.bundle_pem.clone()))
-            .expect("workload client")
+        let mut cfg = ClientConfig::new(self.url.clone(), self.bundle_pem.clone());
+        if let Some(c) = &self.sdk_clock {
+            cfg = cfg.with_clock(c.clone());
+        }
+        WorkloadClient::new(cfg).expect("workload client")
     }
 
     /// Attests as `spiffe_id` with a fresh join token, asking for JWTs for `audiences`.
@@ -271,6 +288,46 @@ impl TestBroker {
             .into_iter()
             .filter(|e| e["action"] == action)
             .collect()
+    }
+}
+
+/// One hand-moved clock shared by a broker ([`TestBroker::start_on`]) and its SDK clients:
+/// certificates are minted, renewed, checked in TLS handshakes and expire on it, so tests of
+/// renewal and expiry jump through time instead of waiting for it.
+#[derive(Debug, Clone)]
+pub struct SharedClock(pub Arc<sigil_sdk::clock::ManualClock>);
+
+impl SharedClock {
+    /// A clock reading the machine's time now (and then moving only when told to).
+    pub fn starting_now() -> Self {
+        SharedClock(Arc::new(sigil_sdk::clock::ManualClock::new(
+            std::time::SystemTime::now(),
+        )))
+    }
+
+    /// Moves time forward, waking every SDK schedule that falls due.
+    pub fn advance(&self, by: Duration) {
+        self.0.advance(by);
+    }
+
+    /// Moves time to `unix` seconds (never backwards).
+    pub fn advance_to_unix(&self, unix: f64) {
+        self.0
+            .advance_to(std::time::UNIX_EPOCH + Duration::from_secs_f64(unix.max(0.0)));
+    }
+
+    /// Now, in seconds since the Unix epoch.
+    pub fn unix_f64(&self) -> f64 {
+        sigil_sdk::clock::Clock::now(&*self.0)
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Clock for SharedClock {
+    fn now(&self) -> std::time::SystemTime {
+        sigil_sdk::clock::Clock::now(&*self.0)
     }
 }
 

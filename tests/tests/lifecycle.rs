@@ -15,7 +15,7 @@ use sigil_sdk::{
     Authorizer, ClientConfig, Evidence, JoinTokenFile, JwtRequest, Source, SourceConfig,
     SourceEvent, SvidOptions, WorkloadClient,
 };
-use sigil_tests::{TestBroker, next_event, peer};
+use sigil_tests::{SharedClock, TestBroker, next_event, peer};
 use tonic::Code;
 
 const A: &str = "spiffe://example.org/svc/a";
@@ -71,44 +71,41 @@ fn exact(id: &str) -> Authorizer {
     Authorizer::Exact(id.parse().unwrap())
 }
 
+/// Two workloads call each other over mTLS with JWT-SVIDs through 12 s of 4 s certificates
+/// and three rotations of each signing key, on a clock broker and SDKs share: the test moves
+/// it 50 ms per request. Every request must succeed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workloads_talk_through_three_x509_and_three_jwt_rotations_without_a_failure() {
-    let b = TestBroker::start_configured(Arc::new(sigil_broker::clock::SystemClock), fast).await;
+    const STEP: Duration = Duration::from_millis(50);
+    let clock = SharedClock::starting_now();
+    let b = TestBroker::start_on(&clock, fast).await;
     pair(&b, 4).await;
     let (a, _) = source(&b, A).await;
     let (bs, _) = source(&b, B).await;
     let (addr, server) = peer::serve(&a, exact(B)).await;
     let client_cfg = bs.client_config(exact(A)).unwrap();
-
     let mut admin = b.admin();
-    let rotations = tokio::spawn(async move {
-        for _ in 0..3 {
-            tokio::time::sleep(Duration::from_millis(3000)).await;
-            admin
-                .rotate(pb::RotateRequest {
-                    kind: "jwt".into(),
-                    now: false,
-                })
-                .await
-                .expect("rotate jwt");
-            admin
-                .rotate(pb::RotateRequest {
-                    kind: "x509".into(),
-                    now: false,
-                })
-                .await
-                .expect("rotate x509");
-        }
-    });
 
     let mut ok = 0;
     let mut failures = Vec::new();
     let mut serials = BTreeSet::new();
     let mut kids = BTreeSet::new();
     let mut intermediates = BTreeSet::new();
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(12) {
-        let tick = Instant::now();
+    let start = clock.unix_f64();
+    let mut rotated = 0;
+    for step in 1..=240u32 {
+        clock.advance(STEP);
+        let elapsed = clock.unix_f64() - start;
+        // Every 3 s of the clock, rotate both keys (each takes over `prepare` later).
+        if elapsed >= 3.0 * f64::from(rotated + 1) && rotated < 3 {
+            rotate_when_idle(&mut admin).await;
+            rotated += 1;
+        }
+        // The clock moves only as fast as the SDKs keep up: a certificate past its renewal
+        // point is given (real) time to be replaced before the clock moves on.
+        for s in [&a, &bs] {
+            renewed_in_time(s, &clock).await;
+        }
         let token = bs.jwt_svid(&JwtRequest::audience("svc")).await;
         let result = match token {
             Ok(t) => {
@@ -123,12 +120,10 @@ async fn two_workloads_talk_through_three_x509_and_three_jwt_rotations_without_a
                 ok += 1;
                 serials.insert(reply.rsplit(' ').next().unwrap().to_owned());
             }
-            other => failures.push(format!("{:?}: {other:?}", started.elapsed())),
+            other => failures.push(format!("step {step} ({elapsed:.2} s): {other:?}")),
         }
         intermediates.insert(bs.x509_svid().unwrap().cert_chain[1].to_vec());
-        tokio::time::sleep(Duration::from_millis(50).saturating_sub(tick.elapsed())).await;
     }
-    rotations.await.unwrap();
     server.abort();
 
     assert!(
@@ -137,7 +132,7 @@ async fn two_workloads_talk_through_three_x509_and_three_jwt_rotations_without_a
         failures.len(),
         ok + failures.len()
     );
-    assert!(ok >= 120, "at least 10 requests a second ({ok} in 12s)");
+    assert_eq!(ok, 240);
     assert!(
         serials.len() >= 4,
         "the client's certificate was renewed several times ({} serials)",
@@ -180,6 +175,50 @@ async fn two_workloads_talk_through_three_x509_and_three_jwt_rotations_without_a
     a.shutdown().await;
     bs.shutdown().await;
     bs.shutdown().await; // idempotent
+}
+
+/// Starts a rotation of both keys once the last one has taken over (the broker's schedule
+/// runs on a real 200 ms tick, reading the shared clock).
+async fn rotate_when_idle(admin: &mut pb::admin_client::AdminClient<sigil_sdk::Failover>) {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let keys = admin
+            .list_keys(pb::ListKeysRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .keys;
+        if !keys.iter().any(|k| k.state == "next") {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the last rotation never took over: {keys:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for kind in ["jwt", "x509"] {
+        admin
+            .rotate(pb::RotateRequest {
+                kind: kind.into(),
+                now: false,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("rotate {kind}: {e}"));
+    }
+}
+
+/// Waits (in real time) while `s`'s certificate is past its renewal point and less than
+/// 1.5 s from expiry on the shared clock, for the renewal to land.
+async fn renewed_in_time(s: &Source, clock: &SharedClock) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while (s.x509_svid().map_or(0, |c| c.expires_at) as f64) - clock.unix_f64() < 1.5 {
+        assert!(
+            Instant::now() < until,
+            "the SDK did not renew its certificate"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -456,7 +495,10 @@ async fn a_leaked_jwt_is_rejected_within_a_second_and_only_fresh_attestation_res
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_the_broker_is_down_the_sdk_keeps_its_certificate_until_it_expires_then_recovers() {
-    let mut b = TestBroker::start().await;
+    // Broker and SDK share a clock the test moves: each step below happens because the clock
+    // reached it, not because the machine was fast enough.
+    let clock = SharedClock::starting_now();
+    let mut b = TestBroker::start_on(&clock, |_| {}).await;
     b.identity("svc/b", |r| {
         r.entitlements.as_mut().unwrap().max_ttl_seconds = 6
     })
@@ -464,21 +506,34 @@ async fn while_the_broker_is_down_the_sdk_keeps_its_certificate_until_it_expires
     let (bs, token_file) = source(&b, B).await;
     let mut events = bs.events();
     let first = bs.x509_svid().unwrap();
+    let issued = (first.expires_at - 6) as f64;
 
-    // Down before the renewal point: the certificate keeps being served; renewal fails.
+    // Down before the renewal point: the certificate keeps being served; renewal fails when
+    // it falls due (half of 6 s, ±10%), not before.
     b.stop().await;
-    next_event(&mut events, Duration::from_secs(8), |e| {
+    clock.advance_to_unix(issued + 2.5);
+    assert_no_event(&mut events, |e| {
         matches!(e, SourceEvent::RenewalFailed { .. })
     })
     .await;
+    clock.advance_to_unix(issued + 3.5);
+    let failed = next_event(&mut events, Duration::from_secs(10), |e| {
+        matches!(e, SourceEvent::RenewalFailed { .. })
+    })
+    .await;
+    let SourceEvent::RenewalFailed { retry_in, .. } = failed else {
+        unreachable!()
+    };
     assert_eq!(
         bs.x509_svid().unwrap().serial,
         first.serial,
         "the valid certificate is kept"
     );
-    // Back before it expires: renewed over mTLS, no restart of the workload.
+    // Back before it expires: renewed over mTLS when the retry falls due, no restart of the
+    // workload.
     b.start_again_on_same_port().await;
-    next_event(&mut events, Duration::from_secs(8), |e| {
+    clock.advance(retry_in);
+    next_event_moving(&clock, &mut events, |e| {
         matches!(e, SourceEvent::Renewed { .. })
     })
     .await;
@@ -487,7 +542,8 @@ async fn while_the_broker_is_down_the_sdk_keeps_its_certificate_until_it_expires
 
     // Down until it expires: then a clear error.
     b.stop().await;
-    let expired = next_event(&mut events, Duration::from_secs(12), |e| {
+    clock.advance_to_unix(second.expires_at as f64 + 0.5);
+    let expired = next_event(&mut events, Duration::from_secs(10), |e| {
         matches!(e, SourceEvent::Expired { .. })
     })
     .await;
@@ -498,15 +554,51 @@ async fn while_the_broker_is_down_the_sdk_keeps_its_certificate_until_it_expires
             && e.message().contains("the last renewal attempt failed"),
         "{e}"
     );
-    // The broker returns and fresh evidence is waiting: the workload recovers by itself.
+    // The broker returns and fresh evidence is waiting: the workload recovers by itself at
+    // its next retry.
     b.start_again_on_same_port().await;
     std::fs::write(&token_file, b.join_token(B).await).unwrap();
-    next_event(&mut events, Duration::from_secs(10), |e| {
+    clock.advance(Duration::from_secs(2));
+    next_event_moving(&clock, &mut events, |e| {
         matches!(e, SourceEvent::Reattested { .. })
     })
     .await;
     assert!(bs.x509_svid().is_ok());
     drop(bs); // dropping the source stops its tasks
+}
+
+/// The next event `want` accepts; a failed renewal on the way moves the clock to its retry
+/// (a reconnect can take an attempt), so the wait never depends on the machine's speed.
+async fn next_event_moving(
+    clock: &SharedClock,
+    rx: &mut tokio::sync::broadcast::Receiver<SourceEvent>,
+    want: impl Fn(&SourceEvent) -> bool,
+) -> SourceEvent {
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let e = tokio::time::timeout_at(until, rx.recv())
+            .await
+            .expect("the event came")
+            .expect("the source is running");
+        if want(&e) {
+            return e;
+        }
+        if let SourceEvent::RenewalFailed { retry_in, .. } = &e {
+            clock.advance(*retry_in);
+        }
+    }
+}
+
+/// Nothing `unwanted` arrives while the clock stands still (a short real wait: time does not
+/// move, so nothing may come due).
+async fn assert_no_event(
+    rx: &mut tokio::sync::broadcast::Receiver<SourceEvent>,
+    unwanted: impl Fn(&SourceEvent) -> bool,
+) {
+    let until = tokio::time::Instant::now() + Duration::from_millis(300);
+    while let Ok(Ok(e)) = tokio::time::timeout_at(until, rx.recv()).await {
+        assert!(!unwanted(&e), "too early: {e:?}");
+    }
 }
 
 fn der_to_pem(dir: &std::path::Path, name: &str, der: &[u8], kind: &str) -> std::path::PathBuf {

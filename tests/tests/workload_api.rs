@@ -63,6 +63,18 @@ fn unix_client(w: &World) -> WorkloadClient {
     .unwrap()
 }
 
+/// A client on the Unix socket reading `clock`.
+fn unix_client_on(w: &World, clock: &sigil_tests::SharedClock) -> WorkloadClient {
+    WorkloadClient::new(
+        ClientConfig::new(
+            format!("unix://{}", w.socket.display()),
+            w.b.bundle_pem.clone(),
+        )
+        .with_clock(clock.0.clone()),
+    )
+    .unwrap()
+}
+
 async fn attest_here(w: &World, spiffe_id: Option<&str>) -> Result<String, sigil_sdk::SdkError> {
     unix_client(w)
         .attest(
@@ -601,7 +613,9 @@ async fn py_spiffe_from_pypi_works_unmodified_when_python_is_present() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_sdk_source_on_the_unix_socket_renews_and_reattests_by_itself() {
-    let w = world().await;
+    // The broker and the SDK share a clock the test moves.
+    let clock = sigil_tests::SharedClock::starting_now();
+    let w = world_on(Arc::new(clock.clone())).await;
     let me = std::env::current_exe().unwrap();
     w.b.identity("local/svc", |r| {
         r.selectors = vec![
@@ -614,7 +628,7 @@ async fn an_sdk_source_on_the_unix_socket_renews_and_reattests_by_itself() {
     })
     .await;
     let source = sigil_sdk::Source::start(
-        unix_client(&w),
+        unix_client_on(&w, &clock),
         Arc::new(sigil_sdk::UnixEvidence),
         sigil_sdk::SourceConfig {
             min_interval: Duration::from_millis(100),
@@ -639,30 +653,29 @@ async fn an_sdk_source_on_the_unix_socket_renews_and_reattests_by_itself() {
         .verify_jwt(jwt.token.expose_secret(), "svc")
         .unwrap();
 
-    // A 4 s certificate is replaced before it expires, with no one's help.
+    // A 4 s certificate is replaced at half its life (±10%), with no one's help. Issuance
+    // was at `expires_at - 4` in whole seconds: nothing is due 1.5 s past that (taking the
+    // backdated notBefore as the start would renew within ~100 ms), and the renewal comes
+    // once the clock passes 2.2 s.
     let mut events = source.events();
-    tokio::time::timeout(Duration::from_secs(6), async {
+    let issued = (first.expires_at - 4) as f64;
+    clock.advance_to_unix(issued + 1.5);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        source.x509_svid().unwrap().serial,
+        first.serial,
+        "renewed at about half of its 4 s life, not at once"
+    );
+    clock.advance_to_unix(issued + 2.3);
+    tokio::time::timeout(Duration::from_secs(10), async {
         while source.x509_svid().unwrap().serial == first.serial {
             let _ = events.recv().await;
         }
     })
     .await
     .expect("renewed over the Unix socket");
-    let seen_at = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
     let second = source.x509_svid().unwrap();
     assert_eq!(second.generation, first.generation);
-    // Due at half of 4 s (less 10% jitter) after issuance, which is `expires_at - 4` in whole
-    // seconds: not before 1.8 s past that second. Taking the backdated notBefore as the start
-    // would renew within ~100 ms of issuance, before 1.1 s past it.
-    let issued = (first.expires_at - 4) as f64;
-    assert!(
-        seen_at >= issued + 1.5,
-        "renewed at about half of its 4 s life, not at once ({:.2} s after issuance)",
-        seen_at - issued
-    );
 
     // Revoked: the kernel's word about the process is evidence that never runs out.
     w.b.admin()

@@ -81,6 +81,7 @@ pub fn certified_key(
 pub fn server_config(
     client_roots: &[CertificateDer<'static>],
     resolver: Arc<ServerCertResolver>,
+    clock: Arc<dyn crate::clock::Clock>,
 ) -> Result<ServerConfig, rustls::Error> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = RootCertStore::empty();
@@ -91,7 +92,8 @@ pub fn server_config(
         .allow_unauthenticated()
         .build()
         .map_err(|e| rustls::Error::General(e.to_string()))?;
-    let mut cfg = ServerConfig::builder_with_provider(provider)
+    // Client certificates are judged by the broker's clock, like everything else it decides.
+    let mut cfg = ServerConfig::builder_with_details(provider, Arc::new(ClockTime(clock)))
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(resolver);
@@ -99,6 +101,18 @@ pub fn server_config(
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     cfg.send_tls13_tickets = 0;
     Ok(cfg)
+}
+
+/// The broker's clock as rustls reads time.
+#[derive(Debug)]
+struct ClockTime(Arc<dyn crate::clock::Clock>);
+
+impl rustls::time_provider::TimeProvider for ClockTime {
+    fn current_time(&self) -> Option<rustls::pki_types::UnixTime> {
+        Some(rustls::pki_types::UnixTime::since_unix_epoch(
+            self.0.now().duration_since(std::time::UNIX_EPOCH).ok()?,
+        ))
+    }
 }
 
 /// Accepts TCP connections and runs TLS handshakes concurrently (a slow client never holds up
