@@ -567,9 +567,10 @@ pub struct Limits {
     /// Most `Watch` streams open at once for one client (one certificate, or one process on
     /// the Unix socket); an SDK needs one.
     pub max_watch_streams_per_client: usize,
-    /// Most calls in flight at once for one client (its identity, its uid on the Unix socket,
-    /// or its source address when it presents no credential), across all its connections: a
-    /// unary call counts until it is answered, a stream until it ends.
+    /// Most calls in flight at once for one client — one workload instance: its client
+    /// certificate, its process on the Unix socket, or its source address when it presents no
+    /// credential — across all its connections: a unary call counts until it is answered, a
+    /// stream until it ends. Replicas sharing an identity each have their own. 0 turns it off.
     pub max_streams_per_client: usize,
     /// Changes waiting for the store writer; beyond that, a request that would write is
     /// refused at once with `Unavailable` rather than queued (counted in
@@ -823,11 +824,6 @@ impl Config {
         if self.limits.store_queue == 0 {
             return Err(ConfigError::Invalid(
                 "limits.store_queue must be at least 1".into(),
-            ));
-        }
-        if self.limits.max_streams_per_client == 0 {
-            return Err(ConfigError::Invalid(
-                "limits.max_streams_per_client must be at least 1".into(),
             ));
         }
         if self.limits.max_request_bytes < 1024 {

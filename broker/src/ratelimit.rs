@@ -53,7 +53,7 @@ pub struct RateLimits {
     authenticated: Option<Keyed>,
     http: Option<Keyed>,
     clock: DefaultClock,
-    streams: Arc<StreamBudget>,
+    streams: Option<Arc<StreamBudget>>,
 }
 
 /// Calls in flight per client, across every connection and listener.
@@ -130,13 +130,14 @@ impl RateLimits {
             authenticated: bucket(l.authenticated_per_second, l.authenticated_burst),
             http: bucket(l.http_per_second, l.http_burst),
             clock: DefaultClock::default(),
-            streams: StreamBudget::new(l.max_streams_per_client),
+            streams: (l.max_streams_per_client > 0)
+                .then(|| StreamBudget::new(l.max_streams_per_client)),
         }
     }
 
-    /// The per-client budget of calls in flight.
-    pub fn streams(&self) -> &Arc<StreamBudget> {
-        &self.streams
+    /// The per-client budget of calls in flight (`None`: turned off).
+    pub fn streams(&self) -> Option<&Arc<StreamBudget>> {
+        self.streams.as_ref()
     }
 
     /// Takes one token for `key` of `class`: `Err(wait)` when the bucket is empty, with how

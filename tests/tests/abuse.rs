@@ -572,8 +572,8 @@ async fn per_client_connection_caps_and_the_http_header_timeout_hold_end_to_end(
     );
 }
 
-/// One client's calls in flight are capped across all its connections: streams it holds open
-/// on three connections use its budget, a fourth call on a fresh connection is refused with
+/// One client's (one certificate's) calls in flight are capped across all its connections:
+/// streams it holds open on three connections use its budget, a fourth call on a fresh connection is refused with
 /// the limit named, other clients are untouched, and a stream that ends frees its slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_in_flight_are_capped_per_client_across_its_connections() {
@@ -610,6 +610,13 @@ async fn calls_in_flight_are_capped_per_client_across_its_connections() {
         .fetch_bundle(pb::FetchBundleRequest {})
         .await
         .expect("another identity has its own budget");
+    // Another instance of the same identity (its own certificate), as replicas of one service
+    // are, has its own budget too.
+    let (_, twin) = b.attested(APP, &[]).await;
+    raw::mtls(&b.url, &b.bundle_pem, &twin.svid)
+        .fetch_bundle(pb::FetchBundleRequest {})
+        .await
+        .expect("another instance of the identity has its own budget");
     raw::anon(&b.url, &b.bundle_pem)
         .fetch_bundle(pb::FetchBundleRequest {})
         .await

@@ -97,6 +97,20 @@ pub struct BenchArgs {
     /// of --populate rows).
     #[arg(long, value_enum)]
     pub store: Option<StoreKind>,
+    /// `[limits]` of an embedded broker: `on` runs every check (rates set far above the load,
+    /// so nothing is refused and their cost is in the figures); `off` turns the rate limits
+    /// and the calls-in-flight budget off, to measure what they cost by turns.
+    #[arg(long, value_enum, default_value = "on")]
+    pub limits: LimitsMode,
+}
+
+/// Whether an embedded broker runs its `[limits]` checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LimitsMode {
+    /// Every check runs; the rates are far above the load.
+    On,
+    /// Rate limits and the calls-in-flight budget off.
+    Off,
 }
 
 /// Which store the bench measures.

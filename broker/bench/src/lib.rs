@@ -39,7 +39,7 @@ mod report;
 mod scenarios;
 mod target;
 
-pub use args::{BenchArgs, Peer, Scenario, StoreKind};
+pub use args::{BenchArgs, LimitsMode, Peer, Scenario, StoreKind};
 pub use baselines::{Baseline, baseline};
 pub use driver::Figures;
 pub use target::External;
@@ -66,6 +66,10 @@ pub async fn run(mut a: BenchArgs, external: Option<External>) -> Result<()> {
     if a.watchers.is_empty() {
         a.watchers = vec![if a.baseline { 10_000 } else { 1000 }];
     }
+    target::LIMITS_OFF.store(
+        a.limits == args::LimitsMode::Off,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     if a.store == Some(StoreKind::Postgres) {
         let r = replicas::run(&mut a).await?;
         return replicas::report(&r, a.json);

@@ -110,18 +110,27 @@ pub(crate) async fn stop_broker(child: &mut tokio::process::Child) -> Result<()>
     }
 }
 
+/// `sigil bench --limits off`: embedded brokers run without rate limits or the calls-in-flight
+/// budget.
+pub(crate) static LIMITS_OFF: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// Rate limits far above anything one load generator sends: the checks still run on every
 /// call (their cost is part of the figures), but a bench identity opening thousands of watch
 /// streams or minting flat out is never refused.
 pub(crate) fn bench_limits(data: &std::path::Path) -> Result<()> {
     let mut cfg = sigil_broker::config::Config::load(data)?;
+    let off = LIMITS_OFF.load(std::sync::atomic::Ordering::Relaxed);
     for rate in [
         &mut cfg.limits.authenticated_per_second,
         &mut cfg.limits.authenticated_burst,
         &mut cfg.limits.unauthenticated_per_second,
         &mut cfg.limits.unauthenticated_burst,
     ] {
-        *rate = 10_000_000;
+        *rate = if off { 0 } else { 10_000_000 };
+    }
+    if off {
+        cfg.limits.max_streams_per_client = 0;
     }
     sigil_broker::fsutil::write_atomic(
         &data.join(sigil_broker::config::CONFIG_FILE),

@@ -1,7 +1,8 @@
 //! The rate limit in front of every gRPC service: one token per call from the caller's bucket
 //! (its identity when it presents a client certificate or calls over the Unix socket, its
-//! source address otherwise), before any work, and a slot in that caller's budget of calls in
-//! flight, held until the call is answered or its stream ends. Health checks and reflection
+//! source address otherwise), before any work, and a slot in the budget of calls in flight of
+//! that workload instance (its certificate, its process on the Unix socket, or its address),
+//! held until the call is answered or its stream ends. Health checks and reflection
 //! are never limited.
 
 use std::future::Future;
@@ -56,6 +57,23 @@ fn bucket<B>(req: &http::Request<B>) -> (Class, String) {
     }
 }
 
+/// The client whose calls in flight are counted: one workload instance — its certificate
+/// (replicas sharing an identity each have their own), its process on the Unix socket — or
+/// its source address when it presents no credential.
+fn instance<B>(req: &http::Request<B>) -> String {
+    if let Some(u) = req.extensions().get::<UnixPeer>() {
+        return match u.pid {
+            Some(pid) => format!("uid:{}/pid:{pid}", u.uid),
+            None => format!("uid:{}", u.uid),
+        };
+    }
+    match req.extensions().get::<ConnInfo>() {
+        Some(ConnInfo { peer: Some(p), .. }) => format!("serial:{}", p.serial_hex()),
+        Some(c) => c.remote.ip().to_string(),
+        None => "unknown".into(),
+    }
+}
+
 impl<S, B> tower::Service<http::Request<B>> for RateLimitService<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
@@ -77,13 +95,19 @@ where
         }
         let (class, key) = bucket(&req);
         // The budget of calls in flight first: a call refused for it takes no token.
-        let Some(slot) = self.limits.streams().admit(&key) else {
-            let status = tonic::Status::resource_exhausted(format!(
-                "this client already has {} calls in flight (limits.max_streams_per_client); \
-                 wait for one to end",
-                self.limits.streams().max()
-            ));
-            return Box::pin(async move { Ok(status.into_http()) });
+        let slot = match self.limits.streams() {
+            None => None,
+            Some(budget) => match budget.admit(&instance(&req)) {
+                Some(slot) => Some(slot),
+                None => {
+                    let status = tonic::Status::resource_exhausted(format!(
+                        "this client already has {} calls in flight \
+                         (limits.max_streams_per_client); wait for one to end",
+                        budget.max()
+                    ));
+                    return Box::pin(async move { Ok(status.into_http()) });
+                }
+            },
         };
         if let Err(wait) = self.limits.check(class, &key) {
             let ms = retry_ms(wait);
@@ -106,10 +130,13 @@ where
             return Box::pin(async move { Ok(status.into_http()) });
         }
         let call = self.inner.call(req);
-        Box::pin(async move {
-            let response = call.await?;
-            Ok(response.map(|body| tonic::body::Body::new(Held { body, _slot: slot })))
-        })
+        match slot {
+            None => Box::pin(call),
+            Some(slot) => Box::pin(async move {
+                let response = call.await?;
+                Ok(response.map(|body| tonic::body::Body::new(Held { body, _slot: slot })))
+            }),
+        }
     }
 }
 
