@@ -51,12 +51,12 @@ impl Broker {
     async fn refuse_exchange(
         &self,
         actor: &crate::attest::Attested,
-        parent_jti: &str,
+        parent_jti: Option<&str>,
         ctx: &RequestContext,
         gate: GateId,
         reason: String,
     ) -> BrokerError {
-        let draft = AuditDraft::new(
+        let mut draft = AuditDraft::new(
             self.now_nanos(),
             &actor.actor,
             "jwt.exchange",
@@ -65,8 +65,10 @@ impl Broker {
             &reason,
             &ctx.request_id,
         )
-        .gate(gate.code())
-        .with("parent_jti", parent_jti.to_owned());
+        .gate(gate.code());
+        if let Some(jti) = parent_jti {
+            draft = draft.with("parent_jti", jti.to_owned());
+        }
         self.audit_only(vec![draft]).await;
         metrics::counter!("sigil_issuance_total", "kind" => "jwt", "result" => "denied", "gate" => gate.code()).increment(1);
         BrokerError::Denied { gate, reason }
@@ -140,7 +142,7 @@ impl Broker {
             return Err(self
                 .refuse_exchange(
                     &actor,
-                    &p.jti,
+                    Some(&p.jti),
                     ctx,
                     GateId::IdentityProof,
                     format!(
@@ -175,7 +177,7 @@ impl Broker {
         };
         if let Some(reason) = wider {
             return Err(self
-                .refuse_exchange(&actor, &p.jti, ctx, GateId::EntitlementScope, reason)
+                .refuse_exchange(&actor, Some(&p.jti), ctx, GateId::EntitlementScope, reason)
                 .await);
         }
         let mut actors = vec![actor.identity.spiffe_id.clone()];
@@ -184,7 +186,7 @@ impl Broker {
             return Err(self
                 .refuse_exchange(
                     &actor,
-                    &p.jti,
+                    Some(&p.jti),
                     ctx,
                     GateId::RequestPolicy,
                     format!(
@@ -396,21 +398,9 @@ impl Broker {
             notice: String::new(),
         };
         if let Err(reason) = crate::authz::IdentityProof.check(&mc, &mut g) {
-            let draft = AuditDraft::new(
-                self.now_nanos(),
-                &actor.actor,
-                "jwt.exchange",
-                &actor.identity.id,
-                Decision::Deny,
-                &reason,
-                &ctx.request_id,
-            )
-            .gate(GateId::IdentityProof.code());
-            self.audit_only(vec![draft]).await;
-            return Err(BrokerError::Denied {
-                gate: GateId::IdentityProof,
-                reason,
-            });
+            return Err(self
+                .refuse_exchange(actor, None, ctx, GateId::IdentityProof, reason)
+                .await);
         }
         Ok(())
     }

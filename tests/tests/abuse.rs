@@ -573,8 +573,9 @@ async fn per_client_connection_caps_and_the_http_header_timeout_hold_end_to_end(
 }
 
 /// One client's (one certificate's) calls in flight are capped across all its connections:
-/// streams it holds open on three connections use its budget, a fourth call on a fresh connection is refused with
-/// the limit named, other clients are untouched, and a stream that ends frees its slot.
+/// streams it holds open on three connections use its budget, a fourth call on a fresh
+/// connection is refused with the limit named, other clients are untouched, and a stream that
+/// ends frees its slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_in_flight_are_capped_per_client_across_its_connections() {
     let b = TestBroker::start_configured(Arc::new(SystemClock), |c| {
@@ -701,13 +702,18 @@ async fn a_full_writer_queue_sheds_calls_as_unavailable_and_issues_nothing_for_t
         .await
         .expect("served again once the flood passed, without a restart");
     let (_, metrics) = b.http_get("/metrics").await;
-    let counted: f64 = metrics
+    let counted = metric(&metrics, "sigil_store_shed_total", "");
+    assert!(counted >= shed as f64, "{counted} < {shed}");
+}
+
+/// The value of the first sample of `name` whose line contains `label` (0 when none).
+fn metric(metrics: &str, name: &str, label: &str) -> f64 {
+    metrics
         .lines()
-        .find(|l| l.starts_with("sigil_store_shed_total"))
+        .find(|l| l.starts_with(name) && l.contains(label))
         .and_then(|l| l.split_whitespace().last())
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("sigil_store_shed_total missing: {metrics}"));
-    assert!(counted >= shed as f64, "{counted} < {shed}");
+        .unwrap_or(0.0)
 }
 
 async fn allowed_mints(b: &TestBroker) -> usize {
@@ -788,12 +794,7 @@ async fn a_rate_limited_sdk_source_waits_out_the_retry_hint() {
     );
     // One refusal in all: the SDK did not hammer the broker while it waited.
     let (_, metrics) = b.http_get("/metrics").await;
-    let refusals: f64 = metrics
-        .lines()
-        .find(|l| l.starts_with("sigil_rate_limited_total") && l.contains("\"authenticated\""))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
+    let refusals = metric(&metrics, "sigil_rate_limited_total", "\"authenticated\"");
     assert_eq!(refusals, 1.0, "{metrics}");
     source.shutdown().await;
 }
